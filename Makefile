@@ -1,0 +1,31 @@
+# Everything a fresh machine needs: `make run` serves the default model, `make test` runs the suite.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kiln-installed
+ARTIFACTS ?= artifacts/digits
+MODEL ?= digits
+
+.PHONY: install run export test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(ARTIFACTS)/manifest.json: $(STAMP)
+	$(BIN)/kiln export $(MODEL) --out $(ARTIFACTS) --force
+
+export: $(ARTIFACTS)/manifest.json
+
+run: $(ARTIFACTS)/manifest.json
+	$(BIN)/kiln serve $(ARTIFACTS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) artifacts build *.egg-info

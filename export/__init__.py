@@ -1,0 +1,1 @@
+"""kiln.export: from a trained model to a folder of verified artifacts, and the runtime that loads them."""

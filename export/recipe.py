@@ -1,0 +1,144 @@
+"""The typed recipe that drives an export: what to prune, how to quantize, which artifacts to emit.
+
+A frozen dataclass that checks itself on construction, so a bad flag or TOML value fails before
+any work starts; the same object is written into the manifest, so an artifact says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.models.errors import RecipeError
+
+# name -> (format, precision, quantization, pruning)
+VARIANTS: dict[str, tuple[str, str, str | None, str | None]] = {
+    "torchscript-fp32": ("torchscript", "fp32", None, None),
+    "torchscript-bf16": ("torchscript", "bf16", None, None),
+    "onnx-fp32": ("onnx", "fp32", None, None),
+    "onnx-int8": ("onnx", "int8", "static", None),
+    "onnx-int8-dynamic": ("onnx", "int8", "dynamic", None),
+    "pruned-onnx-fp32": ("onnx", "fp32", None, "structured"),
+    "pruned-onnx-int8": ("onnx", "int8", "static", "structured"),
+    "pruned-torchscript-fp32": ("torchscript", "fp32", None, "structured"),
+    "sparse-onnx-fp32": ("onnx", "fp32", None, "unstructured"),
+}
+PRUNING_METHODS = ("structured", "unstructured")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Structured pruning removes channels (real speed); unstructured zeroes weights (size only)."""
+
+    method: str = "structured"
+    amount: float = 0.5
+    fine_tune_epochs: int = 3
+
+    def __post_init__(self) -> None:
+        if self.method not in PRUNING_METHODS:
+            raise RecipeError(f"pruning method {self.method!r} is unknown; use structured or unstructured")
+        if not 0.0 < self.amount < 1.0:
+            raise RecipeError(f"pruning amount {self.amount} must be between 0 and 1 (exclusive); e.g. 0.5")
+        if self.fine_tune_epochs < 0:
+            raise RecipeError(f"fine_tune_epochs {self.fine_tune_epochs} must be >= 0")
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """How far an artifact may stray from eager fp32, by precision.
+
+    accuracy_drop is in percentage points (classifiers); cosine_min is for every model's outputs.
+    """
+
+    fp32_cosine_min: float = 0.9999
+    bf16_cosine_min: float = 0.999
+    int8_cosine_min: float = 0.99
+    fp32_accuracy_drop: float = 0.5
+    bf16_accuracy_drop: float = 1.0
+    int8_accuracy_drop: float = 1.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("cosine_min") and not -1.0 <= value <= 1.0:
+                raise RecipeError(f"tolerance {f.name}={value} must lie in [-1, 1]")
+            if f.name.endswith("accuracy_drop") and not 0.0 <= value <= 100.0:
+                raise RecipeError(f"tolerance {f.name}={value} must lie in [0, 100] percentage points")
+
+    def cosine_min(self, precision: str) -> float:
+        return getattr(self, f"{precision}_cosine_min")
+
+    def accuracy_drop(self, precision: str) -> float:
+        return getattr(self, f"{precision}_accuracy_drop")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    variants: tuple[str, ...]
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    tolerances: Tolerances = field(default_factory=Tolerances)
+    opset: int = 17
+    select: bool = False
+    max_accuracy_drop: float = 0.5  # percentage points, for --select on classifiers
+    min_cosine: float = 0.99  # for --select on embeddings
+    select_batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.variants:
+            raise RecipeError("the recipe names no variants; pass --variants, e.g. onnx-fp32,onnx-int8")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise RecipeError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        if len(set(self.variants)) != len(self.variants):
+            raise RecipeError("a variant is named twice in --variants; name each once")
+        if not 14 <= self.opset <= 21:
+            raise RecipeError(f"opset {self.opset} is outside 14..21; kiln pins 17 by default")
+        if self.select_batch_size < 1:
+            raise RecipeError("select_batch_size must be a positive integer")
+        if not 0.0 <= self.max_accuracy_drop <= 100.0:
+            raise RecipeError("max_accuracy_drop is in percentage points and must lie in [0, 100]")
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise RecipeError("min_cosine must lie in [-1, 1]")
+
+    def spec(self, variant: str) -> tuple[str, str, str | None, str | None]:
+        return VARIANTS[variant]
+
+    @property
+    def pruning_needed(self) -> set[str]:
+        return {VARIANTS[v][3] for v in self.variants if VARIANTS[v][3]}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RecipeError(f"unknown recipe key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}")
+        try:
+            if "prune" in data:
+                data["prune"] = PruneConfig(**data["prune"])
+            if "tolerances" in data:
+                data["tolerances"] = Tolerances(**data["tolerances"])
+            if "variants" in data:
+                data["variants"] = tuple(data["variants"])
+            return cls(**data)
+        except TypeError as exc:
+            raise RecipeError(f"recipe has a wrong key or type: {exc}; see the README's recipe section") from exc
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> "Recipe":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise RecipeError(f"recipe file {str(path)!r} does not exist; pass --recipe FILE.toml") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise RecipeError(f"recipe file {str(path)!r} is not valid TOML ({exc}); fix its syntax") from exc
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)

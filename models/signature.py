@@ -1,0 +1,98 @@
+"""Input/output signatures: the contract between an artifact, its runtime and the server.
+
+A signature is what the manifest promises and what the server validates against, so it is
+plain data (names, dtypes, shapes with symbolic dims) that round-trips through JSON.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kiln.models.errors import UsageError
+
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "string")
+_SPEC = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_.]*):(?P<dtype>[a-z0-9]+)\[(?P<dims>[^\]]*)\]$")
+# Names of the KServe V2 datatypes that correspond to our dtypes.
+V2_DATATYPES = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "bfloat16": "BF16",
+    "int64": "INT64",
+    "int32": "INT32",
+    "bool": "BOOL",
+    "string": "BYTES",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor: dims are ints (fixed) or strings (symbolic, such as `batch`)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.name or not re.match(r"^[A-Za-z_][A-Za-z0-9_.]*$", self.name):
+            raise UsageError(f"tensor name {self.name!r} is not an identifier; use letters, digits and _")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"dtype {self.dtype!r} of {self.name!r} is unknown; use one of {', '.join(DTYPES)}")
+        for dim in self.shape:
+            if isinstance(dim, bool) or not isinstance(dim, (int, str)) or (isinstance(dim, int) and dim <= 0):
+                raise UsageError(f"dim {dim!r} of {self.name!r} must be a positive int or a symbolic name")
+
+    @classmethod
+    def parse(cls, text: str) -> "TensorSpec":
+        """Parse `name:dtype[dim,dim,...]`, e.g. `image:float32[batch,1,8,8]`."""
+        match = _SPEC.match(text.strip())
+        if not match:
+            raise UsageError(
+                f"input spec {text!r} is not of the form name:dtype[dims]; "
+                "e.g. --input image:float32[batch,1,28,28]"
+            )
+        dims: list[int | str] = []
+        for raw in filter(None, (d.strip() for d in match["dims"].split(","))):
+            dims.append(int(raw) if raw.isdigit() else raw)
+        return cls(match["name"], match["dtype"], tuple(dims))
+
+    @property
+    def v2_datatype(self) -> str:
+        return V2_DATATYPES[self.dtype]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TensorSpec":
+        return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.dtype}[{','.join(map(str, self.shape))}]"
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Signature":
+        return cls(
+            tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+        )
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def __str__(self) -> str:
+        return f"inputs {', '.join(map(str, self.inputs))} -> outputs {', '.join(map(str, self.outputs))}"
