@@ -10,8 +10,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 from kiln.models.base import Dataset
 
 
@@ -41,17 +39,28 @@ def quantize_static_(source: Path, target: Path, calibration: Dataset, input_nam
             per_channel=True,
             weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8,
+            # Full 8-bit weights saturate ORT's u8s8 x86 kernels here (digits: cosine 0.74, -4.4 points);
+            # 7-bit weights do not (cosine 0.9993, no accuracy loss).
+            reduce_range=True,
             calibrate_method=CalibrationMethod.MinMax,
         )
-    return {"mode": "static", "format": "QDQ", "weights": "QInt8 per-channel", "activations": "QUInt8",
+    return {"mode": "static", "format": "QDQ", "weights": "QInt8 per-channel, reduced range", "activations": "QUInt8",
             "calibration": "MinMax", "calibration_items": len(calibration)}
 
 
-def quantize_dynamic_(source: Path, target: Path, op_types: list[str] | None = None) -> dict:
+def quantize_dynamic_(source: Path, target: Path, op_types: list[str] | None = None,
+                      keep_fp32: str | None = None) -> dict:
+    """Fused Attention ops stay fp32 (only MatMul/Gemm are quantized), as do nodes matching `keep_fp32`."""
+    import re
+
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     op_types = op_types or ["MatMul", "Gemm"]
+    excluded = []
+    if keep_fp32:
+        graph = onnx.load(str(source), load_external_data=False).graph
+        excluded = [n.name for n in graph.node if n.op_type in op_types and re.search(keep_fp32, n.name)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_dynamic(
@@ -60,10 +69,12 @@ def quantize_dynamic_(source: Path, target: Path, op_types: list[str] | None = N
             per_channel=True,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=op_types,
+            nodes_to_exclude=excluded,
             # Fused transformer graphs carry contrib ops whose types ORT cannot infer without this.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
-    return {"mode": "dynamic", "weights": "QInt8 per-channel", "activations": "dynamic uint8", "op_types": op_types}
+    return {"mode": "dynamic", "weights": "QInt8 per-channel", "activations": "dynamic uint8", "op_types": op_types,
+            "kept_fp32": len(excluded)}
 
 
 def int8_node_counts(path: Path) -> dict[str, int]:
@@ -82,4 +93,3 @@ def int8_node_counts(path: Path) -> dict[str, int]:
     return counts
 
 
-__all__ = ["quantize_static_", "quantize_dynamic_", "int8_node_counts", "np"]

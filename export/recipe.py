@@ -18,10 +18,11 @@ VARIANTS: dict[str, tuple[str, str, str | None, str | None]] = {
     "torchscript-fp32": ("torchscript", "fp32", None, None),
     "torchscript-bf16": ("torchscript", "bf16", None, None),
     "onnx-fp32": ("onnx", "fp32", None, None),
-    "onnx-int8": ("onnx", "int8", "static", None),
+    "onnx-int8": ("onnx", "int8", "auto", None),  # the model's preferred mode (ModelBundle.int8_mode)
     "onnx-int8-dynamic": ("onnx", "int8", "dynamic", None),
     "pruned-onnx-fp32": ("onnx", "fp32", None, "structured"),
-    "pruned-onnx-int8": ("onnx", "int8", "static", "structured"),
+    "pruned-onnx-int8": ("onnx", "int8", "auto", "structured"),
+    "onnx-int8-static": ("onnx", "int8", "static", None),
     "pruned-torchscript-fp32": ("torchscript", "fp32", None, "structured"),
     "sparse-onnx-fp32": ("onnx", "fp32", None, "unstructured"),
 }

@@ -58,6 +58,12 @@ class ModelBundle:
     onnx_module_factory: Callable[[], Any] | None = None
     onnx_optimizer: dict = field(default_factory=dict)  # e.g. {"model_type": "bert", "num_heads": 12, ...}
     example_batch: Callable[[int], Arrays] | None = None  # inputs of a given batch size, for tracing/benchmarks
+    # "static" (calibrated QDQ) suits convnets; "dynamic" suits transformers, whose activations vary per input.
+    int8_mode: str = "static"
+    # Regex of graph node names kept in fp32 by INT8 quantization (the layers most sensitive to it).
+    int8_keep_fp32: str | None = None
+    # Trains a (pruned) module in place for some epochs on `training`; needed for structured pruning.
+    fine_tune: Callable[[Any, int], None] | None = None
 
     def examples(self, batch_size: int) -> Arrays:
         if self.example_batch is not None:

@@ -126,6 +126,8 @@ def load() -> ModelBundle:
         calibration=train.take(slice(0, 256)),
         evaluation=test,
         training=train,
+        fine_tune=lambda module, epochs: train_classifier_(
+            module, train, epochs=epochs, lr=1e-3, progress=True, label="fine-tune"),
         preprocessing={"kind": "image", "description": "8x8 grey image, pixel values 0..16 (scikit-learn digits)"},
         recommended_variants=(
             "torchscript-fp32", "torchscript-bf16", "onnx-fp32", "onnx-int8", "pruned-onnx-int8",

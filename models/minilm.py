@@ -65,6 +65,10 @@ def build_module(attn_implementation: str = "sdpa"):
     import torch
     from torch import nn
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
     bert = AutoModel.from_pretrained(str(model_path()), attn_implementation=attn_implementation)
 
@@ -106,4 +110,8 @@ def load() -> ModelBundle:
         onnx_module_factory=lambda: build_module(attn_implementation="eager"),
         onnx_optimizer={"model_type": "bert", "num_heads": 12, "hidden_size": 384},
         example_batch=example_batch,
+        int8_mode="dynamic",
+        # The FFN output projections carry the widest activations: quantizing them too took the minimum
+        # cosine to fp32 from 0.9958 to 0.9897 for a few percent more speed.
+        int8_keep_fp32=r"layer\.\d+/output/dense",
     )

@@ -1,0 +1,50 @@
+"""Parity and task accuracy of an artifact against the eager fp32 model, on held-out data.
+
+Every figure is measured on real evaluation inputs, never assumed from the precision. Failures
+are returned as sentences, so the pipeline can collect all of them and raise once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.export.recipe import Tolerances
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, task: str) -> dict:
+    """max_abs, max_rel (relative to the largest reference magnitude), cosine per item, top-1, accuracy."""
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
+    diff = np.abs(ref - cand)
+    scale = max(float(np.abs(ref).max()), 1e-12)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    cosine = (ref * cand).sum(1) / np.maximum(norms, 1e-12)
+    figures = {
+        "max_abs_error": float(diff.max()),
+        "max_rel_error": float(diff.max() / scale),
+        "cosine_min": float(cosine.min()),
+        "cosine_mean": float(cosine.mean()),
+        "items": int(len(ref)),
+    }
+    if task == "classification":
+        figures["top1_agreement"] = float((ref.argmax(1) == cand.argmax(1)).mean())
+        if labels is not None:
+            figures["accuracy"] = float((cand.argmax(1) == labels).mean())
+    return figures
+
+
+def check(variant: str, precision: str, figures: dict, reference_accuracy: float | None,
+          tolerances: Tolerances) -> list[str]:
+    failures = []
+    floor = tolerances.cosine_min(precision)
+    if figures["cosine_min"] < floor:
+        failures.append(f"{variant}: cosine_min {figures['cosine_min']:.5f} < {floor} to eager fp32")
+    if reference_accuracy is not None and "accuracy" in figures:
+        drop = (reference_accuracy - figures["accuracy"]) * 100.0
+        allowed = tolerances.accuracy_drop(precision)
+        if drop > allowed:
+            failures.append(
+                f"{variant}: accuracy {figures['accuracy'] * 100:.2f}% is {drop:.2f} points below eager fp32 "
+                f"({reference_accuracy * 100:.2f}%), more than the {allowed} allowed"
+            )
+    return failures
