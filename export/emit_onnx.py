@@ -8,6 +8,9 @@ hardware-specific levels are applied when a session loads it.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import warnings
 from pathlib import Path
 
@@ -44,15 +47,19 @@ def export_onnx(module, example_inputs: tuple, path: Path, signature: Signature,
                         for name, axes in dynamic_axes(signature).items() if name in signature.input_names
                     }
                     kwargs["external_data"] = False
+                    kwargs["verbose"] = False
                 else:
                     kwargs["dynamic_axes"] = dynamic_axes(signature)
-                torch.onnx.export(module.eval(), example_inputs, str(path), **kwargs)
+                # The dynamo exporter narrates its steps on stdout; keep the CLI's output to kiln's own.
+                with contextlib.redirect_stdout(io.StringIO()):
+                    torch.onnx.export(module.eval(), example_inputs, str(path), **kwargs)
             import onnx
 
             onnx.checker.check_model(str(path))
             return {"exporter": "dynamo" if dynamo else "torchscript", "opset": opset}
         except Exception as exc:  # keep both reasons: the second is often the real one
-            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {' '.join(str(exc).split())[:300]}")
+            text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {text[:300]}")
             path.unlink(missing_ok=True)
     raise RuntimeError("; ".join(errors))
 

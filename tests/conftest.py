@@ -1,0 +1,77 @@
+"""Shared fixtures: real zoo exports (made once per session), a user model on real data, a CLI runner."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+logging.getLogger().setLevel(logging.ERROR)
+
+
+def run_kiln(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The real `kiln` command in a subprocess, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(FIXTURES)}
+    return subprocess.run([sys.executable, "-m", "kiln.serve.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def digits_artifacts(tmp_path_factory) -> Path:
+    """The digits model's recommended set, exported once for the whole suite."""
+    from kiln.export.pipeline import run_export
+    from kiln.export.recipe import PruneConfig, Recipe
+    from kiln.models.registry import get_model
+
+    bundle = get_model("digits")
+    out = tmp_path_factory.mktemp("artifacts") / "digits"
+    recipe = Recipe(variants=bundle.recommended_variants, prune=PruneConfig(fine_tune_epochs=3))
+    run_export(bundle, recipe, out, progress=lambda message: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_artifacts(tmp_path_factory) -> Path:
+    from kiln.export.pipeline import run_export
+    from kiln.export.recipe import Recipe
+    from kiln.models.registry import get_model
+
+    bundle = get_model("minilm")
+    out = tmp_path_factory.mktemp("artifacts") / "minilm"
+    run_export(bundle, Recipe(variants=bundle.recommended_variants), out, progress=lambda message: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def iris_user_model(tmp_path_factory) -> dict:
+    """A user's MLP trained on scikit-learn's bundled iris data: checkpoint + .npz with labels."""
+    import torch
+    from sklearn.datasets import load_iris
+
+    sys.path.insert(0, str(FIXTURES))
+    from userpkg.nets import iris_mlp
+
+    folder = tmp_path_factory.mktemp("user")
+    iris = load_iris()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(iris.target))
+    x = ((iris.data - iris.data.mean(0)) / iris.data.std(0)).astype(np.float32)[order]
+    y = iris.target.astype(np.int64)[order]
+    torch.manual_seed(0)
+    model = iris_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x[:100])), torch.from_numpy(y[:100]))
+        loss.backward()
+        optimizer.step()
+    torch.save(model.state_dict(), folder / "iris.pt")
+    np.savez(folder / "iris.npz", features=x, labels=y)
+    return {"folder": folder, "checkpoint": folder / "iris.pt", "data": folder / "iris.npz"}
