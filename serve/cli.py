@@ -43,10 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_parser(subparsers)
     except ImportError:
         pass
-    for name in ("add_serve_parser", "add_loadtest_parser"):
-        adder = globals().get(name)
-        if adder:
-            adder(subparsers)
+    add_serve_parser(subparsers)
+    try:
+        from kiln.serve.loadtest import add_loadtest_parser
+
+        add_loadtest_parser(subparsers)
+    except ImportError:
+        pass
     return parser
 
 
@@ -55,6 +58,48 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     return main_guard(args.handler, args)
+
+
+SERVE_EXAMPLE = """examples:
+  kiln serve artifacts/digits
+  kiln serve artifacts/minilm --variant torchscript-bf16 --max-batch-size 16 --threads 2
+  KILN_API_KEY=$(openssl rand -hex 16) kiln serve artifacts/digits --api-key-env KILN_API_KEY
+"""
+
+
+def add_serve_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve an artifact folder over HTTP (/predict, KServe V2, /metrics)",
+        description="Serve an artifact folder with LitServe: adaptive batching, V2 protocol, metrics, auth.",
+        epilog=SERVE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact_dir", help="folder written by `kiln export`")
+    parser.add_argument("--variant", help="variant to serve (default: the manifest's default_variant)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 to expose)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch-size", type=int, default=32, help="requests per batch at most")
+    parser.add_argument("--max-batch-delay-ms", type=float, default=2.0,
+                        help="under load, how long to wait for a fuller batch (an idle server never waits)")
+    parser.add_argument("--workers", type=int, default=1, help="inference worker processes (each loads the model)")
+    parser.add_argument("--threads", type=int, help="runtime threads per worker (default: all cores)")
+    parser.add_argument("--api-key-env", help="environment variable holding the API key; enables auth")
+    parser.add_argument("--timeout", type=float, default=30.0, dest="timeout_s",
+                        help="seconds before a request is answered 504")
+    parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    parser.add_argument("--max-items", type=int, default=64, help="items per request at most")
+    parser.add_argument("--log-level", default="warning")
+    parser.set_defaults(handler=run_serve_command)
+
+
+def run_serve_command(args) -> int:
+    from kiln.serve.server import ServeConfig, serve
+
+    config = ServeConfig(
+        artifact_dir=args.artifact_dir, variant=args.variant, host=args.host, port=args.port,
+        max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms, workers=args.workers,
+        threads=args.threads, api_key_env=args.api_key_env, timeout_s=args.timeout_s,
+        max_body_bytes=args.max_body_bytes, max_items=args.max_items, log_level=args.log_level)
+    serve(config)
+    return 0
 
 
 if __name__ == "__main__":

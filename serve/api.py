@@ -1,0 +1,137 @@
+"""The LitAPI that runs inside LitServe's inference worker: batches validated requests through a Runtime.
+
+Requests arrive here already validated (serve.protocol, in the HTTP process), as named arrays or
+texts. `batch` concatenates them (tokenizing texts together), `predict` runs the runtime once per
+batch, and `unbatch` splits the result back per request. If a whole batch fails, each request is
+retried alone, so one request that breaks the runtime fails only itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import litserve as ls
+import numpy as np
+
+
+@dataclass
+class WorkItem:
+    arrays: dict | None
+    texts: list | None
+    count: int
+    enqueued: float  # time.time() when the HTTP process queued it
+
+
+@dataclass
+class Batch:
+    items: list
+    inputs: dict
+    counts: list
+    started: float
+
+
+class KilnAPI(ls.LitAPI):
+    def __init__(self, artifact_dir: str, variant: str | None, threads: int | None, state_dir: str,
+                 max_batch_size: int, loop) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=0.0, loop=loop, api_path="/_kiln/worker")
+        self.artifact_dir = artifact_dir
+        self.variant = variant
+        self.threads = threads
+        self.state_dir = state_dir
+
+    def setup(self, device) -> None:
+        import torch
+
+        from kiln.export.manifest import read_manifest
+        from kiln.export.runtime import load
+
+        torch.set_num_threads(1)  # torch only moves tensors here; the runtime gets the cores
+        manifest = read_manifest(self.artifact_dir)
+        self.signature = manifest.signature
+        self.runtime = load(self.artifact_dir, self.variant, self.threads)
+        self.tokenizer = None
+        pre = manifest.preprocessing
+        if pre.get("kind") == "text":
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(Path(self.artifact_dir) / pre["tokenizer"]))
+            self.tokenizer.enable_truncation(int(pre.get("max_length", 128)))
+            self.tokenizer.enable_padding()
+        # Warm-up: the first run allocates and picks kernels; pay that before reporting ready.
+        self.predict(self.batch([WorkItem(*self._example(), time.time())]))
+        worker = os.environ.get("LITSERVE_WORKER_ID", "0")
+        Path(self.state_dir, f"worker-{worker}.pid").write_text(str(os.getpid()))
+
+    def _example(self):
+        if self.tokenizer is not None:
+            return None, ["warm-up"], 1
+        arrays = {}
+        for spec in self.signature.inputs:
+            shape = [1 if isinstance(d, str) else d for d in spec.shape]
+            arrays[spec.name] = np.zeros(shape, dtype=np.int64 if spec.dtype.startswith("int") else np.float32)
+        return arrays, None, 1
+
+    def decode_request(self, request: WorkItem) -> WorkItem:
+        return request
+
+    def batch(self, items: list[WorkItem]) -> Batch:
+        started = time.time()
+        if self.tokenizer is not None:
+            texts = [t for item in items for t in item.texts]
+            encoded = self.tokenizer.encode_batch(texts)
+            inputs = {
+                "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+            }
+        else:
+            inputs = {name: np.concatenate([item.arrays[name] for item in items])
+                      for name in self.signature.input_names}
+        return Batch(items, inputs, [item.count for item in items], started)
+
+    def _run(self, inputs: dict) -> dict:
+        return self.runtime.run(inputs)
+
+    def predict(self, batch: Batch) -> list[dict]:
+        t0 = time.time()
+        try:
+            outputs = self._run(batch.inputs)
+            per_request = _split(outputs, batch.counts)
+        except Exception:
+            if len(batch.items) == 1:
+                per_request = [{"__error__": "the runtime failed on this request"}]
+            else:  # isolate the request that breaks the runtime
+                per_request = []
+                for item in batch.items:
+                    try:
+                        single = self.batch([item])
+                        per_request.append(_split(self._run(single.inputs), single.counts)[0])
+                    except Exception as exc:  # noqa: BLE001 - reported to that request only
+                        per_request.append({"__error__": f"the runtime failed on this request: {type(exc).__name__}"})
+        infer_s = time.time() - t0
+        self._batches = getattr(self, "_batches", 0) + 1
+        batch_id = f"{os.getpid()}-{self._batches}"
+        results = []
+        for item, outputs in zip(batch.items, per_request):
+            results.append({
+                "outputs": outputs,
+                "queue_s": max(0.0, batch.started - item.enqueued),
+                "infer_s": infer_s,
+                "batch_requests": len(batch.items),
+                "batch_items": sum(batch.counts),
+                "batch_id": batch_id,
+            })
+        return results
+
+    def unbatch(self, results: list[dict]) -> list[dict]:
+        return results
+
+    def encode_response(self, result: dict) -> dict:
+        return result
+
+
+def _split(outputs: dict, counts: list[int]) -> list[dict]:
+    bounds = np.cumsum([0, *counts])
+    return [{k: v[bounds[i]:bounds[i + 1]] for k, v in outputs.items()} for i in range(len(counts))]

@@ -1,0 +1,136 @@
+"""ASGI middleware that guards every route: API-key auth, body-size limit, request metrics.
+
+Pure ASGI (not BaseHTTPMiddleware) so that an oversized body is refused from its Content-Length or
+while streaming, without ever being read whole into memory. Auth is default-deny: only health and
+metrics paths are open, matched after normalizing case and trailing slashes, so no spelling of an
+inference route slips past.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+
+OPEN_PATHS = {"/health", "/metrics", "/v2/health/live", "/v2/health/ready"}
+
+
+def normalize(path: str) -> str:
+    path = "/" + "/".join(p for p in path.split("/") if p)
+    return path.lower()
+
+
+def is_open(path: str) -> bool:
+    p = normalize(path)
+    return p in OPEN_PATHS or (p.startswith("/v2/models/") and p.endswith("/ready") and p.count("/") == 4)
+
+
+async def send_json(send, status: int, body: dict, headers: list | None = None) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.key = api_key.encode()
+
+    def _authorized(self, headers: dict) -> bool:
+        given = headers.get(b"x-api-key")
+        auth = headers.get(b"authorization", b"")
+        if given is None and auth[:7].lower() == b"bearer ":
+            given = auth[7:].strip()
+        return given is not None and hmac.compare_digest(given, self.key)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or is_open(scope["path"]):
+            return await self.app(scope, receive, send)
+        if not self._authorized(dict(scope["headers"])):
+            return await send_json(send, 401, {"error": "missing or wrong API key; send 'Authorization: Bearer KEY' "
+                                                        "or 'X-API-Key: KEY'"},
+                                   [(b"www-authenticate", b"Bearer")])
+        return await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        too_large = {"error": f"request body is over the {self.max_bytes}-byte limit; send fewer items per request"}
+        if declared is not None:
+            try:
+                if int(declared) > self.max_bytes:
+                    return await send_json(send, 413, too_large)
+            except ValueError:
+                return await send_json(send, 400, {"error": "Content-Length is not an integer"})
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await send_json(send, 413, too_large)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class MetricsMiddleware:
+    """Counts every answered request by route template and status, and times it."""
+
+    def __init__(self, app, metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+        self.metrics.in_flight += 1
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.metrics.in_flight -= 1
+            self.metrics.record_request(_route_label(scope), scope.get("method", ""), status,
+                                        time.perf_counter() - start)
+
+
+def _route_label(scope) -> str:
+    """The route template, not the raw path: unbounded label values would grow the registry forever."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if path else "unmatched"

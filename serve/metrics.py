@@ -1,0 +1,96 @@
+"""Prometheus metrics, written by hand in the text exposition format (no extra dependency).
+
+All figures live in the HTTP process: the worker reports each request's queue time, inference
+time and batch size with its answer, so one registry sees everything and `/metrics` needs no
+cross-process aggregation. Average batch size = kiln_batch_size_sum / kiln_batch_size_count.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Histogram:
+    def __init__(self, name: str, help_text: str, buckets: tuple) -> None:
+        self.name, self.help, self.buckets = name, help_text, buckets
+        self.counts: dict[tuple, list[int]] = {}
+        self.sums: dict[tuple, float] = {}
+
+    def observe(self, value: float, labels: tuple = ()) -> None:
+        counts = self.counts.setdefault(labels, [0] * (len(self.buckets) + 1))
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                counts[i] += 1
+        counts[-1] += 1
+        self.sums[labels] = self.sums.get(labels, 0.0) + value
+
+    def render(self, label_names: tuple = ()) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for labels, counts in sorted(self.counts.items()):
+            base = ",".join(f'{k}="{v}"' for k, v in zip(label_names, labels))
+            sep = "," if base else ""
+            for bound, count in zip(self.buckets, counts):
+                lines.append(f'{self.name}_bucket{{{base}{sep}le="{bound}"}} {count}')
+            lines.append(f'{self.name}_bucket{{{base}{sep}le="+Inf"}} {counts[-1]}')
+            suffix = f"{{{base}}}" if base else ""
+            lines.append(f"{self.name}_sum{suffix} {self.sums[labels]:.6f}")
+            lines.append(f"{self.name}_count{suffix} {counts[-1]}")
+        return lines
+
+
+class Metrics:
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._lock = threading.Lock()
+        self.requests: dict[tuple, int] = {}
+        self.latency = Histogram("kiln_request_duration_seconds", "Time from request to response, by route.",
+                                 LATENCY_BUCKETS)
+        self.queue = Histogram("kiln_queue_duration_seconds", "Time a request waited for the inference worker.",
+                               LATENCY_BUCKETS)
+        self.inference = Histogram("kiln_inference_duration_seconds", "Runtime time per batch.",
+                                   LATENCY_BUCKETS)
+        self.batch_size = Histogram("kiln_batch_size", "Requests per batch the worker ran, observed once per batch.",
+                                    BATCH_BUCKETS)
+        self.batch_items = Histogram("kiln_batch_items", "Items per batch the worker ran, observed once per batch.",
+                                     BATCH_BUCKETS)
+        self._seen_batches: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.in_flight = 0
+
+    def record_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        with self._lock:
+            key = (route, method, str(status))
+            self.requests[key] = self.requests.get(key, 0) + 1
+            self.latency.observe(seconds, (route,))
+
+    def record_inference(self, queue_s: float, infer_s: float, batch_requests: int, batch_items: int,
+                         batch_id: str) -> None:
+        """Queue time per request; inference time and batch sizes once per batch (its first answer)."""
+        with self._lock:
+            self.queue.observe(queue_s)
+            if batch_id in self._seen_batches:
+                return
+            self._seen_batches[batch_id] = None
+            if len(self._seen_batches) > 4096:
+                self._seen_batches.popitem(last=False)
+            self.inference.observe(infer_s)
+            self.batch_size.observe(batch_requests)
+            self.batch_items.observe(batch_items)
+
+    def render(self) -> str:
+        with self._lock:
+            lines = ["# HELP kiln_requests_total Requests answered, by route, method and status.",
+                     "# TYPE kiln_requests_total counter"]
+            for (route, method, status), count in sorted(self.requests.items()):
+                lines.append(f'kiln_requests_total{{route="{route}",method="{method}",status="{status}"}} {count}')
+            lines += ["# HELP kiln_requests_in_flight Requests being handled now.",
+                      "# TYPE kiln_requests_in_flight gauge", f"kiln_requests_in_flight {self.in_flight}"]
+            lines += self.latency.render(("route",))
+            lines += self.queue.render()
+            lines += self.inference.render()
+            lines += self.batch_size.render()
+            lines += self.batch_items.render()
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,329 @@
+"""Request and response shapes: the simple `/predict` form and the Open Inference Protocol (KServe V2).
+
+Everything a client sends is checked here against the manifest's signature, before it can reach
+a model: a bad request becomes a `RequestError` (a 4xx with a JSON body that names the problem and
+the expected signature), never an exception inside the runtime.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kiln.models.signature import Signature, TensorSpec
+
+V2_TO_NUMPY = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32,
+               "INT16": np.int16, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
+MAX_TEXT_CHARS = 20_000
+
+
+class RequestError(Exception):
+    """A client mistake: carries the HTTP status and a JSON-able body."""
+
+    def __init__(self, message: str, status: int = 422, expected: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.expected = expected
+
+    def body(self) -> dict:
+        body: dict = {"error": str(self)}
+        if self.expected is not None:
+            body["expected"] = self.expected
+        return body
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the server exposes: the manifest's signature, with text models taking raw strings."""
+
+    name: str
+    task: str
+    signature: Signature
+    text: bool
+    max_items: int
+    version: str = "1"
+    labels: list[str] | None = None
+    platform: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def v2_inputs(self) -> list[dict]:
+        if self.text:
+            return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+        return [_v2_tensor(spec) for spec in self.signature.inputs]
+
+    @property
+    def v2_outputs(self) -> list[dict]:
+        return [_v2_tensor(spec) for spec in self.signature.outputs]
+
+    def expected_v2(self) -> dict:
+        return {"inputs": self.v2_inputs, "max_items": self.max_items}
+
+    def expected_predict(self) -> dict:
+        if self.text:
+            return {"text": "a sentence", "or": {"texts": ["a sentence", "another"]}, "max_items": self.max_items}
+        if len(self.signature.inputs) == 1:
+            spec = self.signature.inputs[0]
+            one = list(spec.shape[1:])
+            return {spec.name: f"{spec.dtype} array of shape {one}",
+                    "or": {"inputs": {spec.name: f"{spec.dtype} array of shape [n, {', '.join(map(str, one))}]"}},
+                    "max_items": self.max_items}
+        return {"inputs": {s.name: f"{s.dtype}{list(s.shape)}" for s in self.signature.inputs},
+                "max_items": self.max_items}
+
+
+def _v2_tensor(spec: TensorSpec) -> dict:
+    return {"name": spec.name, "datatype": spec.v2_datatype,
+            "shape": [d if isinstance(d, int) else -1 for d in spec.shape]}
+
+
+def _to_array(data: Any, spec: TensorSpec, where: str, expected: Any) -> np.ndarray:
+    """Nested JSON lists -> a finite array of the spec's dtype, or a RequestError."""
+    if not isinstance(data, list):
+        raise RequestError(f"{where} must be a (nested) JSON array of numbers", expected=expected)
+    try:
+        array = np.asarray(data)
+    except (ValueError, OverflowError) as exc:
+        raise RequestError(f"{where} is ragged or not numeric ({exc})", expected=expected) from None
+    if array.dtype == object or array.dtype.kind not in "biuf":
+        raise RequestError(f"{where} must hold numbers of one nesting depth", expected=expected)
+    if spec.dtype.startswith("float"):
+        if not np.all(np.isfinite(array.astype(np.float64))):
+            raise RequestError(f"{where} holds NaN or infinity, which {spec.name!r} does not allow", expected=expected)
+        array = array.astype(np.float32)
+    elif spec.dtype.startswith("int"):
+        if array.dtype.kind == "f":
+            raise RequestError(f"{where} must hold integers for {spec.name!r} ({spec.dtype})", expected=expected)
+        array = array.astype(np.int64)
+    return array
+
+
+def conform(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Accept items that differ from the signature only by dims of size 1 (an 8x8 image for [1, 8, 8])."""
+    item_dims = spec.shape[1:]
+    if array.ndim < 1 or array.ndim == len(spec.shape) or not all(isinstance(d, int) for d in item_dims):
+        return array
+    if tuple(d for d in array.shape[1:] if d != 1) == tuple(d for d in item_dims if d != 1):
+        return array.reshape((array.shape[0], *item_dims))
+    return array
+
+
+def check_shape(array: np.ndarray, spec: TensorSpec, where: str, max_items: int, expected: Any) -> None:
+    shape = list(array.shape)
+    if len(shape) != len(spec.shape):
+        raise RequestError(
+            f"{where} has shape {shape}; {spec.name!r} needs rank {len(spec.shape)} ({list(spec.shape)})",
+            expected=expected)
+    for got, want in zip(shape, spec.shape):
+        if isinstance(want, int) and got != want:
+            raise RequestError(f"{where} has shape {shape}; {spec.name!r} needs {list(spec.shape)}", expected=expected)
+    if shape[0] < 1:
+        raise RequestError(f"{where} holds no items; send at least one", expected=expected)
+    if shape[0] > max_items:
+        raise RequestError(f"{where} holds {shape[0]} items; at most {max_items} per request", status=413,
+                           expected=expected)
+
+
+def check_texts(texts: Any, where: str, model: ServedModel, expected: Any) -> list[str]:
+    if not isinstance(texts, list) or not texts:
+        raise RequestError(f"{where} must be a non-empty list of strings", expected=expected)
+    if len(texts) > model.max_items:
+        raise RequestError(f"{where} holds {len(texts)} texts; at most {model.max_items} per request", status=413,
+                           expected=expected)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise RequestError(f"{where}[{i}] is {type(text).__name__}, not a string", expected=expected)
+        if len(text) > MAX_TEXT_CHARS:
+            raise RequestError(f"{where}[{i}] has {len(text)} characters; at most {MAX_TEXT_CHARS}", status=413,
+                               expected=expected)
+        if "\x00" in text:
+            raise RequestError(f"{where}[{i}] contains a NUL character", expected=expected)
+    return texts
+
+
+@dataclass
+class Request:
+    """A validated request: either named arrays (first axis = items) or texts."""
+
+    arrays: dict[str, np.ndarray] | None
+    texts: list[str] | None
+    count: int
+    single: bool  # answer with one item rather than a list
+    requested_outputs: list[str] | None = None
+    request_id: str | None = None
+
+
+def parse_predict(body: Any, model: ServedModel) -> Request:
+    expected = model.expected_predict()
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object", expected=expected)
+    if model.text:
+        if "text" in body and "texts" not in body:
+            text = body["text"]
+            return Request(None, check_texts([text], "'text'", model, expected), 1, True)
+        if "texts" in body and "text" not in body:
+            texts = check_texts(body["texts"], "'texts'", model, expected)
+            return Request(None, texts, len(texts), False)
+        raise RequestError("send exactly one of 'text' (a string) or 'texts' (a list of strings)", expected=expected)
+    specs = model.signature.inputs
+    if "inputs" in body:
+        inputs = body["inputs"]
+        if not isinstance(inputs, dict):
+            raise RequestError("'inputs' must be an object of named arrays", expected=expected)
+        single = False
+    elif len(specs) == 1 and specs[0].name in body:
+        inputs = {specs[0].name: [body[specs[0].name]]}
+        single = True
+    else:
+        raise RequestError(f"send {specs[0].name!r} (one item) or 'inputs' (a batch)", expected=expected)
+    unknown = sorted(set(inputs) - {s.name for s in specs})
+    if unknown:
+        raise RequestError(f"unknown input(s) {unknown}; this model takes {[s.name for s in specs]}", expected=expected)
+    arrays = {}
+    for spec in specs:
+        if spec.name not in inputs:
+            raise RequestError(f"input {spec.name!r} is missing", expected=expected)
+        array = conform(_to_array(inputs[spec.name], spec, f"input {spec.name!r}", expected), spec)
+        check_shape(array, spec, f"input {spec.name!r}", model.max_items, expected)
+        arrays[spec.name] = array
+    counts = {len(a) for a in arrays.values()}
+    if len(counts) != 1:
+        raise RequestError("all inputs must hold the same number of items", expected=expected)
+    return Request(arrays, None, counts.pop(), single)
+
+
+def parse_v2(body: Any, model: ServedModel) -> Request:
+    expected = model.expected_v2()
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object with 'inputs'", expected=expected)
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError("'inputs' must be a non-empty list of tensors", expected=expected)
+    request_id = body.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise RequestError("'id' must be a string", expected=expected)
+    requested = None
+    if "outputs" in body:
+        outs = body["outputs"]
+        if not isinstance(outs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outs):
+            raise RequestError("'outputs' must be a list of {name}", expected=expected)
+        requested = [o["name"] for o in outs]
+        unknown = sorted(set(requested) - set(model.signature.output_names))
+        if unknown:
+            raise RequestError(f"unknown output(s) {unknown}; this model has {model.signature.output_names}",
+                               expected=expected)
+    by_name: dict[str, dict] = {}
+    for tensor in inputs:
+        if not isinstance(tensor, dict):
+            raise RequestError("each input must be an object {name, shape, datatype, data}", expected=expected)
+        missing = [k for k in ("name", "shape", "datatype", "data") if k not in tensor]
+        if missing:
+            raise RequestError(f"an input lacks {missing}", expected=expected)
+        name = tensor["name"]
+        if not isinstance(name, str):
+            raise RequestError("an input's 'name' must be a string", expected=expected)
+        if name in by_name:
+            raise RequestError(f"input {name!r} is given twice", expected=expected)
+        by_name[name] = tensor
+    wanted = [t["name"] for t in model.v2_inputs]
+    unknown = sorted(set(by_name) - set(wanted))
+    if unknown:
+        raise RequestError(f"unknown input(s) {unknown}; this model takes {wanted}", expected=expected)
+    missing_inputs = [w for w in wanted if w not in by_name]
+    if missing_inputs:
+        raise RequestError(f"input(s) {missing_inputs} are missing", expected=expected)
+
+    def shape_of(tensor: dict) -> list[int]:
+        shape = tensor["shape"]
+        if (not isinstance(shape, list) or not shape or len(shape) > 8
+                or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+            raise RequestError(f"input {tensor['name']!r}: 'shape' must be a list of integers", expected=expected)
+        if any(d < 0 for d in shape):
+            raise RequestError(f"input {tensor['name']!r}: shape {shape} has a negative dimension", expected=expected)
+        if math.prod(shape) > 64 * 1024 * 1024:
+            raise RequestError(f"input {tensor['name']!r}: shape {shape} is too large", status=413, expected=expected)
+        return shape
+
+    if model.text:
+        tensor = by_name["text"]
+        if tensor["datatype"] != "BYTES":
+            raise RequestError(f"input 'text' has datatype {tensor['datatype']!r}; it must be BYTES", expected=expected)
+        shape = shape_of(tensor)
+        data = _flatten(tensor["data"], "input 'text'", expected)
+        if len(data) != math.prod(shape):
+            raise RequestError(f"input 'text': shape {shape} needs {math.prod(shape)} strings but data has {len(data)}",
+                               expected=expected)
+        texts = check_texts(data, "input 'text'", model, expected)
+        return Request(None, texts, len(texts), False, requested, request_id)
+
+    arrays = {}
+    for spec in model.signature.inputs:
+        tensor = by_name[spec.name]
+        if tensor["datatype"] != spec.v2_datatype:
+            raise RequestError(
+                f"input {spec.name!r} has datatype {tensor['datatype']!r}; it must be {spec.v2_datatype}",
+                expected=expected)
+        shape = shape_of(tensor)
+        data = tensor["data"]
+        flat = _flatten(data, f"input {spec.name!r}", expected)
+        if len(flat) != math.prod(shape):
+            raise RequestError(
+                f"input {spec.name!r}: shape {shape} needs {math.prod(shape)} values but data has {len(flat)}",
+                expected=expected)
+        array = _to_array(flat, spec, f"input {spec.name!r}", expected).reshape(shape)
+        check_shape(array, spec, f"input {spec.name!r}", model.max_items, expected)
+        arrays[spec.name] = array
+    counts = {len(a) for a in arrays.values()}
+    if len(counts) != 1:
+        raise RequestError("all inputs must hold the same number of items", expected=expected)
+    return Request(arrays, None, counts.pop(), False, requested, request_id)
+
+
+def _flatten(data: Any, where: str, expected: Any, depth: int = 0) -> list:
+    """V2 allows row-major flat or nested data; depth is bounded against hostile nesting."""
+    if not isinstance(data, list):
+        raise RequestError(f"{where}: 'data' must be a JSON array", expected=expected)
+    if depth > 8:
+        raise RequestError(f"{where}: 'data' is nested too deeply", expected=expected)
+    if all(not isinstance(x, list) for x in data):
+        return data
+    out: list = []
+    for x in data:
+        out.extend(_flatten(x, where, expected, depth + 1) if isinstance(x, list) else [x])
+    return out
+
+
+def v2_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Request) -> dict:
+    names = request.requested_outputs or model.signature.output_names
+    tensors = []
+    for spec in model.signature.outputs:
+        if spec.name not in names:
+            continue
+        array = outputs[spec.name]
+        tensors.append({"name": spec.name, "datatype": spec.v2_datatype, "shape": list(array.shape),
+                        "data": array.reshape(-1).tolist()})
+    body = {"model_name": model.name, "model_version": model.version, "outputs": tensors}
+    if request.request_id is not None:
+        body["id"] = request.request_id
+    return body
+
+
+def predict_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Request) -> dict:
+    if model.task == "classification":
+        logits = outputs[model.signature.output_names[0]].astype(np.float64)
+        shifted = np.exp(logits - logits.max(1, keepdims=True))
+        probs = shifted / shifted.sum(1, keepdims=True)
+        items = [{"class": int(p.argmax()), "probabilities": [round(float(x), 6) for x in p]} for p in probs]
+        return items[0] if request.single else {"predictions": items}
+    if model.task == "embedding":
+        emb = outputs[model.signature.output_names[0]]
+        if request.single:
+            return {"embedding": emb[0].tolist()}
+        return {"embeddings": emb.tolist()}
+    named = {k: v.tolist() for k, v in outputs.items()}
+    if request.single:
+        return {k: v[0] for k, v in named.items()}
+    return {"outputs": named}

@@ -1,0 +1,137 @@
+"""Builds the LitServer for an artifact folder and runs it.
+
+The manifest is read and the variant's hash checked before any process starts, so a bad folder
+fails fast with one line. The server binds 127.0.0.1 unless told otherwise; SIGTERM is a graceful
+stop (stop accepting, finish what is in flight, exit with the whole process group).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass
+
+from kiln.models.errors import UsageError
+
+INTERNAL_PATH = "/_kiln/worker"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    artifact_dir: str
+    variant: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 2.0
+    workers: int = 1
+    threads: int | None = None
+    api_key_env: str | None = None
+    timeout_s: float = 30.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_items: int = 64
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if self.host not in ("127.0.0.1", "0.0.0.0", "::", "localhost"):
+            raise UsageError(f"--host {self.host!r} is not supported; use 127.0.0.1 (default) or 0.0.0.0")
+        if not 1024 <= self.port <= 65535:
+            raise UsageError(f"--port {self.port} must be in 1024..65535")
+        if self.max_batch_size < 1 or self.workers < 1 or self.max_items < 1:
+            raise UsageError("--max-batch-size, --workers and --max-items must be positive integers")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError("--threads must be a positive integer")
+        if not 0 <= self.max_batch_delay_ms <= 1000:
+            raise UsageError("--max-batch-delay-ms must lie in 0..1000")
+        if self.timeout_s <= 0:
+            raise UsageError("--timeout must be positive (seconds)")
+        if self.max_body_bytes < 1024:
+            raise UsageError("--max-body-bytes must be at least 1024")
+
+
+def served_model(manifest, variant: dict, max_items: int):
+    from kiln.serve.protocol import ServedModel
+
+    platform = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_torchscript"}.get(variant["runtime"], "")
+    return ServedModel(
+        name=manifest.model,
+        task=manifest.task,
+        signature=manifest.signature,
+        text=manifest.preprocessing.get("kind") == "text",
+        max_items=max_items,
+        platform=platform,
+    )
+
+
+def api_key(config: ServeConfig) -> str | None:
+    if not config.api_key_env:
+        return None
+    key = os.environ.get(config.api_key_env, "")
+    if not key:
+        raise UsageError(f"--api-key-env names {config.api_key_env!r}, which is unset or empty; export the key "
+                         "in that variable or drop --api-key-env")
+    if len(key) < 16:
+        raise UsageError(f"the API key in {config.api_key_env!r} is shorter than 16 characters; use a longer key")
+    return key
+
+
+def build_server(config: ServeConfig, state_dir: str):
+    import litserve as ls
+
+    from kiln.export.manifest import read_manifest
+    from kiln.serve.api import KilnAPI
+    from kiln.serve.batching import AdaptiveBatchedLoop
+    from kiln.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+    from kiln.serve.metrics import Metrics
+    from kiln.serve.routes import WorkerGateway, add_routes
+
+    manifest = read_manifest(config.artifact_dir)
+    variant = manifest.variant(config.variant)
+    manifest.verify_file(variant["name"])  # refuse a tampered folder before any process starts
+    model = served_model(manifest, variant, config.max_items)
+    key = api_key(config)
+    metrics = Metrics(model.name)
+    loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0)
+    api = KilnAPI(os.path.abspath(config.artifact_dir), variant["name"], config.threads, state_dir,
+                  config.max_batch_size, loop)
+    middlewares = [(BodyLimitMiddleware, {"max_bytes": config.max_body_bytes})]
+    if key:
+        middlewares.append((ApiKeyMiddleware, {"api_key": key}))
+    middlewares.append((MetricsMiddleware, {"metrics": metrics}))  # outermost: counts 401s and 413s too
+    server = ls.LitServer(
+        api,
+        accelerator="cpu",
+        workers_per_device=config.workers,
+        timeout=config.timeout_s,
+        middlewares=middlewares,
+        restart_workers=True,
+    )
+    # The worker's own LitServe route is internal: everything public goes through kiln's validated routes.
+    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != INTERNAL_PATH]
+    gateway = WorkerGateway(server, INTERNAL_PATH, state_dir, config.workers, config.timeout_s)
+    from importlib.metadata import version
+
+    add_routes(server.app, model, gateway, metrics, version("kiln"))
+    return server, model, variant
+
+
+def serve(config: ServeConfig) -> None:
+    state_dir = tempfile.mkdtemp(prefix="kiln-serve-")
+    try:
+        server, model, variant = build_server(config, state_dir)
+
+        def stop(signum, frame):  # SIGTERM: the same graceful path as Ctrl-C
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+        print(f"kiln: serving {model.name} ({variant['name']}) on http://{config.host}:{config.port} "
+              f"[/predict, /v2/models/{model.name}/infer, /metrics]", flush=True)
+        try:
+            server.run(host=config.host, port=config.port, generate_client_file=False, num_api_servers=1,
+                       log_level=config.log_level)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
