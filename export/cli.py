@@ -51,6 +51,64 @@ def add_export_parser(subparsers) -> None:
     parser.set_defaults(handler=run_export_command)
 
 
+BENCH_EXAMPLE = """examples:
+  kiln bench artifacts/digits --batch-sizes 1,16,64 --threads 2
+  kiln bench artifacts/minilm --batch-sizes 1,16 --seq-len 128
+  kiln bench artifacts/digits --select --max-accuracy-drop 0.5
+  kiln bench artifacts/minilm --select --min-cosine 0.99 --select-batch-size 16
+  kiln bench artifacts/digits --variants onnx-fp32,onnx-int8 --max-seconds 0.5
+"""
+
+
+def add_bench_parser(subparsers) -> None:
+    """`kiln bench`: defaults live in kiln.export.bench so the CLI and the Python API agree."""
+    from kiln.export import bench
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure latency of eager fp32 and every artifact; optionally make the fastest within budget the default",
+        description="Benchmark the eager PyTorch fp32 baseline and every variant of an artifact folder on the same "
+                    "inputs, each in a fresh process; write bench.json, bench.csv and bench.png into the folder.",
+        epilog=BENCH_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("folder", metavar="ARTIFACT_DIR", help="a folder written by `kiln export`")
+    parser.add_argument("--batch-sizes", default=",".join(map(str, bench.DEFAULT_BATCH_SIZES)), metavar="N,N,...",
+                        help="comma-separated positive batch sizes (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=bench.DEFAULT_SEQ_LEN,
+                        help="sequence length for text models, inputs padded to it (default: %(default)s)")
+    parser.add_argument("--threads", type=int,
+                        help="torch and ONNX Runtime intra-op threads (default: the cores this process may use)")
+    parser.add_argument("--variants", help="comma-separated variants to measure (default: all in the manifest); "
+                                           "eager fp32 is always measured")
+    parser.add_argument("--warmup", type=int, default=bench.BenchSettings.warmup,
+                        help="untimed calls per cell before timing (default: %(default)s)")
+    parser.add_argument("--min-iters", type=int, default=bench.BenchSettings.min_iters,
+                        help="timed calls per cell at least (default: %(default)s)")
+    parser.add_argument("--max-iters", type=int, default=bench.BenchSettings.max_iters,
+                        help="timed calls per cell at most (default: %(default)s)")
+    parser.add_argument("--max-seconds", type=float, default=bench.BenchSettings.max_seconds,
+                        help="timed seconds per cell, once --min-iters is reached (default: %(default)s)")
+    parser.add_argument("--select", action="store_true",
+                        help="make the fastest variant within the budget the manifest's default (kiln serve loads it)")
+    parser.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                        help=f"budget for --select on classifiers, percentage points below eager fp32 "
+                             f"(default {bench.DEFAULT_MAX_ACCURACY_DROP})")
+    parser.add_argument("--min-cosine", type=float,
+                        help=f"budget for --select: minimum cosine to eager fp32 (embeddings; default "
+                             f"{bench.DEFAULT_MIN_COSINE}); on a classifier it is an extra condition")
+    parser.add_argument("--select-batch-size", type=int,
+                        help=f"batch size at which --select compares speed, added to the sweep if absent "
+                             f"(default {bench.DEFAULT_SELECT_BATCH_SIZE})")
+    parser.set_defaults(handler=run_bench_command)
+
+
+def run_bench_command(args) -> int:
+    from kiln.export.bench import run_bench_command as run
+
+    return run(args)
+
+
 def build_recipe(args, bundle):
     from kiln.export.recipe import PruneConfig, Recipe
     from kiln.models.errors import RecipeError
