@@ -1,10 +1,12 @@
 # Everything a fresh machine needs: `make run` serves the default model, `make test` runs the suite.
+# The Dockerfile repeats the install step (`pip install .` into a venv); tests/test_dockerfile.py keeps them in step.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
-ARTIFACTS ?= artifacts/digits
 MODEL ?= digits
+ARTIFACTS ?= artifacts/$(MODEL)
+PORT ?= 8000
 
 .PHONY: install run export test clean
 
@@ -22,7 +24,7 @@ $(ARTIFACTS)/manifest.json: $(STAMP)
 export: $(ARTIFACTS)/manifest.json
 
 run: $(ARTIFACTS)/manifest.json
-	$(BIN)/kiln serve $(ARTIFACTS)
+	$(BIN)/kiln serve $(ARTIFACTS) --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

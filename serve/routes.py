@@ -177,7 +177,7 @@ def add_routes(app: FastAPI, model: ServedModel, gateway: WorkerGateway, metrics
 
     @app.get("/v2")
     async def server_metadata():
-        return {"name": "kiln", "version": version, "extensions": []}
+        return {"name": "kiln", "version": version, "extensions": [], "models": [model.name]}
 
     @app.get("/v2/health/live")
     async def live():
