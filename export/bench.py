@@ -57,8 +57,8 @@ class BenchSettings:
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
     seq_len: int = DEFAULT_SEQ_LEN  # used only for text models (preprocessing kind "text")
     threads: int | None = None  # None: the cores this process may run on
-    warmup: int = 3
-    min_iters: int = 10
+    warmup: int = 5
+    min_iters: int = 5
     max_iters: int = 10_000
     max_seconds: float = 2.0
     variants: tuple[str, ...] | None = None  # None: every variant in the manifest
@@ -337,8 +337,8 @@ def choose(manifest, report: dict, batch_size: int, max_accuracy_drop: float | N
         budget["max_accuracy_drop"] = DEFAULT_MAX_ACCURACY_DROP if max_accuracy_drop is None else max_accuracy_drop
         budget["min_accuracy"] = reference - budget["max_accuracy_drop"] / 100.0
     elif max_accuracy_drop is not None and min_cosine is None:
-        raise UsageError(f"{manifest.model!r} is a {manifest.task} model with no accuracy figure, so "
-                         "--max-accuracy-drop does not apply; give a budget with --min-cosine, e.g. 0.99")
+        raise UsageError(f"{manifest.model!r} ({manifest.task}) has no accuracy figure, so --max-accuracy-drop "
+                         "does not apply; give a budget with --min-cosine, e.g. 0.99")
     if min_cosine is not None or reference is None:
         budget["min_cosine"] = DEFAULT_MIN_COSINE if min_cosine is None else min_cosine
     rows = {r["variant"]: r for r in report["results"] if r["batch_size"] == batch_size}
@@ -536,8 +536,8 @@ def run_bench_command(args) -> int:
         manifest = read_manifest(folder)
         has_accuracy = manifest.data.get("reference", {}).get("accuracy") is not None
         if args.max_accuracy_drop is not None and not has_accuracy:
-            raise UsageError(f"{manifest.model!r} is a {manifest.task} model with no accuracy figure, so "
-                             "--max-accuracy-drop does not apply; give a budget with --min-cosine, e.g. 0.99")
+            raise UsageError(f"{manifest.model!r} ({manifest.task}) has no accuracy figure, so --max-accuracy-drop "
+                             "does not apply; give a budget with --min-cosine, e.g. 0.99")
     report = measure(folder, settings, verbose=getattr(args, "verbose", False))
     folder = Path(report["folder"])
     scatter_batch = select_batch if args.select else max(report["settings"]["batch_sizes"])

@@ -108,8 +108,13 @@ def measure_cell(runtime, inputs: dict[str, np.ndarray], warmup: int, min_iters:
 
     Every call is timed on its own so that the percentiles are of calls, not of averages.
     """
-    for _ in range(warmup):
+    # Warm-up is bounded by max_seconds too (after two calls: TorchScript optimizes on its second run),
+    # so that a slow runtime at a large batch does not spend minutes warming up.
+    started = time.perf_counter()
+    for done in range(warmup):
         runtime.run(inputs)
+        if done + 1 >= 2 and time.perf_counter() - started >= max_seconds:
+            break
     latencies: list[float] = []
     started = time.perf_counter()
     while len(latencies) < max_iters:
