@@ -75,6 +75,7 @@ def plot(report: dict, path: Path, scatter_batch: int) -> None:
                    label="Pareto front", zorder=2)
         right.legend(fontsize=8)
     right.set_xscale("log")
+    right.margins(x=0.15, y=0.2)  # room for the labels
     right.set_xlabel(f"p50 latency at batch {scatter_batch} (ms, log)")
     right.set_ylabel("accuracy (%)" if metric == "accuracy" else "min cosine to eager fp32")
     right.set_title("speed vs accuracy" if metric == "accuracy" else "speed vs parity")
