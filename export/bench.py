@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from kiln.models.errors import ExportError, KilnError, ManifestError, RuntimeUnavailable, UsageError
+from kiln.models.errors import BenchmarkError, KilnError, ManifestError, RuntimeUnavailable, UsageError
 
 EAGER = "eager-fp32"
 DEFAULT_BATCH_SIZES = (1, 8, 32)
@@ -175,14 +175,14 @@ def _raise_worker_error(variant: str, result: dict | None, rc: int, log: Path, v
         cls = getattr(errors, result["error_type"], None)
         if isinstance(cls, type) and issubclass(cls, KilnError) and cls is not errors.VerificationError:
             raise cls(result["message"])
-        raise ExportError(result["message"])
+        raise BenchmarkError(result["message"])
     text = log.read_text(errors="replace") if log.exists() else ""
     if verbose and text:
         print(text, file=sys.stderr)
     last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
     how = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
     hint = "; it may have run out of memory" if rc == -9 else ""
-    raise ExportError(f"measuring {variant} failed ({how}: {last[:200]}){hint}; "
+    raise BenchmarkError(f"measuring {variant} failed ({how}: {last[:200]}){hint}; "
                       "re-run with --verbose for its log, or leave the variant out with --variants")
 
 

@@ -134,8 +134,6 @@ def build_recipe(args, bundle):
     if args.fine_tune_epochs is not None:
         prune["fine_tune_epochs"] = args.fine_tune_epochs
     if args.recipe:
-        import tomllib
-
         recipe = Recipe.from_toml(args.recipe)
         data = recipe.to_dict()
         data.update(overrides)

@@ -14,6 +14,7 @@ failure it was: 2 for usage, 3 for an artifact that failed verification, 1 for t
     ├── DataError                calibration/evaluation data missing or wrong
     ├── ExportError              a step of the export failed
     ├── VerificationError        an artifact is outside its tolerance (exit 3)
+    ├── BenchmarkError           a measurement could not be taken
     ├── ManifestError            an artifact folder is missing, malformed or tampered with
     │   └── IntegrityError       a file's sha256 differs from the manifest
     └── RuntimeUnavailable       the runtime a variant needs is not installed
@@ -60,6 +61,10 @@ class VerificationError(KilnError):
             f"{len(self.failures)} check(s) failed: {lines}; "
             "loosen the tolerance in the recipe or drop the variant (--variants)"
         )
+
+
+class BenchmarkError(KilnError):
+    pass
 
 
 class ManifestError(KilnError):

@@ -93,7 +93,7 @@ def load() -> ModelBundle:
 
     def example_batch(batch_size: int, seq_len: int = MAX_LENGTH) -> dict[str, np.ndarray]:
         picked = [texts[i % len(texts)] for i in range(batch_size)]
-        return tokenize(picked, pad_to=seq_len)
+        return tokenize(picked, max_length=seq_len, pad_to=seq_len)
 
     return ModelBundle(
         name="minilm",
