@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from litserve.utils import LitAPIStatus, ResponseBufferItem
+from litserve.utils import LitAPIStatus
 
 from kiln.serve.api import WorkItem
 from kiln.serve.protocol import RequestError, ServedModel, parse_predict, parse_v2, predict_response, v2_response
@@ -27,16 +28,23 @@ LIVENESS_POLL_S = 0.25
 
 
 class WorkerGateway:
-    """Queues work for the inference worker and waits for its answer, with a deadline."""
+    """Queues work for the inference workers and waits for the answer, with a deadline.
 
-    def __init__(self, server, api_path: str, state_dir: str, workers: int, timeout_s: float) -> None:
-        self.server = server
-        self.api_path = api_path
+    Requests go out on the batching loop's request queue; answers come back on its response queue,
+    read by one thread in this process that wakes the waiting request on the event loop.
+    """
+
+    def __init__(self, requests, responses, state_dir: str, workers: int, timeout_s: float) -> None:
+        self.requests = requests
+        self.responses = responses
         self.state_dir = Path(state_dir)
         self.workers = workers
         self.timeout_s = timeout_s
         self._ready = False
         self._checked_at = -1.0
+        self._pending: dict[str, asyncio.Future] = {}
+        self._reader_pid = None
+        self._loop = None
 
     def worker_pids(self) -> list[int]:
         pids = []
@@ -56,14 +64,32 @@ class WorkerGateway:
             self._checked_at = now
         return self._ready
 
+    def _start_reader(self) -> None:
+        """Threads do not survive the fork into the HTTP process: start the reader there, on first use."""
+        if self._reader_pid == os.getpid():
+            return
+        self._reader_pid = os.getpid()
+        self._loop = asyncio.get_running_loop()
+        threading.Thread(target=self._read, name="kiln-responses", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                uid, response, status = self.responses.get()
+            except (EOFError, OSError):
+                return
+            future = self._pending.pop(uid, None)
+            if future is not None:
+                self._loop.call_soon_threadsafe(_resolve, future, (response, status))
+
     async def submit(self, item: WorkItem):
         if not self.ready():
             raise RequestError("the inference worker is not ready (starting or restarting); retry shortly", 503)
-        uid = str(uuid.uuid4())
-        event = asyncio.Event()
-        self.server.response_buffer[uid] = ResponseBufferItem(event)
-        queue = self.server._get_request_queue(self.api_path)
-        queue.put((self.server.app.response_queue_id, uid, time.monotonic(), item))
+        self._start_reader()
+        uid = uuid.uuid4().hex
+        future = self._loop.create_future()
+        self._pending[uid] = future
+        self.requests.put((0, uid, time.monotonic(), item))
         deadline = time.monotonic() + self.timeout_s + 1.0
         try:
             while True:
@@ -72,24 +98,28 @@ class WorkerGateway:
                     raise RequestError(f"no answer within {self.timeout_s:g}s; the server is overloaded or the "
                                        "request too large, retry later or with fewer items", 504)
                 try:
-                    await asyncio.wait_for(event.wait(), min(LIVENESS_POLL_S, remaining))
+                    response, status = await asyncio.wait_for(asyncio.shield(future), min(LIVENESS_POLL_S, remaining))
                     break
                 except asyncio.TimeoutError:
                     if not self.ready(max_age_s=0):
                         raise RequestError("the inference worker stopped while running this request; it is being "
                                            "restarted, retry shortly", 503) from None
-            response, status = self.server.response_buffer[uid].response
         finally:
-            self.server.response_buffer.pop(uid, None)
+            self._pending.pop(uid, None)
         if status != LitAPIStatus.OK:
             detail = _error_detail(response)
             if detail is not None and detail[0] == 504:
                 raise RequestError(f"waited over {self.timeout_s:g}s in the queue; the server is overloaded, "
                                    "retry later", 504)
-            raise RequestError("the inference worker failed on this request", 503 if response is None else 500)
+            raise RequestError("the inference worker failed on this request", 500)
         if "__error__" in response["outputs"]:
             raise RequestError(response["outputs"]["__error__"], 500)
         return response
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _error_detail(response):

@@ -93,7 +93,11 @@ def build_server(config: ServeConfig, state_dir: str):
     model = served_model(manifest, variant, config.max_items)
     key = api_key(config)
     metrics = Metrics(model.name)
-    loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0)
+    import multiprocessing as mp
+
+    context = mp.get_context("spawn")  # LitServe spawns its workers: the queues must be made for that
+    requests, responses = context.Queue(), context.Queue()
+    loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, requests, responses)
     api = KilnAPI(os.path.abspath(config.artifact_dir), variant["name"], config.threads, state_dir,
                   config.max_batch_size, loop)
     middlewares = [(BodyLimitMiddleware, {"max_bytes": config.max_body_bytes})]
@@ -110,7 +114,7 @@ def build_server(config: ServeConfig, state_dir: str):
     )
     # The worker's own LitServe route is internal: everything public goes through kiln's validated routes.
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != INTERNAL_PATH]
-    gateway = WorkerGateway(server, INTERNAL_PATH, state_dir, config.workers, config.timeout_s)
+    gateway = WorkerGateway(requests, responses, state_dir, config.workers, config.timeout_s)
     from importlib.metadata import version
 
     add_routes(server.app, model, gateway, metrics, version("kiln"))
