@@ -304,7 +304,7 @@ def v2_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Req
             continue
         array = outputs[spec.name]
         tensors.append({"name": spec.name, "datatype": spec.v2_datatype, "shape": list(array.shape),
-                        "data": array.reshape(-1).tolist()})
+                        "data": np.ascontiguousarray(array).reshape(-1)})
     body = {"model_name": model.name, "model_version": model.version, "outputs": tensors}
     if request.request_id is not None:
         body["id"] = request.request_id
@@ -316,14 +316,15 @@ def predict_response(model: ServedModel, outputs: dict[str, np.ndarray], request
         logits = outputs[model.signature.output_names[0]].astype(np.float64)
         shifted = np.exp(logits - logits.max(1, keepdims=True))
         probs = shifted / shifted.sum(1, keepdims=True)
-        items = [{"class": int(p.argmax()), "probabilities": [round(float(x), 6) for x in p]} for p in probs]
+        probs = probs.astype(np.float32)
+        items = [{"class": int(p.argmax()), "probabilities": p} for p in probs]
         return items[0] if request.single else {"predictions": items}
     if model.task == "embedding":
         emb = outputs[model.signature.output_names[0]]
         if request.single:
-            return {"embedding": emb[0].tolist()}
-        return {"embeddings": emb.tolist()}
-    named = {k: v.tolist() for k, v in outputs.items()}
+            return {"embedding": np.ascontiguousarray(emb[0])}
+        return {"embeddings": np.ascontiguousarray(emb)}
+    named = {k: np.ascontiguousarray(v) for k, v in outputs.items()}
     if request.single:
         return {k: v[0] for k, v in named.items()}
     return {"outputs": named}
