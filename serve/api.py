@@ -9,12 +9,15 @@ retried alone, so one request that breaks the runtime fails only itself.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import litserve as ls
 import numpy as np
+
+from kiln.serve.batching import stop_after_drain
 
 
 @dataclass
@@ -34,13 +37,12 @@ class Batch:
 
 
 class KilnAPI(ls.LitAPI):
-    def __init__(self, artifact_dir: str, variant: str | None, threads: int | None, state_dir: str,
+    def __init__(self, artifact_dir: str, variant: str | None, threads: int | None,
                  max_batch_size: int, loop) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=0.0, loop=loop, api_path="/_kiln/worker")
         self.artifact_dir = artifact_dir
         self.variant = variant
         self.threads = threads
-        self.state_dir = state_dir
 
     def setup(self, device) -> None:
         import torch
@@ -62,8 +64,7 @@ class KilnAPI(ls.LitAPI):
             self.tokenizer.enable_padding()
         # Warm-up: the first run allocates and picks kernels; pay that before reporting ready.
         self.predict(self.batch([WorkItem(*self._example(), time.time())]))
-        worker = os.environ.get("LITSERVE_WORKER_ID", "0")
-        Path(self.state_dir, f"worker-{worker}.pid").write_text(str(os.getpid()))
+        signal.signal(signal.SIGTERM, stop_after_drain)
 
     def _example(self):
         if self.tokenizer is not None:

@@ -1,88 +1,119 @@
 """Adaptive dynamic batching on LitServe's own loop: no request waits for a batch window.
 
-The loop also carries kiln's request and response channels: two `multiprocessing` queues (a pipe
-each) between the HTTP process and the workers. LitServe's default queues are Manager proxies,
-where every put and get is a round trip through a separate manager process; profiled under load
-here, those hops took more CPU than the HTTP layer. The loop's `get_batch_requests` and
-`put_response` are the extension points LitServe offers for exactly this.
-
 LitServe's BatchedLoop waits out `batch_timeout` unless the batch fills, so a lone request pays the
 whole window. Here the worker blocks only while idle: the first request is taken the moment it
 arrives; whatever queued up while the previous batch ran is drained at once (up to
 max_batch_size), as Triton's dynamic batcher does. The short `max_batch_delay` wait applies only
 when a backlog already exists (two or more requests gathered), i.e. under load, where it costs a
 little latency and buys fuller batches.
+
+Requests and answers travel on kiln's worker channel (serve.channel) rather than LitServe's Manager
+queues; `get_batch_requests` and `put_response` are the loop's extension points for that. On
+SIGTERM a worker keeps serving until the HTTP process has drained and closed the channel, so the
+requests in flight during a graceful shutdown are answered.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from queue import Empty
 
 from litserve.loops import BatchedLoop
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
-from litserve.utils import LitAPIStatus, LoopResponseType  # noqa: F401 - LoopResponseType: put_response's contract
+from litserve.utils import LitAPIStatus
+
+from kiln.serve.channel import WorkerChannel
 
 IDLE_POLL_S = 0.5
+STOPPING = threading.Event()
+
+
+def stop_after_drain(signum, frame) -> None:
+    """SIGTERM in a worker: finish what the HTTP process still sends, exit when it closes the channel."""
+    STOPPING.set()
 
 
 class AdaptiveBatchedLoop(BatchedLoop):
-    def __init__(self, max_batch_delay_s: float = 0.002, requests=None, responses=None) -> None:
+    def __init__(self, max_batch_delay_s: float = 0.002, channel_path: str | None = None) -> None:
         super().__init__()
         self.max_batch_delay_s = max_batch_delay_s
-        self.requests = requests  # multiprocessing.Queue of (0, uid, enqueued_monotonic, payload)
-        self.responses = responses  # multiprocessing.Queue of (uid, response, status)
+        self.channel_path = channel_path
+        self._channel: WorkerChannel | None = None
 
-    def put_response(self, transport, response_queue_id, uid, response_data, status, response_type) -> None:
-        if self.responses is None:
-            return super().put_response(transport, response_queue_id, uid, response_data, status, response_type)
-        if status == LitAPIStatus.START:
-            return None
-        self.responses.put((uid, response_data, status))
+    def _connected(self, request_queue) -> WorkerChannel | None:
+        if self._channel is not None:
+            return self._channel
+        channel = WorkerChannel(self.channel_path, os.environ.get("LITSERVE_WORKER_ID", "0"))
+        if channel.connect():
+            self._channel = channel
+            return channel
+        self._check_stop(request_queue)
+        time.sleep(0.05)  # the HTTP process is still starting
         return None
 
-    def _admit(self, item, lit_api, payloads: list, timed_out: list, transport) -> None:
-        if item == _SENTINEL_VALUE:
+    def _check_stop(self, request_queue) -> None:
+        """LitServe asks a worker to stop through its own queue; a SIGTERM with no channel also ends it."""
+        try:
+            if request_queue.get_nowait() == _SENTINEL_VALUE:
+                raise _StopLoopError()
+        except Empty:
+            pass
+        if STOPPING.is_set() and self._channel is None:
             raise _StopLoopError()
-        response_queue_id, uid, enqueued, x_enc = item
+
+    def put_response(self, transport, response_queue_id, uid, response_data, status, response_type) -> None:
+        if status == LitAPIStatus.START or self._channel is None:
+            return
+        try:
+            self._channel.send((uid, response_data, status))
+        except OSError:  # the HTTP process is gone; its requests are lost with it
+            self._channel.close()
+            self._channel = None
+
+    def _admit(self, item, lit_api, payloads: list, timed_out: list) -> None:
+        _, uid, enqueued, x_enc = item
         timeout = lit_api.request_timeout
         if timeout not in (-1, False, None) and time.monotonic() - enqueued > timeout:
-            timed_out.append((response_queue_id, uid))
+            timed_out.append((0, uid))  # LitServe's loop answers these 504 through put_response
             return
-        if self._restart_workers:  # lets LitServe fail this request promptly if the worker dies
-            self.put_response(transport, response_queue_id, uid, "", LitAPIStatus.START, LoopResponseType.REGULAR)
-        payloads.append((response_queue_id, uid, x_enc))
+        payloads.append((0, uid, x_enc))
+
+    def _receive(self, timeout: float):
+        try:
+            return self._channel.recv(timeout)
+        except (ConnectionError, OSError):
+            self._channel.close()
+            self._channel = None
+            if STOPPING.is_set():
+                raise _StopLoopError() from None
+            return None
 
     def get_batch_requests(self, lit_api, request_queue, transport):
         payloads: list = []
         timed_out: list = []
-        source = self.requests if self.requests is not None else request_queue
-        try:
-            item = source.get(timeout=IDLE_POLL_S)  # idle: block until the first request
-        except Empty:
-            if source is not request_queue:  # LitServe asks a worker to stop through its own queue
-                try:
-                    if request_queue.get_nowait() == _SENTINEL_VALUE:
-                        raise _StopLoopError()
-                except Empty:
-                    pass
+        if self._connected(request_queue) is None:
             return [], []
-        self._admit(item, lit_api, payloads, timed_out, transport)
+        item = self._receive(IDLE_POLL_S)  # idle: block until the first request
+        if item is None:
+            self._check_stop(request_queue)
+            return [], []
+        self._admit(item, lit_api, payloads, timed_out)
         deadline = None
-        while len(payloads) < lit_api.max_batch_size:
-            try:
-                item = source.get_nowait()  # what arrived while the last batch ran
-            except Empty:
-                if len(payloads) < 2 or self.max_batch_delay_s <= 0:
+        while len(payloads) < lit_api.max_batch_size and self._channel is not None:
+            item = self._receive(0.0)  # what arrived while the last batch ran
+            if item is None:
+                if len(payloads) < 2 or self.max_batch_delay_s <= 0 or self._channel is None:
                     break
                 if deadline is None:
                     deadline = time.monotonic() + self.max_batch_delay_s
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                try:
-                    item = source.get(timeout=remaining)
-                except Empty:
+                item = self._receive(remaining)
+                if item is None:
                     break
-            self._admit(item, lit_api, payloads, timed_out, transport)
+            self._admit(item, lit_api, payloads, timed_out)
         return payloads, timed_out
+

@@ -91,12 +91,17 @@ def _to_array(data: Any, spec: TensorSpec, where: str, expected: Any) -> np.ndar
     if array.dtype == object or array.dtype.kind not in "biuf":
         raise RequestError(f"{where} must hold numbers of one nesting depth", expected=expected)
     if spec.dtype.startswith("float"):
-        if not np.all(np.isfinite(array.astype(np.float64))):
-            raise RequestError(f"{where} holds NaN or infinity, which {spec.name!r} does not allow", expected=expected)
-        array = array.astype(np.float32)
+        # Checked after the cast: a finite JSON number past float32's range (1e300) becomes infinity there.
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = array.astype(np.float32)
+        if not np.all(np.isfinite(array)):
+            raise RequestError(f"{where} holds NaN, infinity or a number beyond float32's range, which "
+                               f"{spec.name!r} does not allow", expected=expected)
     elif spec.dtype.startswith("int"):
         if array.dtype.kind == "f":
             raise RequestError(f"{where} must hold integers for {spec.name!r} ({spec.dtype})", expected=expected)
+        if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+            raise RequestError(f"{where} holds an integer beyond int64's range", expected=expected)
         array = array.astype(np.int64)
     return array
 

@@ -1,19 +1,19 @@
 """HTTP routes: `/predict`, the Open Inference Protocol (KServe V2), health and `/metrics`.
 
 They run in the HTTP process. A request is parsed and validated here (serve.protocol) and only a
-valid one is queued for the inference worker, through LitServe's own request queue and response
-buffer. The wait for the answer is bounded (504 after --timeout) and notices a dead worker (503),
-so no client hangs on a request that cannot be answered.
+valid one is sent to an inference worker (WorkerGateway). The wait for the answer is bounded (504
+after --timeout) and ends at once if the worker dies (503), so no client hangs on a request that
+cannot be answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import threading
 import time
 import uuid
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 import orjson
@@ -21,91 +21,111 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from litserve.utils import LitAPIStatus
 
 from kiln.serve.api import WorkItem
+from kiln.serve.channel import encode, read_frame
 from kiln.serve.protocol import RequestError, ServedModel, parse_predict, parse_v2, predict_response, v2_response
 
 JSON_TYPES = ("application/json", "")
-LIVENESS_POLL_S = 0.25
+
+
+@dataclass
+class _Worker:
+    name: str
+    pid: int
+    writer: asyncio.StreamWriter
+    in_flight: set = field(default_factory=set)
+
+
+class WorkerLost(Exception):
+    """The worker running a request died; the request is answered 503 at once."""
 
 
 class WorkerGateway:
-    """Queues work for the inference workers and waits for the answer, with a deadline.
+    """Sends work to the inference workers over serve.channel and waits for the answer, with a deadline.
 
-    Requests go out on the batching loop's request queue; answers come back on its response queue,
-    read by one thread in this process that wakes the waiting request on the event loop.
+    Runs in the HTTP process, on its event loop: no threads and no locks. Each worker connects on
+    start (and again after LitServe restarts it); a request goes to the worker with the fewest in
+    flight. When a worker's connection closes, its requests fail with 503 immediately, and the
+    server reports not-ready until the restarted worker connects.
     """
 
-    def __init__(self, requests, responses, state_dir: str, workers: int, timeout_s: float) -> None:
-        self.requests = requests
-        self.responses = responses
-        self.state_dir = Path(state_dir)
-        self.workers = workers
+    def __init__(self, channel_path: str, workers: int, timeout_s: float) -> None:
+        self.channel_path = channel_path
+        self.expected = workers
         self.timeout_s = timeout_s
-        self._ready = False
-        self._checked_at = -1.0
-        self._pending: dict[str, asyncio.Future] = {}
-        self._reader_pid = None
-        self._loop = None
+        self.workers: dict[str, _Worker] = {}
+        self.pending: dict[str, asyncio.Future] = {}
+        self._server = None
 
-    def worker_pids(self) -> list[int]:
-        pids = []
-        for path in self.state_dir.glob("worker-*.pid"):
-            try:
-                pids.append(int(path.read_text()))
-            except (OSError, ValueError):
-                continue
-        return pids
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.channel_path)
+        self._server = await asyncio.start_unix_server(self._serve_worker, path=self.channel_path)
+        os.chmod(self.channel_path, 0o600)
 
-    def ready(self, max_age_s: float = 0.1) -> bool:
-        """Every worker has finished setup and is alive (cached briefly: it is asked on every request)."""
-        now = time.monotonic()
-        if now - self._checked_at > max_age_s:
-            pids = self.worker_pids()
-            self._ready = len(pids) >= self.workers and all(_alive(pid) for pid in pids)
-            self._checked_at = now
-        return self._ready
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for worker in list(self.workers.values()):
+            worker.writer.close()
 
-    def _start_reader(self) -> None:
-        """Threads do not survive the fork into the HTTP process: start the reader there, on first use."""
-        if self._reader_pid == os.getpid():
+    def ready(self) -> bool:
+        return len(self.workers) >= self.expected
+
+    async def _serve_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            hello = await read_frame(reader)
+        except (asyncio.IncompleteReadError, ConnectionError, EOFError):
+            writer.close()
             return
-        self._reader_pid = os.getpid()
-        self._loop = asyncio.get_running_loop()
-        threading.Thread(target=self._read, name="kiln-responses", daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                uid, response, status = self.responses.get()
-            except (EOFError, OSError):
-                return
-            future = self._pending.pop(uid, None)
-            if future is not None:
-                self._loop.call_soon_threadsafe(_resolve, future, (response, status))
-
-    async def submit(self, item: WorkItem):
-        if not self.ready():
-            raise RequestError("the inference worker is not ready (starting or restarting); retry shortly", 503)
-        self._start_reader()
-        uid = uuid.uuid4().hex
-        future = self._loop.create_future()
-        self._pending[uid] = future
-        self.requests.put((0, uid, time.monotonic(), item))
-        deadline = time.monotonic() + self.timeout_s + 1.0
+        worker = _Worker(str(hello["worker"]), int(hello["pid"]), writer)
+        previous = self.workers.get(worker.name)
+        if previous is not None:
+            self._lost(previous)
+        self.workers[worker.name] = worker
         try:
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RequestError(f"no answer within {self.timeout_s:g}s; the server is overloaded or the "
-                                       "request too large, retry later or with fewer items", 504)
-                try:
-                    response, status = await asyncio.wait_for(asyncio.shield(future), min(LIVENESS_POLL_S, remaining))
-                    break
-                except asyncio.TimeoutError:
-                    if not self.ready(max_age_s=0):
-                        raise RequestError("the inference worker stopped while running this request; it is being "
-                                           "restarted, retry shortly", 503) from None
+                uid, response, status = await read_frame(reader)
+                worker.in_flight.discard(uid)
+                future = self.pending.pop(uid, None)
+                if future is not None and not future.done():
+                    future.set_result((response, status))
+        except (asyncio.IncompleteReadError, ConnectionError, EOFError):
+            pass
         finally:
-            self._pending.pop(uid, None)
+            if self.workers.get(worker.name) is worker:
+                del self.workers[worker.name]
+            self._lost(worker)
+            writer.close()
+
+    def _lost(self, worker: _Worker) -> None:
+        for uid in list(worker.in_flight):
+            future = self.pending.pop(uid, None)
+            if future is not None and not future.done():
+                future.set_exception(WorkerLost())
+        worker.in_flight.clear()
+
+    async def submit(self, item: WorkItem):
+        if not self.workers:
+            raise RequestError("the inference worker is not ready (starting or restarting); retry shortly", 503)
+        worker = min(self.workers.values(), key=lambda w: len(w.in_flight))
+        uid = uuid.uuid4().hex
+        future = asyncio.get_running_loop().create_future()
+        self.pending[uid] = future
+        worker.in_flight.add(uid)
+        try:
+            worker.writer.write(encode((0, uid, time.monotonic(), item)))
+            if worker.writer.transport.get_write_buffer_size() > 8 << 20:
+                await worker.writer.drain()
+            response, status = await asyncio.wait_for(future, self.timeout_s + 1.0)
+        except asyncio.TimeoutError:
+            raise RequestError(f"no answer within {self.timeout_s:g}s; the server is overloaded or the request too "
+                               "large, retry later or with fewer items", 504) from None
+        except (WorkerLost, ConnectionError):
+            raise RequestError("the inference worker stopped while running this request; it is being restarted, "
+                               "retry shortly", 503) from None
+        finally:
+            self.pending.pop(uid, None)
+            worker.in_flight.discard(uid)
         if status != LitAPIStatus.OK:
             detail = _error_detail(response)
             if detail is not None and detail[0] == 504:
@@ -117,11 +137,6 @@ class WorkerGateway:
         return response
 
 
-def _resolve(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
 def _error_detail(response):
     import pickle
 
@@ -130,20 +145,6 @@ def _error_detail(response):
         return getattr(error, "status_code", None), getattr(error, "detail", None)
     except Exception:  # noqa: BLE001 - an unreadable error is a plain failure
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 class FastJSONResponse(Response):

@@ -7,6 +7,7 @@ stop (stop accepting, finish what is in flight, exit with the whole process grou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -93,13 +94,9 @@ def build_server(config: ServeConfig, state_dir: str):
     model = served_model(manifest, variant, config.max_items)
     key = api_key(config)
     metrics = Metrics(model.name)
-    import multiprocessing as mp
-
-    context = mp.get_context("spawn")  # LitServe spawns its workers: the queues must be made for that
-    requests, responses = context.Queue(), context.Queue()
-    loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, requests, responses)
-    api = KilnAPI(os.path.abspath(config.artifact_dir), variant["name"], config.threads, state_dir,
-                  config.max_batch_size, loop)
+    channel_path = os.path.join(state_dir, "workers.sock")
+    loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path)
+    api = KilnAPI(os.path.abspath(config.artifact_dir), variant["name"], config.threads, config.max_batch_size, loop)
     middlewares = [(BodyLimitMiddleware, {"max_bytes": config.max_body_bytes})]
     if key:
         middlewares.append((ApiKeyMiddleware, {"api_key": key}))
@@ -114,7 +111,19 @@ def build_server(config: ServeConfig, state_dir: str):
     )
     # The worker's own LitServe route is internal: everything public goes through kiln's validated routes.
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != INTERNAL_PATH]
-    gateway = WorkerGateway(requests, responses, state_dir, config.workers, config.timeout_s)
+    gateway = WorkerGateway(channel_path, config.workers, config.timeout_s)
+    litserve_lifespan = server.app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):  # the gateway lives in the HTTP process, started with it
+        await gateway.start()
+        try:
+            async with litserve_lifespan(app):
+                yield
+        finally:
+            await gateway.stop()
+
+    server.app.router.lifespan_context = lifespan
     from importlib.metadata import version
 
     add_routes(server.app, model, gateway, metrics, version("kiln"))
