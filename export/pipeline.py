@@ -64,16 +64,32 @@ def check_output_folder(out: Path, force: bool) -> None:
         raise UsageError(f"folder {str(parent)!r} is not writable; choose a writable --out")
 
 
+def remove_stale_staging(out: Path) -> None:
+    """Staging folders of exports that were killed (their pid is gone) are removed on the next run."""
+    for folder in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int(folder.name[len(f".{out.name}.tmp-"):].split("-", 1)[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 @contextlib.contextmanager
 def _folder_lock(out: Path):
-    """Serializes the final swap when two exports target the same folder."""
-    lock_path = out.parent / f".{out.name}.lock"
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Serializes the final swap when two exports target the same folder (a lock on the parent folder
+    itself, so no lock file is left behind)."""
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _publish(staging: Path, out: Path, force: bool) -> None:
@@ -87,8 +103,6 @@ def _publish(staging: Path, out: Path, force: bool) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(staging, out)
-    with contextlib.suppress(OSError):
-        (out.parent / f".{out.name}.lock").unlink()
 
 
 def _torch_inputs(bundle: ModelBundle, batch: int) -> tuple:
@@ -121,7 +135,8 @@ def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool
     out = Path(out).absolute()
     check_output_folder(out, force)
     torch.manual_seed(recipe.seed)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     scratch = staging / ".scratch"
     scratch.mkdir()
     started = time.perf_counter()
@@ -304,7 +319,3 @@ def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            lock = out.parent / f".{out.name}.lock"
-            if lock.exists() and not any(out.parent.glob(f".{out.name}.tmp-*")):
-                lock.unlink()

@@ -66,6 +66,8 @@ class AdaptiveBatchedLoop(BatchedLoop):
     def put_response(self, transport, response_queue_id, uid, response_data, status, response_type) -> None:
         if status == LitAPIStatus.START or self._channel is None:
             return
+        if status != LitAPIStatus.OK:  # only the HTTP status of a failure crosses over, never an exception object
+            response_data = {"status_code": getattr(response_data, "status_code", 500)}
         try:
             self._channel.send((uid, response_data, status))
         except OSError:  # the HTTP process is gone; its requests are lost with it

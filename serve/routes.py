@@ -127,24 +127,13 @@ class WorkerGateway:
             self.pending.pop(uid, None)
             worker.in_flight.discard(uid)
         if status != LitAPIStatus.OK:
-            detail = _error_detail(response)
-            if detail is not None and detail[0] == 504:
+            if response.get("status_code") == 504:
                 raise RequestError(f"waited over {self.timeout_s:g}s in the queue; the server is overloaded, "
                                    "retry later", 504)
             raise RequestError("the inference worker failed on this request", 500)
         if "__error__" in response["outputs"]:
             raise RequestError(response["outputs"]["__error__"], 500)
         return response
-
-
-def _error_detail(response):
-    import pickle
-
-    try:
-        error = pickle.loads(response) if isinstance(response, bytes) else response
-        return getattr(error, "status_code", None), getattr(error, "detail", None)
-    except Exception:  # noqa: BLE001 - an unreadable error is a plain failure
-        return None
 
 
 class FastJSONResponse(Response):

@@ -135,8 +135,14 @@ def serve(config: ServeConfig) -> None:
     try:
         server, model, variant = build_server(config, state_dir)
 
-        def stop(signum, frame):  # SIGTERM: the same graceful path as Ctrl-C
-            raise KeyboardInterrupt
+        main_pid = os.getpid()
+
+        def stop(signum, frame):
+            """SIGTERM: the same graceful path as Ctrl-C in the main process. The HTTP process inherits this
+            handler but has its own (uvicorn's), which re-raises the signal once it has drained: exit quietly."""
+            if os.getpid() == main_pid:
+                raise KeyboardInterrupt
+            raise SystemExit(0)
 
         signal.signal(signal.SIGTERM, stop)
         print(f"kiln: serving {model.name} ({variant['name']}) on http://{config.host}:{config.port} "
