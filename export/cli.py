@@ -189,6 +189,13 @@ def print_report(manifest) -> None:
         note = (v.get("pruning") or {}).get("note")
         if note:
             print(f"note: {v['name']}: {note}")
+    if any(v["precision"] == "bf16" for v in manifest.data["variants"]):
+        from kiln.export.bench import machine_info
+
+        isa = machine_info()["isa"]
+        if not (isa.get("avx512_bf16") or isa.get("amx_bf16")):
+            print("note: this CPU has neither AVX512-BF16 nor AMX: bf16 runs emulated here and is slower than fp32; "
+                  "`kiln bench` measures how much")
 
 
 def main_guard(handler, args) -> int:
