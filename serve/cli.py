@@ -86,6 +86,8 @@ def add_serve_parser(subparsers) -> None:
                         help="seconds before a request is answered 504")
     parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     parser.add_argument("--max-items", type=int, default=64, help="items per request at most")
+    parser.add_argument("--body-timeout", type=float, default=10.0, dest="body_timeout_s",
+                        help="seconds a request body may take to arrive (then 408)")
     parser.add_argument("--log-level", default="warning")
     parser.set_defaults(handler=run_serve_command)
 
@@ -97,7 +99,8 @@ def run_serve_command(args) -> int:
         artifact_dir=args.artifact_dir, variant=args.variant, host=args.host, port=args.port,
         max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms, workers=args.workers,
         threads=args.threads, api_key_env=args.api_key_env, timeout_s=args.timeout_s,
-        max_body_bytes=args.max_body_bytes, max_items=args.max_items, log_level=args.log_level)
+        max_body_bytes=args.max_body_bytes, max_items=args.max_items, body_timeout_s=args.body_timeout_s,
+        log_level=args.log_level)
     serve(config)
     return 0
 

@@ -8,6 +8,7 @@ inference route slips past.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -55,10 +56,28 @@ class ApiKeyMiddleware:
         return await self.app(scope, receive, send)
 
 
+class PathNormalizer:
+    """`/predict/` and `//predict` reach `/predict` directly: no redirect that echoes the client's Host."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path = scope["path"]
+            clean = "/" + "/".join(p for p in path.split("/") if p)
+            if clean != path:
+                scope = {**scope, "path": clean, "raw_path": clean.encode()}
+        return await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app, max_bytes: int) -> None:
+    """Refuses bodies over the limit (413) and bodies that trickle in too slowly (408), without buffering them."""
+
+    def __init__(self, app, max_bytes: int, read_timeout_s: float = 10.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -77,7 +96,10 @@ class BodyLimitMiddleware:
 
         async def limited_receive():
             nonlocal received
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except asyncio.TimeoutError:
+                raise _BodyTooSlow() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
@@ -95,9 +117,18 @@ class BodyLimitMiddleware:
         except _BodyTooLarge:
             if not started:
                 await send_json(send, 413, too_large)
+        except _BodyTooSlow:
+            if not started:
+                await send_json(send, 408, {"error": f"the request body did not arrive within "
+                                                     f"{self.read_timeout_s:g}s; send it whole, at once"},
+                                [(b"connection", b"close")])
 
 
 class _BodyTooLarge(Exception):
+    pass
+
+
+class _BodyTooSlow(Exception):
     pass
 
 

@@ -90,6 +90,8 @@ def _to_array(data: Any, spec: TensorSpec, where: str, expected: Any) -> np.ndar
         raise RequestError(f"{where} is ragged or not numeric ({exc})", expected=expected) from None
     if array.dtype == object or array.dtype.kind not in "biuf":
         raise RequestError(f"{where} must hold numbers of one nesting depth", expected=expected)
+    if array.dtype.kind == "b" and spec.dtype != "bool":
+        raise RequestError(f"{where} holds booleans; {spec.name!r} takes {spec.dtype} numbers", expected=expected)
     if spec.dtype.startswith("float"):
         # Checked after the cast: a finite JSON number past float32's range (1e300) becomes infinity there.
         with np.errstate(over="ignore", invalid="ignore"):

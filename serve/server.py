@@ -33,6 +33,7 @@ class ServeConfig:
     timeout_s: float = 30.0
     max_body_bytes: int = 8 * 1024 * 1024
     max_items: int = 64
+    body_timeout_s: float = 10.0
     log_level: str = "warning"
 
     def __post_init__(self) -> None:
@@ -48,6 +49,8 @@ class ServeConfig:
             raise UsageError("--max-batch-delay-ms must lie in 0..1000")
         if self.timeout_s <= 0:
             raise UsageError("--timeout must be positive (seconds)")
+        if self.body_timeout_s <= 0:
+            raise UsageError("--body-timeout must be positive (seconds)")
         if self.max_body_bytes < 1024:
             raise UsageError("--max-body-bytes must be at least 1024")
 
@@ -84,7 +87,7 @@ def build_server(config: ServeConfig, state_dir: str):
     from kiln.export.manifest import read_manifest
     from kiln.serve.api import KilnAPI
     from kiln.serve.batching import AdaptiveBatchedLoop
-    from kiln.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+    from kiln.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, PathNormalizer
     from kiln.serve.metrics import Metrics
     from kiln.serve.routes import WorkerGateway, add_routes
 
@@ -97,10 +100,11 @@ def build_server(config: ServeConfig, state_dir: str):
     channel_path = os.path.join(state_dir, "workers.sock")
     loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path)
     api = KilnAPI(os.path.abspath(config.artifact_dir), variant["name"], config.threads, config.max_batch_size, loop)
-    middlewares = [(BodyLimitMiddleware, {"max_bytes": config.max_body_bytes})]
+    middlewares = [(BodyLimitMiddleware, {"max_bytes": config.max_body_bytes, "read_timeout_s": config.body_timeout_s})]
     if key:
         middlewares.append((ApiKeyMiddleware, {"api_key": key}))
-    middlewares.append((MetricsMiddleware, {"metrics": metrics}))  # outermost: counts 401s and 413s too
+    middlewares.append((MetricsMiddleware, {"metrics": metrics}))  # counts 401s and 413s too
+    middlewares.append(PathNormalizer)  # outermost: auth and routing see one spelling of each path
     server = ls.LitServer(
         api,
         accelerator="cpu",

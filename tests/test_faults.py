@@ -248,7 +248,7 @@ def test_every_spelling_of_an_inference_route_needs_the_key(digits_artifacts):
             for headers in ({"Authorization": f"Bearer {key}"}, {"X-API-Key": key}):
                 ok = client.post("/predict", json=ONE, headers=headers)
                 assert ok.status_code == 200
-                ok = client.post("/predict/", json=ONE, headers=headers, follow_redirects=True)
+                ok = client.post("/predict/", json=ONE, headers=headers)  # served directly, no redirect
                 assert ok.status_code == 200
                 ok = client.post("/v2/models/digits/versions/1/infer", headers=headers, json={"inputs": [
                     {"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32",
@@ -258,5 +258,24 @@ def test_every_spelling_of_an_inference_route_needs_the_key(digits_artifacts):
                           {"Authorization": key}):
                 assert client.post("/predict", json=ONE, headers=wrong).status_code == 401
         assert key not in server.log_path.read_text()
+    finally:
+        server.stop()
+
+
+def test_a_body_that_trickles_in_gets_408_and_frees_the_connection(digits_artifacts):
+    import socket
+
+    server = ServerProcess(digits_artifacts, "--body-timeout", "1").wait_ready()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{}")
+            t0 = time.monotonic()
+            answer = sock.recv(4096)
+            assert time.monotonic() - t0 < 8
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert "did not arrive" in json.loads(body)["error"]
+        assert httpx.post(f"{server.url}/predict", json=ONE).status_code == 200
     finally:
         server.stop()

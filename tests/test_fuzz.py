@@ -526,7 +526,9 @@ PATH_TRICKS = [  # request targets as they go on the wire: no client normalizes 
     (b"/v2/models/digits/../nope/infer", 404), (b"/v2/models/nope/../digits/ready", 404),
     (b"/v2/models/..%2F..%2Fetc%2Fpasswd/infer", 404), (b"/v2/models/%00/infer", 404),
     (b"/v2/models/%ff%fe/infer", 404), (b"/v2/models/%C0%AE%C0%AE/infer", 404),
-    (b"/v2/models//infer", 404), (b"/v2/models/digits//infer", 404), (b"//v2/models/digits/infer", 404),
+    # Repeated slashes are merged before routing and auth (as nginx's merge_slashes does): the first is then
+    # /v2/models/infer (a metadata route: POST is 405), the other two are the infer route itself.
+    (b"/v2/models//infer", 405), (b"/v2/models/digits//infer", 200), (b"//v2/models/digits/infer", 200),
     (b"/v2/models/digits/versions/2/infer", 404), (b"/v2/models/digits/versions/../infer", 404),
     (b"/v2/models/digits/versions/1/../../nope/infer", 404), (b"/v2/models/" + b"a" * 8000 + b"/infer", 404),
     (b"/v2/models/%F0%9F%99%82/infer", 404), (b"/v2/models/digits/infer/extra", 404),

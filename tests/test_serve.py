@@ -91,6 +91,7 @@ BAD_CASES = [
     ("wrong input name", "/predict", json.dumps({"picture": [[0] * 8] * 8}).encode(), "application/json", 422),
     ("wrong shape", "/predict", json.dumps({"image": [[0] * 7] * 8}).encode(), "application/json", 422),
     ("ragged", "/predict", json.dumps({"image": [[0] * 8, [0] * 7]}).encode(), "application/json", 422),
+    ("booleans", "/predict", json.dumps({"image": [[True] * 8] * 8}).encode(), "application/json", 422),
     ("strings", "/predict", json.dumps({"image": [["a"] * 8] * 8}).encode(), "application/json", 422),
     ("nan", "/predict", b'{"image": [[NaN, 0, 0, 0, 0, 0, 0, 0]]}', "application/json", 400),
     ("infinity", "/predict", json.dumps({"inputs": {"image": [[[[1e999] * 8] * 8]]}}).encode(),
