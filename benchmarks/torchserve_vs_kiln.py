@@ -2,8 +2,9 @@
 
 TorchServe runs from its own virtual environment (benchmarks/.venv-torchserve, made on first use: torchserve and
 torch-model-archiver from PyPI, torch==2.13.0 from this machine's wheel) so it never becomes a dependency of kiln.
-Each TorchServe configuration is tried and the best is kept; kiln runs with its defaults. Both serve the traced
-TorchScript digits model (the same file), and kiln also its default ONNX variant.
+Each TorchServe configuration is tried and the best is kept, and so for kiln (its batching at the defaults). Both serve the
+traced TorchScript digits model (the same file); kiln also serves the same weights as its ONNX Runtime variant, which
+is what `kiln export` makes of the model. TorchServe's workers run one torch thread each (OMP_NUM_THREADS).
 
     python benchmarks/torchserve_vs_kiln.py --requests 3000 --concurrency 32
 """
@@ -32,6 +33,9 @@ from server_process import ServerProcess, free_port  # noqa: E402
 from kiln.serve.loadtest import run_level  # noqa: E402
 
 TS_VENV = ROOT / "benchmarks" / ".venv-torchserve"
+KILN_CONFIGS = [  # (variant, threads per worker, workers); kiln's batching settings stay at their defaults
+    ("torchscript-fp32", 1, 1), ("onnx-fp32", 1, 1), ("onnx-fp32", 2, 1), ("onnx-fp32", 1, 2),
+]
 TS_CONFIGS = [  # (batch_size, max_batch_delay_ms, workers)
     (1, 0, 1), (1, 0, 2), (16, 5, 1), (32, 2, 1), (16, 5, 2),
 ]
@@ -58,6 +62,7 @@ def run_torchserve(bin_dir: Path, store: Path, batch: int, delay_ms: int, worker
     (work / "config.properties").write_text(
         f"inference_address=http://127.0.0.1:{port}\nmanagement_address=http://127.0.0.1:{mport}\n"
         f"metrics_address=http://127.0.0.1:{free_port()}\ndisable_token_authorization=true\nenable_model_api=true\n"
+        f"load_models=digits.mar\n"
         f"default_workers_per_model={workers}\nmodel_store={store}\ndisable_system_metrics=true\n"
         f"models={{\"digits\": {{\"1.0\": {{\"marName\": \"digits.mar\", \"minWorkers\": {workers}, "
         f"\"maxWorkers\": {workers}, \"batchSize\": {batch}, \"maxBatchDelay\": {delay_ms}}}}}}}\n")
@@ -88,8 +93,9 @@ def run_torchserve(bin_dir: Path, store: Path, batch: int, delay_ms: int, worker
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_kiln(artifacts: Path, variant: str, bodies, args) -> dict:
-    server = ServerProcess(artifacts, "--variant", variant, "--threads", str(args.threads)).wait_ready()
+def run_kiln(artifacts: Path, variant: str, threads: int, workers: int, bodies, args) -> dict:
+    server = ServerProcess(artifacts, "--variant", variant, "--threads", str(threads),
+                           "--workers", str(workers)).wait_ready()
     try:
         asyncio.run(run_level(server.url, args.concurrency, bodies, 200, None, 30, 30, {}))  # warm-up
         return asyncio.run(run_level(server.url, args.concurrency, bodies, args.requests, None, 120, 30, {}))
@@ -101,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per TorchServe worker")
     parser.add_argument("--artifacts", type=Path, default=Path("/tmp/kiln-bench/digits"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "torchserve_vs_kiln.json")
     args = parser.parse_args()
@@ -115,10 +121,11 @@ def main() -> None:
     bodies = [("/predict", {"inputs": {"image": images[i:i + 1].tolist()}}) for i in range(64)]
     results = {"concurrency": args.concurrency, "requests": args.requests, "threads": args.threads,
                "kiln": {}, "torchserve": {}}
-    for variant in ("torchscript-fp32", "onnx-fp32"):
-        r = run_kiln(args.artifacts, variant, bodies, args)
-        results["kiln"][variant] = r
-        print(f"kiln {variant}: {r['requests_per_s']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, errors {r['error_count']}")
+    for variant, threads, workers in KILN_CONFIGS:
+        r = run_kiln(args.artifacts, variant, threads, workers, bodies, args)
+        results["kiln"][f"{variant}-threads{threads}-workers{workers}"] = r
+        print(f"kiln {variant} threads {threads} workers {workers}: {r['requests_per_s']:.0f} req/s, "
+              f"p50 {r['p50_ms']:.1f} ms, errors {r['error_count']}")
     bin_dir = ensure_torchserve()
     store = Path(tempfile.mkdtemp(prefix="ts-store-"))
     archive(bin_dir, args.artifacts / "torchscript-fp32.pt", store)

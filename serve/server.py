@@ -113,6 +113,11 @@ def build_server(config: ServeConfig, state_dir: str):
         middlewares=middlewares,
         restart_workers=True,
     )
+    # LitServe gzips every response over 1 KB; embeddings and logits barely compress, and the wrapper costs
+    # every request a layer: kiln answers uncompressed.
+    from starlette.middleware.gzip import GZipMiddleware
+
+    server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
     # The worker's own LitServe route is internal: everything public goes through kiln's validated routes.
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != INTERNAL_PATH]
     gateway = WorkerGateway(channel_path, config.workers, config.timeout_s)
