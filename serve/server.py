@@ -89,7 +89,7 @@ def build_server(config: ServeConfig, state_dir: str):
     from kiln.serve.batching import AdaptiveBatchedLoop
     from kiln.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, PathNormalizer
     from kiln.serve.metrics import Metrics
-    from kiln.serve.routes import WorkerGateway, add_routes
+    from kiln.serve.routes import Inference, InferenceFastPath, WorkerGateway, add_routes
 
     manifest = read_manifest(config.artifact_dir)
     variant = manifest.variant(config.variant)
@@ -100,7 +100,10 @@ def build_server(config: ServeConfig, state_dir: str):
     channel_path = os.path.join(state_dir, "workers.sock")
     loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path)
     api = KilnAPI(os.path.abspath(config.artifact_dir), variant["name"], config.threads, config.max_batch_size, loop)
-    middlewares = [(BodyLimitMiddleware, {"max_bytes": config.max_body_bytes, "read_timeout_s": config.body_timeout_s})]
+    gateway = WorkerGateway(channel_path, config.workers, config.timeout_s)
+    inference = Inference(model, gateway, metrics)
+    middlewares = [(InferenceFastPath, {"inference": inference}),  # innermost: after auth, limits and metrics
+                   (BodyLimitMiddleware, {"max_bytes": config.max_body_bytes, "read_timeout_s": config.body_timeout_s})]
     if key:
         middlewares.append((ApiKeyMiddleware, {"api_key": key}))
     middlewares.append((MetricsMiddleware, {"metrics": metrics}))  # counts 401s and 413s too
@@ -120,7 +123,6 @@ def build_server(config: ServeConfig, state_dir: str):
     server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
     # The worker's own LitServe route is internal: everything public goes through kiln's validated routes.
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != INTERNAL_PATH]
-    gateway = WorkerGateway(channel_path, config.workers, config.timeout_s)
     litserve_lifespan = server.app.router.lifespan_context
 
     @contextlib.asynccontextmanager
@@ -135,7 +137,7 @@ def build_server(config: ServeConfig, state_dir: str):
     server.app.router.lifespan_context = lifespan
     from importlib.metadata import version
 
-    add_routes(server.app, model, gateway, metrics, version("kiln"))
+    add_routes(server.app, model, gateway, inference, version("kiln"))
     return server, model, variant
 
 
