@@ -122,7 +122,10 @@ def build_server(config: ServeConfig, state_dir: str):
 
     server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
     # The worker's own LitServe route is internal: everything public goes through kiln's validated routes.
-    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != INTERNAL_PATH]
+    # LitServe's /info (its configuration) and FastAPI's /docs and /redoc (which load scripts from a CDN) are not
+    # part of kiln's surface either; /openapi.json stays, for clients and fuzzers.
+    hidden = {INTERNAL_PATH, "/info", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) not in hidden]
     litserve_lifespan = server.app.router.lifespan_context
 
     @contextlib.asynccontextmanager
