@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from kiln.export.manifest import library_versions
 from kiln.models.errors import BenchmarkError, KilnError, ManifestError, RuntimeUnavailable, UsageError
 
 EAGER = "eager-fp32"
@@ -41,7 +42,6 @@ OUTPUT_NAMES = ("bench.json", "bench.csv", "bench.png")
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 # The module each runtime imports; checked before any measuring so a missing one fails fast.
 RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "torchscript": "torch"}
-LIBRARIES = ("kiln", "torch", "onnxruntime", "onnx", "numpy")
 
 Progress = Callable[[str], None]
 
@@ -123,19 +123,6 @@ def machine_info() -> dict:
         "usable_cpus": default_threads(),
         "platform": platform.platform(),
     }
-
-
-def library_versions() -> dict:
-    """Installed versions, read from package metadata so the parent never imports torch."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found: dict = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def preflight(folder: Path, settings: BenchSettings, writing: bool) -> tuple[object, list[str]]:

@@ -23,6 +23,23 @@ REQUIRED_KEYS = ("schema_version", "model", "task", "signature", "preprocessing"
 VARIANT_KEYS = ("name", "file", "format", "runtime", "precision", "pruning", "quantization", "bytes", "sha256")
 
 
+LIBRARIES = ("kiln", "torch", "onnxruntime", "onnx", "numpy")
+
+
+def library_versions() -> dict:
+    """Installed versions, read from package metadata (no import of torch or onnxruntime needed)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -11,7 +11,6 @@ import contextlib
 import datetime as dt
 import fcntl
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from kiln.export import verify
-from kiln.export.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, sha256_file
+from kiln.export.manifest import SCHEMA_VERSION, Manifest, library_versions, sha256_file
 from kiln.export.recipe import Recipe
 from kiln.models.base import ModelBundle
 from kiln.models.errors import ExportError, KilnError, UsageError, VerificationError
@@ -32,22 +31,6 @@ Progress = Callable[[str], None]
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def versions() -> dict:
-    import onnx
-    import onnxruntime
-    import torch
-
-    from importlib.metadata import version
-
-    return {
-        "kiln": version("kiln"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
 
 
 def check_output_folder(out: Path, force: bool) -> None:
@@ -298,7 +281,7 @@ def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool
             "variants": entries,
             "default_variant": default,
             "files": files,
-            "versions": versions(),
+            "versions": library_versions(),
             "recipe": recipe.to_dict(),
             "export_seconds": round(time.perf_counter() - started, 1),
         }

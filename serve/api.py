@@ -51,6 +51,7 @@ class KilnAPI(ls.LitAPI):
         from kiln.export.runtime import load
 
         torch.set_num_threads(1)  # torch only moves tensors here; the runtime gets the cores
+        self.batches_run = 0
         manifest = read_manifest(self.artifact_dir)
         self.signature = manifest.signature
         self.runtime = load(self.artifact_dir, self.variant, self.threads)
@@ -92,39 +93,24 @@ class KilnAPI(ls.LitAPI):
                       for name in self.signature.input_names}
         return Batch(items, inputs, [item.count for item in items], started)
 
-    def _run(self, inputs: dict) -> dict:
-        return self.runtime.run(inputs)
-
     def predict(self, batch: Batch) -> list[dict]:
         t0 = time.time()
         try:
-            outputs = self._run(batch.inputs)
-            per_request = _split(outputs, batch.counts)
-        except Exception:
-            if len(batch.items) == 1:
-                per_request = [{"__error__": "the runtime failed on this request"}]
-            else:  # isolate the request that breaks the runtime
-                per_request = []
-                for item in batch.items:
-                    try:
-                        single = self.batch([item])
-                        per_request.append(_split(self._run(single.inputs), single.counts)[0])
-                    except Exception as exc:  # noqa: BLE001 - reported to that request only
-                        per_request.append({"__error__": f"the runtime failed on this request: {type(exc).__name__}"})
+            per_request = _split(self.runtime.run(batch.inputs), batch.counts)
+        except Exception:  # noqa: BLE001 - retry one by one, so only the request that breaks the runtime fails
+            per_request = []
+            for item in batch.items:
+                try:
+                    single = self.batch([item])
+                    per_request.append(_split(self.runtime.run(single.inputs), single.counts)[0])
+                except Exception as exc:  # noqa: BLE001 - reported to that request only
+                    per_request.append({"__error__": f"the runtime failed on this request: {type(exc).__name__}"})
         infer_s = time.time() - t0
-        self._batches = getattr(self, "_batches", 0) + 1
-        batch_id = f"{os.getpid()}-{self._batches}"
-        results = []
-        for item, outputs in zip(batch.items, per_request):
-            results.append({
-                "outputs": outputs,
-                "queue_s": max(0.0, batch.started - item.enqueued),
-                "infer_s": infer_s,
-                "batch_requests": len(batch.items),
-                "batch_items": sum(batch.counts),
-                "batch_id": batch_id,
-            })
-        return results
+        self.batches_run += 1
+        shared = {"infer_s": infer_s, "batch_requests": len(batch.items), "batch_items": sum(batch.counts),
+                  "batch_id": f"{os.getpid()}-{self.batches_run}"}
+        return [{"outputs": outputs, "queue_s": max(0.0, batch.started - item.enqueued), **shared}
+                for item, outputs in zip(batch.items, per_request)]
 
     def unbatch(self, results: list[dict]) -> list[dict]:
         return results

@@ -56,7 +56,7 @@ class WorkerChannel:
             return False
         self.sock = sock
         self.buffer.clear()
-        self.send({"worker": self.worker_id, "pid": os.getpid()})
+        self.send({"worker": self.worker_id})
         return True
 
     def close(self) -> None:

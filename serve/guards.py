@@ -16,9 +16,12 @@ import time
 OPEN_PATHS = {"/health", "/metrics", "/v2/health/live", "/v2/health/ready"}
 
 
+def merge_slashes(path: str) -> str:
+    return "/" + "/".join(p for p in path.split("/") if p)
+
+
 def normalize(path: str) -> str:
-    path = "/" + "/".join(p for p in path.split("/") if p)
-    return path.lower()
+    return merge_slashes(path).lower()
 
 
 def is_open(path: str) -> bool:
@@ -65,7 +68,7 @@ class PathNormalizer:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             path = scope["path"]
-            clean = "/" + "/".join(p for p in path.split("/") if p)
+            clean = merge_slashes(path)
             if clean != path:
                 scope = {**scope, "path": clean, "raw_path": clean.encode()}
         return await self.app(scope, receive, send)

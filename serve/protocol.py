@@ -7,8 +7,9 @@ the expected signature), never an exception inside the runtime.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,23 +46,28 @@ class ServedModel:
     text: bool
     max_items: int
     version: str = "1"
-    labels: list[str] | None = None
     platform: str = ""
-    extra: dict = field(default_factory=dict)
 
-    @property
+    # Cached: the request path reads these on every request, and they never change.
+    @functools.cached_property
     def v2_inputs(self) -> list[dict]:
         if self.text:
             return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
         return [_v2_tensor(spec) for spec in self.signature.inputs]
 
-    @property
+    @functools.cached_property
+    def v2_input_names(self) -> list[str]:
+        return [t["name"] for t in self.v2_inputs]
+
+    @functools.cached_property
     def v2_outputs(self) -> list[dict]:
         return [_v2_tensor(spec) for spec in self.signature.outputs]
 
+    @functools.cached_property
     def expected_v2(self) -> dict:
         return {"inputs": self.v2_inputs, "max_items": self.max_items}
 
+    @functools.cached_property
     def expected_predict(self) -> dict:
         if self.text:
             return {"text": "a sentence", "or": {"texts": ["a sentence", "another"]}, "max_items": self.max_items}
@@ -164,7 +170,7 @@ class Request:
 
 
 def parse_predict(body: Any, model: ServedModel) -> Request:
-    expected = model.expected_predict()
+    expected = model.expected_predict
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object", expected=expected)
     if model.text:
@@ -203,7 +209,7 @@ def parse_predict(body: Any, model: ServedModel) -> Request:
 
 
 def parse_v2(body: Any, model: ServedModel) -> Request:
-    expected = model.expected_v2()
+    expected = model.expected_v2
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object with 'inputs'", expected=expected)
     inputs = body.get("inputs")
@@ -235,7 +241,7 @@ def parse_v2(body: Any, model: ServedModel) -> Request:
         if name in by_name:
             raise RequestError(f"input {name!r} is given twice", expected=expected)
         by_name[name] = tensor
-    wanted = [t["name"] for t in model.v2_inputs]
+    wanted = model.v2_input_names
     unknown = sorted(set(by_name) - set(wanted))
     if unknown:
         raise RequestError(f"unknown input(s) {unknown}; this model takes {wanted}", expected=expected)

@@ -15,8 +15,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
 import orjson
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from litserve.utils import LitAPIStatus
 
@@ -30,9 +30,8 @@ JSON_TYPES = ("application/json", "")
 @dataclass
 class _Worker:
     name: str
-    pid: int
     writer: asyncio.StreamWriter
-    in_flight: set = field(default_factory=set)
+    in_flight: dict[str, asyncio.Future] = field(default_factory=dict)  # uid -> the waiting request
 
 
 class WorkerLost(Exception):
@@ -53,7 +52,6 @@ class WorkerGateway:
         self.expected = workers
         self.timeout_s = timeout_s
         self.workers: dict[str, _Worker] = {}
-        self.pending: dict[str, asyncio.Future] = {}
         self._server = None
 
     async def start(self) -> None:
@@ -77,7 +75,7 @@ class WorkerGateway:
         except (asyncio.IncompleteReadError, ConnectionError, EOFError):
             writer.close()
             return
-        worker = _Worker(str(hello["worker"]), int(hello["pid"]), writer)
+        worker = _Worker(str(hello["worker"]), writer)
         previous = self.workers.get(worker.name)
         if previous is not None:
             self._lost(previous)
@@ -85,8 +83,7 @@ class WorkerGateway:
         try:
             while True:
                 uid, response, status = await read_frame(reader)
-                worker.in_flight.discard(uid)
-                future = self.pending.pop(uid, None)
+                future = worker.in_flight.pop(uid, None)
                 if future is not None and not future.done():
                     future.set_result((response, status))
         except (asyncio.IncompleteReadError, ConnectionError, EOFError):
@@ -98,9 +95,8 @@ class WorkerGateway:
             writer.close()
 
     def _lost(self, worker: _Worker) -> None:
-        for uid in list(worker.in_flight):
-            future = self.pending.pop(uid, None)
-            if future is not None and not future.done():
+        for future in worker.in_flight.values():
+            if not future.done():
                 future.set_exception(WorkerLost())
         worker.in_flight.clear()
 
@@ -110,8 +106,7 @@ class WorkerGateway:
         worker = min(self.workers.values(), key=lambda w: len(w.in_flight))
         uid = uuid.uuid4().hex
         future = asyncio.get_running_loop().create_future()
-        self.pending[uid] = future
-        worker.in_flight.add(uid)
+        worker.in_flight[uid] = future
         try:
             worker.writer.write(encode((0, uid, time.monotonic(), item)))
             if worker.writer.transport.get_write_buffer_size() > 8 << 20:
@@ -124,8 +119,7 @@ class WorkerGateway:
             raise RequestError("the inference worker stopped while running this request; it is being restarted, "
                                "retry shortly", 503) from None
         finally:
-            self.pending.pop(uid, None)
-            worker.in_flight.discard(uid)
+            worker.in_flight.pop(uid, None)
         if status != LitAPIStatus.OK:
             if response.get("status_code") == 504:
                 raise RequestError(f"waited over {self.timeout_s:g}s in the queue; the server is overloaded, "
@@ -162,6 +156,14 @@ def error_response(error: RequestError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
+def unknown_model(model: ServedModel, name: str, version: str | None = None) -> RequestError | None:
+    if name != model.name:
+        return RequestError(f"no model named {name!r}; this server serves {model.name!r}", 404)
+    if version is not None and version != model.version:
+        return RequestError(f"model {name!r} has no version {version!r}", 404)
+    return None
+
+
 class Inference:
     """The inference path itself, shared by the FastAPI routes and the ASGI fast path below."""
 
@@ -174,11 +176,10 @@ class Inference:
                      raw: bytes) -> tuple[int, dict]:
         model = self.model
         try:
-            if name is not None and name != model.name:
-                raise RequestError(f"no model named {name!r}; this server serves {model.name!r}", 404)
-            if version is not None and version != model.version:
-                raise RequestError(f"model {name!r} has no version {version!r}", 404)
-            expected = model.expected_v2() if kind == "v2" else model.expected_predict()
+            error = None if name is None else unknown_model(model, name, version)
+            if error is not None:
+                raise error
+            expected = model.expected_v2 if kind == "v2" else model.expected_predict
             body = decode_json(content_type, raw, expected)
             parsed = parse_v2(body, model) if kind == "v2" else parse_predict(body, model)
             result = await self.gateway.submit(WorkItem(parsed.arrays, parsed.texts, parsed.count, time.time()))
@@ -256,10 +257,6 @@ class InferenceFastPath:
 def add_routes(app: FastAPI, model: ServedModel, gateway: WorkerGateway, inference: Inference, version: str) -> None:
     """The FastAPI routes: the inference ones mostly serve the OpenAPI schema (InferenceFastPath answers first)."""
 
-    def known(name: str) -> None:
-        if name != model.name:
-            raise RequestError(f"no model named {name!r}; this server serves {model.name!r}", 404)
-
     def metadata() -> dict:
         return {"name": model.name, "versions": [model.version], "platform": model.platform,
                 "inputs": model.v2_inputs, "outputs": model.v2_outputs}
@@ -296,23 +293,18 @@ def add_routes(app: FastAPI, model: ServedModel, gateway: WorkerGateway, inferen
 
     @app.get("/v2/models/{name}")
     async def model_metadata(name: str):
-        try:
-            known(name)
-        except RequestError as error:
-            return error_response(error)
-        return metadata()
+        error = unknown_model(model, name)
+        return error_response(error) if error else metadata()
 
     @app.get("/v2/models/{name}/versions/{model_version}")
     async def model_version_metadata(name: str, model_version: str):
-        if name != model.name or model_version != model.version:
-            return error_response(RequestError(f"no model {name!r} version {model_version!r}", 404))
-        return metadata()
+        error = unknown_model(model, name, model_version)
+        return error_response(error) if error else metadata()
 
     @app.get("/v2/models/{name}/ready")
     async def model_ready(name: str):
-        try:
-            known(name)
-        except RequestError as error:
+        error = unknown_model(model, name)
+        if error:
             return error_response(error)
         ok = gateway.ready()
         return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else 503)

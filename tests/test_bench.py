@@ -15,7 +15,7 @@ import pytest
 
 from conftest import run_kiln
 
-from kiln.export.bench import CSV_COLUMNS, EAGER, ISA_FLAGS, OUTPUT_NAMES
+from kiln.export.bench import CSV_COLUMNS, EAGER, ISA_FLAGS
 from kiln.export.manifest import read_manifest
 
 TINY = ("--max-seconds", "0.2", "--warmup", "1", "--min-iters", "2")

@@ -1,12 +1,11 @@
 """`kiln export` as a user runs it: a factory model on real data, and every bad input."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, run_kiln
+from conftest import run_kiln
 
 
 def _one_line_error(result, name):
@@ -17,9 +16,13 @@ def _one_line_error(result, name):
     assert "Traceback" not in result.stderr
 
 
-def _user_args(iris, out, model="userpkg.nets:iris_mlp", checkpoint=None, inputs=("features:float32[batch,4]",)):
-    args = ["export", model, "--checkpoint", str(checkpoint or iris["checkpoint"]), "--data", str(iris["data"]),
-            "--output", "logits", "--out", str(out), "--variants", "torchscript-fp32,onnx-fp32"]
+def _user_args(iris, out, model="userpkg.nets:iris_mlp", checkpoint="default", inputs=("features:float32[batch,4]",),
+               variants="torchscript-fp32,onnx-fp32"):
+    """checkpoint: "default" for the trained iris checkpoint, None for none (a factory with no weights)."""
+    args = ["export", model, "--data", str(iris["data"]), "--output", "logits", "--out", str(out),
+            "--variants", variants]
+    if checkpoint is not None:
+        args += ["--checkpoint", str(iris["checkpoint"] if checkpoint == "default" else checkpoint)]
     for spec in inputs:
         args += ["--input", spec]
     return args
@@ -45,9 +48,7 @@ def test_user_model_through_module_factory(iris_user_model, tmp_path):
 
 def test_name_flag_renames_the_model(iris_user_model, tmp_path):
     out = tmp_path / "named"
-    args = _user_args(iris_user_model, out) + ["--name", "iris"]
-    args[args.index("--variants") + 1] = "onnx-fp32"
-    result = run_kiln(*args)
+    result = run_kiln(*_user_args(iris_user_model, out, variants="onnx-fp32"), "--name", "iris")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "manifest.json").read_text())["model"] == "iris"
 
@@ -75,16 +76,10 @@ def test_bad_input_fails_cleanly(iris_user_model, tmp_path, case, name, code):
         "signature rank": lambda: _user_args(iris_user_model, out, inputs=("features:float32[batch,4,1]",)),
         "signature width": lambda: _user_args(iris_user_model, out, inputs=("features:float32[batch,5]",)),
         "bad spec": lambda: _user_args(iris_user_model, out, inputs=("features-float32",)),
-        "unknown variant": lambda: _user_args(iris_user_model, out)[:-3] + ["onnx-fp64", "--input",
-                                                                             "features:float32[batch,4]"],
-        "onnx export fails": lambda: [a if a != "torchscript-fp32,onnx-fp32" else "onnx-fp32"
-                                      for a in _user_args(iris_user_model, out, model="userpkg.nets:not_exportable",
-                                                          checkpoint=iris_user_model["checkpoint"])],
+        "unknown variant": lambda: _user_args(iris_user_model, out, variants="onnx-fp64"),
+        "onnx export fails": lambda: _user_args(iris_user_model, out, model="userpkg.nets:not_exportable",
+                                                checkpoint=None, variants="onnx-fp32"),
     }[case]()
-    if case == "onnx export fails":
-        args = [a for a in args]
-        i = args.index("--checkpoint")
-        del args[i:i + 2]
     result = run_kiln(*args)
     assert result.returncode == code, (result.returncode, result.stderr)
     _one_line_error(result, name)
