@@ -53,8 +53,9 @@ class OnnxRuntimeRuntime:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning threads steal the core from the request handler under serving load.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Intra-op threads keep ORT's default: they spin briefly between parallel ops instead of sleeping. Measured
+        # here (MiniLM int8, 2 threads), sleeping made each op wait on a futex wake-up: batch-1 latency 6.5 ms
+        # against 4.4 ms spinning, and a server at concurrency 32 answered fewer requests, not more.
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
