@@ -17,7 +17,7 @@ from pathlib import Path
 import litserve as ls
 import numpy as np
 
-from kiln.serve.batching import stop_after_drain
+from kiln.serve.batching import batch_bucket, stop_after_drain
 
 
 @dataclass
@@ -64,17 +64,19 @@ class KilnAPI(ls.LitAPI):
             self.tokenizer.enable_truncation(int(pre.get("max_length", 128)))
             self.tokenizer.enable_padding()
         # Warm-up: the first run allocates and picks kernels; pay that before reporting ready.
-        self.predict(self.batch([WorkItem(*self._example(), time.time())]))
+        self.per_item_s: dict[int, float] = {}
+        self.predict(self.batch([self._example(1)]))
+        self.per_item_s.clear()  # costs come from real batches only; the batching loop reads them
         signal.signal(signal.SIGTERM, stop_after_drain)
 
-    def _example(self):
+    def _example(self, count: int) -> WorkItem:
         if self.tokenizer is not None:
-            return None, ["warm-up"], 1
+            return WorkItem(None, ["warm-up"] * count, count, time.time())
         arrays = {}
         for spec in self.signature.inputs:
-            shape = [1 if isinstance(d, str) else d for d in spec.shape]
+            shape = [count if i == 0 else (1 if isinstance(d, str) else d) for i, d in enumerate(spec.shape)]
             arrays[spec.name] = np.zeros(shape, dtype=np.int64 if spec.dtype.startswith("int") else np.float32)
-        return arrays, None, 1
+        return WorkItem(arrays, None, count, time.time())
 
     def decode_request(self, request: WorkItem) -> WorkItem:
         return request
@@ -97,6 +99,7 @@ class KilnAPI(ls.LitAPI):
         t0 = time.time()
         try:
             per_request = _split(self.runtime.run(batch.inputs), batch.counts)
+            self._learn_cost(sum(batch.counts), time.time() - t0)
         except Exception:  # noqa: BLE001 - retry one by one, so only the request that breaks the runtime fails
             per_request = []
             for item in batch.items:
@@ -111,6 +114,15 @@ class KilnAPI(ls.LitAPI):
                   "batch_id": f"{os.getpid()}-{self.batches_run}"}
         return [{"outputs": outputs, "queue_s": max(0.0, batch.started - item.enqueued), **shared}
                 for item, outputs in zip(batch.items, per_request)]
+
+    def _learn_cost(self, items: int, seconds: float) -> None:
+        """Seconds per item by batch-size bucket (powers of two), a moving average over the batches really run:
+        real request lengths, real load. The batching loop waits for a fuller batch only where this shows it
+        is cheaper per item."""
+        bucket = batch_bucket(items)
+        previous = self.per_item_s.get(bucket)
+        cost = seconds / items
+        self.per_item_s[bucket] = cost if previous is None else 0.8 * previous + 0.2 * cost
 
     def unbatch(self, results: list[dict]) -> list[dict]:
         return results

@@ -4,8 +4,12 @@ LitServe's BatchedLoop waits out `batch_timeout` unless the batch fills, so a lo
 whole window. Here the worker blocks only while idle: the first request is taken the moment it
 arrives; whatever queued up while the previous batch ran is drained at once (up to
 max_batch_size), as Triton's dynamic batcher does. The short `max_batch_delay` wait applies only
-when a backlog already exists (two or more requests gathered), i.e. under load, where it costs a
-little latency and buys fuller batches.
+when a backlog already exists (two or more requests gathered) and only when it pays: the worker
+measures the cost per item of the batches it runs, by size, and holds a batch for more requests
+only where a fuller batch has been measurably cheaper per item. On a CPU the cost per item is
+often flat past a few items (digits, ONNX fp32, one thread: 1.2 ms per item at batch 1 and at 32);
+there a wait only leaves the cores idle while requests queue. When every backlog batch waited
+2 ms, digits served 651-771 requests/s at concurrency 32; without the wait, 899-943.
 
 Requests and answers travel on kiln's worker channel (serve.channel) rather than LitServe's Manager
 queues; `get_batch_requests` and `put_response` are the loop's extension points for that. On
@@ -27,12 +31,32 @@ from litserve.utils import LitAPIStatus
 from kiln.serve.channel import WorkerChannel
 
 IDLE_POLL_S = 0.5
+WAIT_GAIN = 0.10  # a fuller batch must be at least this much cheaper per item to hold requests for it
 STOPPING = threading.Event()
 
 
 def stop_after_drain(signum, frame) -> None:
     """SIGTERM in a worker: finish what the HTTP process still sends, exit when it closes the channel."""
     STOPPING.set()
+
+
+def batch_bucket(items: int) -> int:
+    return 1 << (max(items, 1).bit_length() - 1)
+
+
+def worth_waiting(per_item_s: dict[int, float] | None, gathered: int, max_batch_size: int) -> bool:
+    """Whether holding `gathered` items for more makes the batch measurably cheaper per item.
+
+    `per_item_s` maps batch-size buckets to the seconds per item measured on real batches. Where there
+    is no measurement to say a fuller batch is cheaper, the batch runs at once: on a CPU a wait that
+    does not pay only leaves the cores idle while requests queue.
+    """
+    if not per_item_s:
+        return False
+    bucket = batch_bucket(gathered)
+    now = per_item_s.get(bucket)
+    fuller = [cost for size, cost in per_item_s.items() if bucket < size <= max_batch_size]
+    return now is not None and bool(fuller) and now > (1.0 + WAIT_GAIN) * min(fuller)
 
 
 class AdaptiveBatchedLoop(BatchedLoop):
@@ -107,6 +131,9 @@ class AdaptiveBatchedLoop(BatchedLoop):
             item = self._receive(0.0)  # what arrived while the last batch ran
             if item is None:
                 if len(payloads) < 2 or self.max_batch_delay_s <= 0 or self._channel is None:
+                    break
+                if deadline is None and not worth_waiting(getattr(lit_api, "per_item_s", None),
+                                                          sum(p[2].count for p in payloads), lit_api.max_batch_size):
                     break
                 if deadline is None:
                     deadline = time.monotonic() + self.max_batch_delay_s

@@ -241,3 +241,17 @@ def test_sigterm_stops_the_whole_group(digits_artifacts):
     elapsed = server.stop()  # raises if any process of the group is left
     assert server.proc.returncode is not None
     assert elapsed < 20
+
+
+def test_a_backlog_batch_waits_only_where_a_fuller_batch_was_measured_cheaper():
+    from kiln.serve.batching import batch_bucket, worth_waiting
+
+    assert [batch_bucket(n) for n in (0, 1, 2, 3, 4, 7, 8, 31, 32, 33)] == [1, 1, 2, 2, 4, 4, 8, 16, 32, 32]
+    assert not worth_waiting({}, 4, 32)  # nothing measured yet: run at once
+    flat = {1: 1.2e-3, 2: 1.2e-3, 4: 1.19e-3, 8: 1.18e-3, 16: 1.2e-3, 32: 1.15e-3}  # digits on one thread
+    assert not any(worth_waiting(flat, k, 32) for k in (2, 3, 4, 8, 16, 31))
+    falling = {1: 4.6e-3, 2: 3.6e-3, 4: 3.0e-3, 8: 2.8e-3, 16: 2.7e-3, 32: 2.9e-3}  # MiniLM, short sentences
+    assert worth_waiting(falling, 2, 32) and worth_waiting(falling, 3, 32)
+    assert not worth_waiting(falling, 8, 32) and not worth_waiting(falling, 16, 32)
+    assert not worth_waiting(falling, 2, 2)  # the cheaper sizes lie past --max-batch-size
+    assert not worth_waiting({1: 4e-3, 4: 3e-3}, 2, 32)  # no measurement at this size: no wait
