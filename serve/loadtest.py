@@ -1,9 +1,10 @@
 """`kiln loadtest`: a bounded concurrency sweep against a running server, with an in-process ceiling.
 
 Each level runs N async clients that send one-item requests (V2 or /predict) until the request
-count or the time bound is reached. With `--ceiling ARTIFACT_DIR` the same variant is then run
-in-process at the batch sizes the server actually formed (read off its /metrics), so the report
-says what fraction of the model's own speed the server delivers.
+count or the time bound is reached. With `--ceiling ARTIFACT_DIR` the same variant is also run
+in-process (serve.ceiling), right after each round of load, at the batch size the server formed in
+that round (read off its /metrics), so the report says what fraction of the model's own speed the
+server delivers.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def add_loadtest_parser(subparsers) -> None:
     parser.add_argument("--ceiling", metavar="ARTIFACT_DIR", help="also measure the served variant in-process")
     parser.add_argument("--variant", help="variant for --ceiling (default: the manifest's default)")
     parser.add_argument("--threads", type=int, help="runtime threads for --ceiling (match the server's)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes for --ceiling, run side by side (match the server's --workers)")
+    parser.add_argument("--rounds", type=int,
+                        help="rounds per level; with --ceiling each round is followed by its ceiling run and the "
+                             "ratio is the median over rounds (default 3 with --ceiling, else 1)")
     parser.add_argument("--api-key-env", help="environment variable holding the server's API key")
     parser.add_argument("--out", default="loadtest", help="folder for loadtest.json and loadtest.png")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
@@ -157,8 +163,9 @@ def encode_requests(url: str, bodies: list, headers: dict) -> list[bytes]:
 
 
 async def run_level(url: str, concurrency: int, bodies: list, requests: int, duration: float | None,
-                    max_seconds: float, timeout: float, headers: dict) -> dict:
-    """`concurrency` connections, each sending its next request when the last one is answered."""
+                    max_seconds: float, timeout: float, headers: dict, sink: list | None = None) -> dict:
+    """`concurrency` connections, each sending its next request when the last one is answered. The latencies
+    (seconds) of answered requests are also appended to `sink` when one is given."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -192,6 +199,8 @@ async def run_level(url: str, concurrency: int, bodies: list, requests: int, dur
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     elapsed = time.perf_counter() - start
+    if sink is not None:
+        sink.extend(latencies)
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     return {
         "concurrency": concurrency, "requests": sent, "ok": len(latencies), "errors": errors,
@@ -212,42 +221,58 @@ def scrape(url: str, headers: dict) -> dict[str, float]:
     return values
 
 
-def ceiling(artifact_dir: str, variant: str | None, threads: int | None, items: list, batch_size: int,
-            seconds: float = 3.0) -> dict:
-    """In-process throughput and latency of the runtime at one batch size, on the same items."""
-    from kiln.export.manifest import read_manifest
-    from kiln.export.runtime import load
-
-    runtime = load(artifact_dir, variant, threads)
-    manifest = read_manifest(artifact_dir)
-    batch = [items[i % len(items)] for i in range(batch_size)]
-    if isinstance(batch[0], str):
-        from tokenizers import Tokenizer
-
-        pre = manifest.preprocessing
-        tokenizer = Tokenizer.from_file(str(Path(artifact_dir) / pre["tokenizer"]))
-        tokenizer.enable_truncation(int(pre.get("max_length", 128)))
-        tokenizer.enable_padding()
-
-        def prepare():  # the server tokenizes per batch, so the ceiling pays for it too
-            encoded = tokenizer.encode_batch(batch)
-            return {"input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
-                    "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64)}
-    else:
-        stacked = {k: np.concatenate([b[k] for b in batch]) for k in batch[0]}
-
-        def prepare():
-            return stacked
-    for _ in range(3):
-        runtime.run(prepare())
-    times = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 5:
-        t0 = time.perf_counter()
-        runtime.run(prepare())
-        times.append(time.perf_counter() - t0)
-    p50 = float(np.median(times))
-    return {"batch_size": batch_size, "p50_ms": p50 * 1000, "items_per_s": batch_size / p50}
+def run_rounds(url: str, level: int, bodies: list, args, headers: dict, rounds: int, ceiling) -> dict:
+    """One concurrency level in `rounds` rounds; with a ceiling, each round is followed by the in-process run at
+    the batch size that round formed, and the ratios are taken round by round (then the median), so slow drift of
+    the machine's speed cancels out of them."""
+    per_round = max(1, args.requests // rounds)
+    duration = args.duration / rounds if args.duration else None
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    ok = sent = 0
+    seconds = 0.0
+    fractions, deltas, ceilings, batches = [], [], [], []
+    for _ in range(rounds):
+        before = scrape(url, headers)
+        result = asyncio.run(run_level(url, level, bodies, per_round, duration, args.max_seconds / rounds,
+                                       args.timeout, headers, latencies))
+        after = scrape(url, headers)
+        count = after["kiln_batch_items_count"] - before["kiln_batch_items_count"]
+        batch = (after["kiln_batch_items_sum"] - before["kiln_batch_items_sum"]) / count if count else None
+        ok += result["ok"]
+        sent += result["requests"]
+        seconds += result["seconds"]
+        for name, n in result["errors"].items():
+            errors[name] = errors.get(name, 0) + n
+        if batch is not None:
+            batches.append(batch)
+        if ceiling is not None and result["ok"]:
+            measured = ceiling.measure(max(1, round(batch or 1)))
+            ceilings.append(measured)
+            fractions.append(result["requests_per_s"] / measured["items_per_s"])
+            deltas.append(result["p50_ms"] - measured["p50_ms"])
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    level_result = {
+        "concurrency": level, "rounds": rounds, "requests": sent, "ok": ok, "errors": errors,
+        "error_count": sum(errors.values()), "seconds": round(seconds, 3),
+        "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)), "requests_per_s": ok / seconds if seconds else 0.0,
+        "mean_batch_items": float(np.mean(batches)) if batches else None,
+    }
+    if ceilings:
+        level_result["ceiling"] = {
+            "workers": args.workers, "threads": args.threads, "rounds": ceilings,
+            "items_per_s": float(np.median([c["items_per_s"] for c in ceilings])),
+            "p50_ms": float(np.median([c["p50_ms"] for c in ceilings])),
+        }
+        level_result["fraction_of_ceiling"] = float(np.median(fractions))
+        level_result["fraction_of_ceiling_by_round"] = [round(f, 4) for f in fractions]
+        level_result["p50_minus_in_process_ms"] = float(np.median(deltas))
+    print(f"[kiln] concurrency {level}: {level_result['requests_per_s']:.0f} req/s, p50 {level_result['p50_ms']:.2f} ms"
+          f", errors {level_result['error_count']}" + (f", {level_result['fraction_of_ceiling']:.2f} of the in-process "
+                                                       f"ceiling (median of {rounds} rounds)" if ceilings else ""),
+          file=sys.stderr, flush=True)
+    return level_result
 
 
 def run_loadtest_command(args) -> int:
@@ -256,6 +281,8 @@ def run_loadtest_command(args) -> int:
     levels = parse_levels(args.concurrency)
     if args.requests < 1:
         raise UsageError("--requests must be a positive integer")
+    if args.workers < 1 or (args.rounds is not None and args.rounds < 1):
+        raise UsageError("--workers and --rounds must be positive integers")
     url = args.url.rstrip("/")
     headers = {}
     if args.api_key_env:
@@ -277,26 +304,18 @@ def run_loadtest_command(args) -> int:
     items = sample_items(model)
     bodies = [request_body(args.protocol, model, item) for item in items]
     results = []
-    for level in levels:
-        before = scrape(url, headers)
-        result = asyncio.run(run_level(url, level, bodies, args.requests, args.duration, args.max_seconds,
-                                       args.timeout, headers))
-        after = scrape(url, headers)
-        batches = after["kiln_batch_items_count"] - before["kiln_batch_items_count"]
-        result["mean_batch_items"] = (after["kiln_batch_items_sum"] - before["kiln_batch_items_sum"]) / batches \
-            if batches else None
-        results.append(result)
-        print(f"[kiln] concurrency {level}: {result['requests_per_s']:.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
-              f"errors {result['error_count']}", file=sys.stderr, flush=True)
+    rounds = args.rounds if args.rounds else (3 if args.ceiling else 1)
+    ceiling = None
     if args.ceiling:
-        ceilings: dict[int, dict] = {}
-        for result in results:
-            size = max(1, round(result["mean_batch_items"] or 1))
-            if size not in ceilings:
-                ceilings[size] = ceiling(args.ceiling, args.variant, args.threads, items, size)
-            result["ceiling"] = ceilings[size]
-            result["fraction_of_ceiling"] = result["requests_per_s"] / ceilings[size]["items_per_s"]
-            result["p50_minus_in_process_ms"] = result["p50_ms"] - ceilings[size]["p50_ms"]
+        from kiln.serve.ceiling import Ceiling
+
+        ceiling = Ceiling(args.ceiling, args.variant, args.threads, args.workers, items)
+    try:
+        for level in levels:
+            results.append(run_rounds(url, level, bodies, args, headers, rounds, ceiling))
+    finally:
+        if ceiling is not None:
+            ceiling.close()
     report = {"url": url, "model": name, "protocol": args.protocol, "levels": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,7 +327,8 @@ def run_loadtest_command(args) -> int:
 
 
 def print_table(results: list[dict]) -> None:
-    header = ["concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "mean batch", "ceiling/s", "fraction"]
+    header = ["concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "mean batch", "ceiling/s", "fraction",
+              "p50 - in-process ms"]
     rows = [header]
     for r in results:
         c = r.get("ceiling")
@@ -316,7 +336,8 @@ def print_table(results: list[dict]) -> None:
                      f"{r['p99_ms']:.2f}", str(r["error_count"]),
                      f"{r['mean_batch_items']:.1f}" if r.get("mean_batch_items") else "-",
                      f"{c['items_per_s']:.0f}" if c else "-",
-                     f"{r['fraction_of_ceiling']:.2f}" if c else "-"])
+                     f"{r['fraction_of_ceiling']:.2f}" if c else "-",
+                     f"{r['p50_minus_in_process_ms']:+.2f}" if c else "-"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
