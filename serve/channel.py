@@ -17,6 +17,7 @@ import pickle
 import select
 import socket
 import struct
+import time
 
 HEADER = struct.Struct("!I")
 MAX_FRAME = 1 << 30
@@ -44,6 +45,7 @@ class WorkerChannel:
         self.worker_id = worker_id
         self.sock: socket.socket | None = None
         self.buffer = bytearray()
+        self.outgoing: list[bytes] = []
 
     def connect(self) -> bool:
         if not os.path.exists(self.path):
@@ -56,6 +58,7 @@ class WorkerChannel:
             return False
         self.sock = sock
         self.buffer.clear()
+        self.outgoing.clear()
         self.send({"worker": self.worker_id})
         return True
 
@@ -74,11 +77,20 @@ class WorkerChannel:
         del self.buffer[:HEADER.size + size]
         return pickle.loads(data)
 
-    def recv(self, timeout: float):
-        """The next message, or None after `timeout` seconds; ConnectionError when the HTTP side is gone."""
+    def recv(self, timeout: float, spin: float = 0.0):
+        """The next message, or None after `timeout` seconds; ConnectionError when the HTTP side is gone.
+
+        With `spin`, the socket is polled for that long before the process sleeps on it: a request that follows
+        within the spin is taken without a wake-up (which costs 0.1-0.2 ms on a VM, on every hop)."""
         message = self._frame()
         if message is not None:
             return message
+        if spin > 0:
+            until = time.perf_counter() + spin
+            while not select.select([self.sock], [], [], 0)[0]:
+                if time.perf_counter() > until:
+                    break
+                os.sched_yield()
         wait = timeout
         while True:
             ready, _, _ = select.select([self.sock], [], [], wait)
@@ -95,3 +107,12 @@ class WorkerChannel:
 
     def send(self, message) -> None:
         self.sock.sendall(encode(message))
+
+    def queue(self, message) -> None:
+        self.outgoing.append(encode(message))
+
+    def flush(self) -> None:
+        if self.outgoing:
+            data = b"".join(self.outgoing)
+            self.outgoing.clear()
+            self.sock.sendall(data)

@@ -32,6 +32,12 @@ class _Worker:
     name: str
     writer: asyncio.StreamWriter
     in_flight: dict[str, asyncio.Future] = field(default_factory=dict)  # uid -> the waiting request
+    pending: list[bytes] = field(default_factory=list)  # frames written together at the end of this loop turn
+
+    def flush(self) -> None:
+        if self.pending and not self.writer.is_closing():
+            self.writer.write(b"".join(self.pending))
+        self.pending.clear()
 
 
 class WorkerLost(Exception):
@@ -108,7 +114,9 @@ class WorkerGateway:
         future = asyncio.get_running_loop().create_future()
         worker.in_flight[uid] = future
         try:
-            worker.writer.write(encode((0, uid, time.monotonic(), item)))
+            if not worker.pending:  # requests parsed in the same turn of the event loop go in one write
+                asyncio.get_running_loop().call_soon(worker.flush)
+            worker.pending.append(encode((0, uid, time.monotonic(), item)))
             if worker.writer.transport.get_write_buffer_size() > 8 << 20:
                 await worker.writer.drain()
             response, status = await asyncio.wait_for(future, self.timeout_s + 1.0)

@@ -179,9 +179,12 @@ def test_concurrent_requests_form_batches_and_a_lone_request_does_not_wait(digit
         assert lone < 0.8, f"a lone request waited {lone:.2f}s: the batch window was not skipped"
         before = httpx.get(f"{server.url}/metrics").text
         batches_before = _metric(before, "kiln_batch_size_count")
+        # 32 images a request keep the worker busy long enough (tens of ms a request) that the others queue up
+        # behind it however slowly the client threads start: those must be run together, not one by one.
+        heavy = {"inputs": {"image": np.repeat(digits_images[:1], 32, axis=0).tolist()}}
 
         def call(_):
-            return httpx.post(f"{server.url}/predict", json=body, timeout=30).status_code
+            return httpx.post(f"{server.url}/predict", json=heavy, timeout=30).status_code
 
         with concurrent.futures.ThreadPoolExecutor(32) as pool:
             statuses = list(pool.map(call, range(64)))
@@ -255,3 +258,32 @@ def test_a_backlog_batch_waits_only_where_a_fuller_batch_was_measured_cheaper():
     assert not worth_waiting(falling, 8, 32) and not worth_waiting(falling, 16, 32)
     assert not worth_waiting(falling, 2, 2)  # the cheaper sizes lie past --max-batch-size
     assert not worth_waiting({1: 4e-3, 4: 3e-3}, 2, 32)  # no measurement at this size: no wait
+
+
+def test_loadtest_reports_levels_and_a_ceiling_in_the_servers_shape(digits_artifacts, tmp_path):
+    server = ServerProcess(digits_artifacts, "--threads", "1", "--workers", "2").wait_ready()
+    try:
+        out = tmp_path / "lt"
+        result = run_kiln("loadtest", server.url, "--concurrency", "1,8", "--requests", "60", "--ceiling",
+                          str(digits_artifacts), "--threads", "1", "--workers", "2", "--rounds", "2", "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        report = json.loads((out / "loadtest.json").read_text())
+        assert (out / "loadtest.png").stat().st_size > 0
+        assert [level["concurrency"] for level in report["levels"]] == [1, 8]
+        for level in report["levels"]:
+            assert level["ok"] == level["requests"] == 60 and level["error_count"] == 0
+            assert level["p50_ms"] <= level["p90_ms"] <= level["p99_ms"]
+            ceiling = level["ceiling"]
+            assert len(ceiling["rounds"]) == 2 and all(r["workers"] == 2 for r in ceiling["rounds"])
+            assert len(level["fraction_of_ceiling_by_round"]) == 2 and level["fraction_of_ceiling"] > 0
+        assert report["levels"][0]["mean_batch_items"] == 1.0  # one client: nothing to batch with
+        assert "fraction" in result.stdout
+    finally:
+        server.stop()
+
+
+def test_loadtest_refuses_bad_arguments_and_unreachable_servers():
+    bad = run_kiln("loadtest", "http://127.0.0.1:9", "--concurrency", "0,x")
+    assert bad.returncode == 2 and "UsageError: --concurrency" in bad.stderr
+    unreachable = run_kiln("loadtest", "http://127.0.0.1:9", "--requests", "5")
+    assert unreachable.returncode == 2 and "cannot reach http://127.0.0.1:9" in unreachable.stderr
