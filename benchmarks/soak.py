@@ -15,7 +15,6 @@ Writes benchmarks/results/soak.json; exits 1 when there were errors or the growt
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import subprocess
 import sys
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from server_process import ServerProcess, group_pids  # noqa: E402
 
-from kiln.serve.loadtest import request_body, run_level, sample_items  # noqa: E402
+from kiln.serve.loadtest import request_body, run_async, run_level, sample_items  # noqa: E402
 
 DEFAULT_ARTIFACTS = Path("/tmp/kiln-soak-digits")
 MAX_GROWTH = 0.10
@@ -97,14 +96,14 @@ def soak(artifacts: Path, requests: int = 20_000, concurrency: int = 32, warmup:
         bodies = [request_body("predict" if i % 2 else "v2", model, item) for i, item in enumerate(items)]
         sampler.start()
         if warmup:
-            asyncio.run(run_level(server.url, concurrency, bodies, warmup, None, 600, timeout, {}))
+            run_async(run_level(server.url, concurrency, bodies, warmup, None, 600, timeout, {}))
         quarters = []
         per_quarter = [requests // 4 + (1 if q < requests % 4 else 0) for q in range(4)]
         start = time.perf_counter()
         for q, count in enumerate(per_quarter, 1):
             sampler.quarter = q
             sampler.sample()
-            result = asyncio.run(run_level(server.url, concurrency, bodies, count, None, 3600, timeout, {}))
+            result = run_async(run_level(server.url, concurrency, bodies, count, None, 3600, timeout, {}))
             sampler.sample()
             quarters.append(result)
             print(f"soak: quarter {q}: {result['requests']} requests, {result['error_count']} errors, "

@@ -12,7 +12,6 @@ is what `kiln export` makes of the model. TorchServe's workers run one torch thr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from server_process import ServerProcess, free_port  # noqa: E402
 
-from kiln.serve.loadtest import run_level  # noqa: E402
+from kiln.serve.loadtest import run_async, run_level  # noqa: E402
 
 TS_VENV = ROOT / "benchmarks" / ".venv-torchserve"
 KILN_CONFIGS = [  # (variant, threads per worker, workers); kiln's batching settings stay at their defaults
@@ -82,8 +81,8 @@ def run_torchserve(bin_dir: Path, store: Path, batch: int, delay_ms: int, worker
         else:
             raise RuntimeError((work / "out.log").read_text()[-3000:])
         ts_bodies = [("/predictions/digits", body) for _, body in bodies]
-        asyncio.run(run_level(url, args.concurrency, ts_bodies, 200, None, 30, 30, {}))  # warm-up
-        return asyncio.run(run_level(url, args.concurrency, ts_bodies, args.requests, None, 120, 30, {}))
+        run_async(run_level(url, args.concurrency, ts_bodies, 200, None, 30, 30, {}))  # warm-up
+        return run_async(run_level(url, args.concurrency, ts_bodies, args.requests, None, 120, 30, {}))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -97,8 +96,8 @@ def run_kiln(artifacts: Path, variant: str, threads: int, workers: int, bodies, 
     server = ServerProcess(artifacts, "--variant", variant, "--threads", str(threads),
                            "--workers", str(workers)).wait_ready()
     try:
-        asyncio.run(run_level(server.url, args.concurrency, bodies, 200, None, 30, 30, {}))  # warm-up
-        return asyncio.run(run_level(server.url, args.concurrency, bodies, args.requests, None, 120, 30, {}))
+        run_async(run_level(server.url, args.concurrency, bodies, 200, None, 30, 30, {}))  # warm-up
+        return run_async(run_level(server.url, args.concurrency, bodies, args.requests, None, 120, 30, {}))
     finally:
         server.stop()
 
