@@ -31,7 +31,6 @@ from litserve.utils import LitAPIStatus
 from kiln.serve.channel import WorkerChannel
 
 IDLE_POLL_S = 0.5
-IDLE_SPIN_S = 0.002  # poll this long for the next request before sleeping: a client's next request often follows
 WAIT_GAIN = 0.10  # a fuller batch must be at least this much cheaper per item to hold requests for it
 STOPPING = threading.Event()
 
@@ -113,9 +112,9 @@ class AdaptiveBatchedLoop(BatchedLoop):
             return
         payloads.append((0, uid, x_enc))
 
-    def _receive(self, timeout: float, spin: float = 0.0):
+    def _receive(self, timeout: float):
         try:
-            return self._channel.recv(timeout, spin)
+            return self._channel.recv(timeout)
         except (ConnectionError, OSError):
             self._channel.close()
             self._channel = None
@@ -129,7 +128,7 @@ class AdaptiveBatchedLoop(BatchedLoop):
         self._flush()
         if self._connected(request_queue) is None:
             return [], []
-        item = self._receive(IDLE_POLL_S, IDLE_SPIN_S)  # idle: block until the first request
+        item = self._receive(IDLE_POLL_S)  # idle: block until the first request
         if item is None:
             self._check_stop(request_queue)
             return [], []

@@ -17,7 +17,6 @@ import pickle
 import select
 import socket
 import struct
-import time
 
 HEADER = struct.Struct("!I")
 MAX_FRAME = 1 << 30
@@ -77,20 +76,11 @@ class WorkerChannel:
         del self.buffer[:HEADER.size + size]
         return pickle.loads(data)
 
-    def recv(self, timeout: float, spin: float = 0.0):
-        """The next message, or None after `timeout` seconds; ConnectionError when the HTTP side is gone.
-
-        With `spin`, the socket is polled for that long before the process sleeps on it: a request that follows
-        within the spin is taken without a wake-up (which costs 0.1-0.2 ms on a VM, on every hop)."""
+    def recv(self, timeout: float):
+        """The next message, or None after `timeout` seconds; ConnectionError when the HTTP side is gone."""
         message = self._frame()
         if message is not None:
             return message
-        if spin > 0:
-            until = time.perf_counter() + spin
-            while not select.select([self.sock], [], [], 0)[0]:
-                if time.perf_counter() > until:
-                    break
-                os.sched_yield()
         wait = timeout
         while True:
             ready, _, _ = select.select([self.sock], [], [], wait)
