@@ -9,7 +9,7 @@ measures the cost per item of the batches it runs, by size, and holds a batch fo
 only where a fuller batch has been measurably cheaper per item. On a CPU the cost per item is
 often flat past a few items (digits, ONNX fp32, one thread: 1.2 ms per item at batch 1 and at 32);
 there a wait only leaves the cores idle while requests queue. When every backlog batch waited
-2 ms, digits served 651-771 requests/s at concurrency 32; without the wait, 899-943.
+2 ms, digits served 651-771 requests/s at concurrency 32; without the wait, 899-1,024.
 
 Requests and answers travel on kiln's worker channel (serve.channel) rather than LitServe's Manager
 queues; `get_batch_requests` and `put_response` are the loop's extension points for that. On
