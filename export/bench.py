@@ -387,10 +387,7 @@ def apply_selection(folder: str | Path, selection: dict, hashes: dict[str, str])
                             "run kiln bench --select again")
     manifest.data["default_variant"] = default
     manifest.data["selection"] = selection
-    path = manifest.folder / "manifest.json"
-    mode = path.stat().st_mode & 0o777
-    manifest.save()
-    path.chmod(mode)  # save() writes through mkstemp (0600); a server may run as another user
+    manifest.save()  # write_json_atomic keeps the file's mode, so a server running as another user still reads it
     read_manifest(folder)  # what a server will read must still be valid
 
 
@@ -481,14 +478,6 @@ def format_table(report: dict) -> str:
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in lines)
-
-
-def format_markdown(report: dict) -> str:
-    """The CSV's columns as a markdown table, for READMEs and reports."""
-    out = ["| " + " | ".join(CSV_COLUMNS) + " |", "|" + "---|" * len(CSV_COLUMNS)]
-    for row in report["results"]:
-        out.append("| " + " | ".join(str(_csv_value(c, row.get(c))) for c in CSV_COLUMNS) + " |")
-    return "\n".join(out)
 
 
 # --- the command --------------------------------------------------------------------------------------------

@@ -44,10 +44,6 @@ def prune_unstructured_(module, amount: float) -> dict:
     return {"method": "unstructured", "amount": amount, "sparsity": round(sparsity(module), 4), "note": UNSTRUCTURED_NOTE}
 
 
-def count_params(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def prune_structured(module, example_inputs: tuple, amount: float):
     """A copy of `module` with `amount` of its channels removed (torch-pruning's dependency graph).
 

@@ -15,8 +15,9 @@ import numpy as np
 from kiln.models.base import Dataset, ModelBundle
 from kiln.models.errors import ModelSourceError
 from kiln.models.signature import Signature, TensorSpec
+from kiln.models.text import DEFAULT_MAX_LENGTH, encode, load_tokenizer
 
-MAX_LENGTH = 128
+MAX_LENGTH = DEFAULT_MAX_LENGTH
 SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
 CALIBRATION_COUNT = 32
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -49,16 +50,7 @@ def sentences() -> list[str]:
 def tokenize(texts: list[str], tokenizer_file: Path | None = None, max_length: int = MAX_LENGTH,
              pad_to: int | None = None) -> dict[str, np.ndarray]:
     """Tokenize as the server does: truncate to max_length, pad to the longest (or `pad_to`)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_file or model_path() / "tokenizer.json"))
-    tokenizer.enable_truncation(max_length)
-    tokenizer.enable_padding(length=pad_to) if pad_to else tokenizer.enable_padding()
-    encoded = tokenizer.encode_batch(texts)
-    return {
-        "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
-        "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
-    }
+    return encode(load_tokenizer(tokenizer_file or model_path() / "tokenizer.json", max_length, pad_to), texts)
 
 
 def build_module(attn_implementation: str = "sdpa"):

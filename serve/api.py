@@ -12,11 +12,11 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import litserve as ls
 import numpy as np
 
+from kiln.models.text import encode, tokenizer_for
 from kiln.serve.batching import batch_bucket, stop_after_drain
 
 
@@ -58,11 +58,7 @@ class KilnAPI(ls.LitAPI):
         self.tokenizer = None
         pre = manifest.preprocessing
         if pre.get("kind") == "text":
-            from tokenizers import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(str(Path(self.artifact_dir) / pre["tokenizer"]))
-            self.tokenizer.enable_truncation(int(pre.get("max_length", 128)))
-            self.tokenizer.enable_padding()
+            self.tokenizer = tokenizer_for(self.artifact_dir, pre)
         # Warm-up: the first run allocates and picks kernels; pay that before reporting ready.
         self.per_item_s: dict[int, float] = {}
         self.predict(self.batch([self._example(1)]))
@@ -84,12 +80,7 @@ class KilnAPI(ls.LitAPI):
     def batch(self, items: list[WorkItem]) -> Batch:
         started = time.time()
         if self.tokenizer is not None:
-            texts = [t for item in items for t in item.texts]
-            encoded = self.tokenizer.encode_batch(texts)
-            inputs = {
-                "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
-                "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
-            }
+            inputs = encode(self.tokenizer, [t for item in items for t in item.texts])
         else:
             inputs = {name: np.concatenate([item.arrays[name] for item in items])
                       for name in self.signature.input_names}

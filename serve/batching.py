@@ -44,18 +44,19 @@ def batch_bucket(items: int) -> int:
     return 1 << (max(items, 1).bit_length() - 1)
 
 
-def worth_waiting(per_item_s: dict[int, float] | None, gathered: int, max_batch_size: int) -> bool:
+def worth_waiting(per_item_s: dict[int, float] | None, gathered: int) -> bool:
     """Whether holding `gathered` items for more makes the batch measurably cheaper per item.
 
-    `per_item_s` maps batch-size buckets to the seconds per item measured on real batches. Where there
-    is no measurement to say a fuller batch is cheaper, the batch runs at once: on a CPU a wait that
-    does not pay only leaves the cores idle while requests queue.
+    `per_item_s` maps batch-size buckets (in items) to the seconds per item measured on real batches, so
+    every size in it is one the loop has formed. Where there is no measurement to say a fuller batch is
+    cheaper, the batch runs at once: on a CPU a wait that does not pay only leaves the cores idle while
+    requests queue.
     """
     if not per_item_s:
         return False
     bucket = batch_bucket(gathered)
     now = per_item_s.get(bucket)
-    fuller = [cost for size, cost in per_item_s.items() if bucket < size <= max_batch_size]
+    fuller = [cost for size, cost in per_item_s.items() if size > bucket]
     return now is not None and bool(fuller) and now > (1.0 + WAIT_GAIN) * min(fuller)
 
 
@@ -140,7 +141,7 @@ class AdaptiveBatchedLoop(BatchedLoop):
                 if len(payloads) < 2 or self.max_batch_delay_s <= 0 or self._channel is None:
                     break
                 if deadline is None and not worth_waiting(getattr(lit_api, "per_item_s", None),
-                                                          sum(p[2].count for p in payloads), lit_api.max_batch_size):
+                                                          sum(p[2].count for p in payloads)):
                     break
                 if deadline is None:
                     deadline = time.monotonic() + self.max_batch_delay_s

@@ -10,37 +10,25 @@ minutes) only figures taken side by side make a fair ratio.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
+from kiln.models.text import encode, tokenizer_for
 
-def _prepare(artifact_dir: str, items: list, batch_size: int):
-    """The batch as the server's worker builds it: texts tokenized per batch (padded to the longest), arrays
-    stacked. Returns a function that gives the runtime's inputs, so text runs pay for tokenizing as the server does."""
+
+def _prepare(tokenizer, items: list, batch_size: int):
+    """The batch as the server's worker builds it: texts tokenized per batch with the same tokenizer and
+    encoding (kiln.models.text), arrays stacked. Returns a function that gives the runtime's inputs, so text
+    runs pay for tokenizing as the server does."""
     batch = [items[i % len(items)] for i in range(batch_size)]
     if isinstance(batch[0], str):
-        from tokenizers import Tokenizer
-
-        from kiln.export.manifest import read_manifest
-
-        pre = read_manifest(artifact_dir).preprocessing
-        tokenizer = Tokenizer.from_file(str(Path(artifact_dir) / pre["tokenizer"]))
-        tokenizer.enable_truncation(int(pre.get("max_length", 128)))
-        tokenizer.enable_padding()
-
-        def prepare():
-            encoded = tokenizer.encode_batch(batch)
-            return {"input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
-                    "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64)}
-        return prepare
+        return lambda: encode(tokenizer, batch)
     stacked = {k: np.concatenate([b[k] for b in batch]) for k in batch[0]}
     return lambda: stacked
 
 
-def measure(runtime, artifact_dir: str, items: list, batch_size: int, seconds: float,
-            start_at: float | None = None) -> dict:
-    prepare = _prepare(artifact_dir, items, batch_size)
+def measure(runtime, tokenizer, items: list, batch_size: int, seconds: float, start_at: float | None = None) -> dict:
+    prepare = _prepare(tokenizer, items, batch_size)
     for _ in range(3):
         runtime.run(prepare())
     if start_at is not None:
@@ -56,15 +44,18 @@ def measure(runtime, artifact_dir: str, items: list, batch_size: int, seconds: f
 
 
 def _child(connection, artifact_dir: str, variant: str | None, threads: int | None, items: list) -> None:
+    from kiln.export.manifest import read_manifest
     from kiln.export.runtime import load
 
     runtime = load(artifact_dir, variant, threads)
+    preprocessing = read_manifest(artifact_dir).preprocessing
+    tokenizer = tokenizer_for(artifact_dir, preprocessing) if preprocessing.get("kind") == "text" else None
     connection.send("ready")
     while True:
         request = connection.recv()
         if request is None:
             return
-        connection.send(measure(runtime, artifact_dir, items, *request))
+        connection.send(measure(runtime, tokenizer, items, *request))
 
 
 class Ceiling:

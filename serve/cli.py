@@ -25,7 +25,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kiln.export.cli import add_export_parser
+    from kiln.export.cli import add_bench_parser, add_export_parser
+    from kiln.serve.loadtest import add_loadtest_parser
 
     parser = _Parser(
         prog="kiln",
@@ -37,19 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     add_export_parser(subparsers)
-    try:
-        from kiln.export.cli import add_bench_parser
-
-        add_bench_parser(subparsers)
-    except ImportError:
-        pass
+    add_bench_parser(subparsers)
     add_serve_parser(subparsers)
-    try:
-        from kiln.serve.loadtest import add_loadtest_parser
-
-        add_loadtest_parser(subparsers)
-    except ImportError:
-        pass
+    add_loadtest_parser(subparsers)
     return parser
 
 

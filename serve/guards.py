@@ -96,17 +96,25 @@ class BodyLimitMiddleware:
                 return await send_json(send, 400, {"error": "Content-Length is not an integer"})
         received = 0
         started = False
+        body_done = False
+        deadline = None  # one deadline for the whole body: a byte every few seconds must not hold it open
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, body_done, deadline
+            if body_done:  # after the body, receive() only waits for a disconnect: no deadline
+                return await receive()
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.read_timeout_s
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
                 raise _BodyTooSlow() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise _BodyTooLarge()
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message):

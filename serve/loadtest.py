@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.export.manifest import write_json_atomic
 from kiln.models.errors import UsageError
 
 EXAMPLE = """examples:
@@ -211,13 +212,17 @@ async def run_level(url: str, concurrency: int, bodies: list, requests: int, dur
     elapsed = time.perf_counter() - start
     if sink is not None:
         sink.extend(latencies)
-    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     return {
         "concurrency": concurrency, "requests": sent, "ok": len(latencies), "errors": errors,
-        "error_count": sum(errors.values()), "seconds": round(elapsed, 3),
-        "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-        "p99_ms": float(np.percentile(ms, 99)), "requests_per_s": len(latencies) / elapsed if elapsed else 0.0,
+        "error_count": sum(errors.values()), "seconds": round(elapsed, 3), **latency_figures(latencies),
+        "requests_per_s": len(latencies) / elapsed if elapsed else 0.0,
     }
+
+
+def latency_figures(latencies: list[float]) -> dict:
+    """p50/p90/p99 in milliseconds of latencies in seconds (NaN when nothing was answered)."""
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)}
 
 
 def scrape(url: str, headers: dict) -> dict[str, float]:
@@ -261,12 +266,10 @@ def run_rounds(url: str, level: int, bodies: list, args, headers: dict, rounds: 
             ceilings.append(measured)
             fractions.append(result["requests_per_s"] / measured["items_per_s"])
             deltas.append(result["p50_ms"] - measured["p50_ms"])
-    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     level_result = {
         "concurrency": level, "rounds": rounds, "requests": sent, "ok": ok, "errors": errors,
-        "error_count": sum(errors.values()), "seconds": round(seconds, 3),
-        "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-        "p99_ms": float(np.percentile(ms, 99)), "requests_per_s": ok / seconds if seconds else 0.0,
+        "error_count": sum(errors.values()), "seconds": round(seconds, 3), **latency_figures(latencies),
+        "requests_per_s": ok / seconds if seconds else 0.0,
         "mean_batch_items": float(np.mean(batches)) if batches else None,
     }
     if ceilings:
@@ -329,7 +332,7 @@ def run_loadtest_command(args) -> int:
     report = {"url": url, "model": name, "protocol": args.protocol, "levels": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "loadtest.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(out / "loadtest.json", report)
     plot(results, out / "loadtest.png", name)
     print_table(results)
     print(f"wrote {out / 'loadtest.json'} and {out / 'loadtest.png'}")

@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from kiln.export.runtime import NUMPY_DTYPES
 from kiln.models.signature import Signature, TensorSpec
 
-V2_TO_NUMPY = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32,
-               "INT16": np.int16, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
 MAX_TEXT_CHARS = 20_000
 
 
@@ -98,19 +97,22 @@ def _to_array(data: Any, spec: TensorSpec, where: str, expected: Any) -> np.ndar
         raise RequestError(f"{where} must hold numbers of one nesting depth", expected=expected)
     if array.dtype.kind == "b" and spec.dtype != "bool":
         raise RequestError(f"{where} holds booleans; {spec.name!r} takes {spec.dtype} numbers", expected=expected)
+    # Cast once, to the dtype the runtime takes (it then uses the array as it is), and check what the cast made.
+    target = NUMPY_DTYPES.get(spec.dtype)
     if spec.dtype.startswith("float"):
-        # Checked after the cast: a finite JSON number past float32's range (1e300) becomes infinity there.
+        # Checked after the cast: a finite JSON number past the dtype's range (1e300) becomes infinity there.
         with np.errstate(over="ignore", invalid="ignore"):
-            array = array.astype(np.float32)
+            array = array.astype(target or np.float32)
         if not np.all(np.isfinite(array)):
-            raise RequestError(f"{where} holds NaN, infinity or a number beyond float32's range, which "
+            raise RequestError(f"{where} holds NaN, infinity or a number beyond {spec.dtype}'s range, which "
                                f"{spec.name!r} does not allow", expected=expected)
     elif spec.dtype.startswith("int"):
         if array.dtype.kind == "f":
             raise RequestError(f"{where} must hold integers for {spec.name!r} ({spec.dtype})", expected=expected)
-        if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
-            raise RequestError(f"{where} holds an integer beyond int64's range", expected=expected)
-        array = array.astype(np.int64)
+        limits = np.iinfo(target or np.int64)
+        if array.size and (array.max() > limits.max or array.min() < limits.min):
+            raise RequestError(f"{where} holds an integer beyond {spec.dtype}'s range", expected=expected)
+        array = array.astype(target or np.int64)
     return array
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import orjson
@@ -31,7 +31,7 @@ JSON_TYPES = ("application/json", "")
 class _Worker:
     name: str
     writer: asyncio.StreamWriter
-    in_flight: dict[str, asyncio.Future] = field(default_factory=dict)  # uid -> the waiting request
+    in_flight: dict[int, asyncio.Future] = field(default_factory=dict)  # uid -> the waiting request
     pending: list[bytes] = field(default_factory=list)  # frames written together at the end of this loop turn
 
     def flush(self) -> None:
@@ -53,10 +53,12 @@ class WorkerGateway:
     server reports not-ready until the restarted worker connects.
     """
 
-    def __init__(self, channel_path: str, workers: int, timeout_s: float) -> None:
+    def __init__(self, channel_path: str, workers: int, timeout_s: float, metrics) -> None:
         self.channel_path = channel_path
         self.expected = workers
         self.timeout_s = timeout_s
+        self.metrics = metrics
+        self.uids = itertools.count()  # unique within this HTTP process, which is all a worker answers to
         self.workers: dict[str, _Worker] = {}
         self._server = None
 
@@ -89,6 +91,9 @@ class WorkerGateway:
         try:
             while True:
                 uid, response, status = await read_frame(reader)
+                if status == LitAPIStatus.OK:  # every answer of a batch that ran, whether or not its client waited
+                    self.metrics.record_inference(response["queue_s"], response["infer_s"], response["batch_requests"],
+                                                  response["batch_items"], response["batch_id"])
                 future = worker.in_flight.pop(uid, None)
                 if future is not None and not future.done():
                     future.set_result((response, status))
@@ -110,7 +115,7 @@ class WorkerGateway:
         if not self.workers:
             raise RequestError("the inference worker is not ready (starting or restarting); retry shortly", 503)
         worker = min(self.workers.values(), key=lambda w: len(w.in_flight))
-        uid = uuid.uuid4().hex
+        uid = next(self.uids)
         future = asyncio.get_running_loop().create_future()
         worker.in_flight[uid] = future
         try:
@@ -193,8 +198,6 @@ class Inference:
             result = await self.gateway.submit(WorkItem(parsed.arrays, parsed.texts, parsed.count, time.time()))
         except RequestError as error:
             return error.status, error.body()
-        self.metrics.record_inference(result["queue_s"], result["infer_s"], result["batch_requests"],
-                                      result["batch_items"], result["batch_id"])
         if kind == "v2":
             return 200, v2_response(model, result["outputs"], parsed)
         return 200, predict_response(model, result["outputs"], parsed)

@@ -100,7 +100,7 @@ def build_server(config: ServeConfig, state_dir: str):
     channel_path = os.path.join(state_dir, "workers.sock")
     loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path)
     api = KilnAPI(os.path.abspath(config.artifact_dir), variant["name"], config.threads, config.max_batch_size, loop)
-    gateway = WorkerGateway(channel_path, config.workers, config.timeout_s)
+    gateway = WorkerGateway(channel_path, config.workers, config.timeout_s, metrics)
     inference = Inference(model, gateway, metrics)
     middlewares = [(InferenceFastPath, {"inference": inference}),  # innermost: after auth, limits and metrics
                    (BodyLimitMiddleware, {"max_bytes": config.max_body_bytes, "read_timeout_s": config.body_timeout_s})]

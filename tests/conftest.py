@@ -75,3 +75,13 @@ def iris_user_model(tmp_path_factory) -> dict:
     torch.save(model.state_dict(), folder / "iris.pt")
     np.savez(folder / "iris.npz", features=x, labels=y)
     return {"folder": folder, "checkpoint": folder / "iris.pt", "data": folder / "iris.npz"}
+
+
+@pytest.fixture(scope="module")
+def digits_server(digits_artifacts):
+    """A digits server per test module, so one module's hostile traffic never meets another's assertions."""
+    from server_process import ServerProcess
+
+    server = ServerProcess(digits_artifacts, "--threads", "1", "--max-batch-size", "8").wait_ready()
+    yield server
+    server.stop()

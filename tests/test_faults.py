@@ -262,6 +262,14 @@ def test_every_spelling_of_an_inference_route_needs_the_key(digits_artifacts):
         server.stop()
 
 
+def _read_until_closed(sock) -> bytes:
+    """The whole answer: the head and the body may come in separate segments; the 408 closes the connection."""
+    chunks = []
+    while chunk := sock.recv(4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def test_a_body_that_trickles_in_gets_408_and_frees_the_connection(digits_artifacts):
     import socket
 
@@ -271,11 +279,28 @@ def test_a_body_that_trickles_in_gets_408_and_frees_the_connection(digits_artifa
             sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 100\r\n\r\n{}")
             t0 = time.monotonic()
-            answer = sock.recv(4096)
+            answer = _read_until_closed(sock)
             assert time.monotonic() - t0 < 8
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408"), head
         assert "did not arrive" in json.loads(body)["error"]
+        # A byte every 0.3 s never lets a per-read timeout of 1 s expire; the deadline is for the whole body.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n")
+            t0 = time.monotonic()
+            sock.settimeout(0.3)
+            answer = b""
+            while not answer and time.monotonic() - t0 < 8:
+                try:
+                    sock.sendall(b" ")
+                    answer = sock.recv(4096)
+                except TimeoutError:
+                    continue
+            assert time.monotonic() - t0 < 3, "a trickled body held the connection past the body timeout"
+            sock.settimeout(10)
+            answer += _read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
         assert httpx.post(f"{server.url}/predict", json=ONE).status_code == 200
     finally:
         server.stop()

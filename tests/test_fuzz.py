@@ -374,13 +374,6 @@ def fuzz_routes(client: Client, model: str, v2_bodies, predict_bodies, examples:
 
 
 @pytest.fixture(scope="module")
-def digits_server(digits_artifacts):
-    server = ServerProcess(digits_artifacts, "--threads", "1", "--max-batch-size", "8").wait_ready()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def digits_known_good():
     from kiln.models.digits import splits
 

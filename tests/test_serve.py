@@ -21,13 +21,6 @@ API_KEY = "k" * 8 + "-test-key-0123456789"
 
 
 @pytest.fixture(scope="module")
-def digits_server(digits_artifacts):
-    server = ServerProcess(digits_artifacts, "--max-batch-size", "16", "--threads", "1").wait_ready()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def digits_images():
     from kiln.models.digits import splits
 
@@ -250,14 +243,15 @@ def test_a_backlog_batch_waits_only_where_a_fuller_batch_was_measured_cheaper():
     from kiln.serve.batching import batch_bucket, worth_waiting
 
     assert [batch_bucket(n) for n in (0, 1, 2, 3, 4, 7, 8, 31, 32, 33)] == [1, 1, 2, 2, 4, 4, 8, 16, 32, 32]
-    assert not worth_waiting({}, 4, 32)  # nothing measured yet: run at once
+    assert not worth_waiting({}, 4)  # nothing measured yet: run at once
     flat = {1: 1.2e-3, 2: 1.2e-3, 4: 1.19e-3, 8: 1.18e-3, 16: 1.2e-3, 32: 1.15e-3}  # digits on one thread
-    assert not any(worth_waiting(flat, k, 32) for k in (2, 3, 4, 8, 16, 31))
+    assert not any(worth_waiting(flat, k) for k in (2, 3, 4, 8, 16, 31))
     falling = {1: 4.6e-3, 2: 3.6e-3, 4: 3.0e-3, 8: 2.8e-3, 16: 2.7e-3, 32: 2.9e-3}  # MiniLM, short sentences
-    assert worth_waiting(falling, 2, 32) and worth_waiting(falling, 3, 32)
-    assert not worth_waiting(falling, 8, 32) and not worth_waiting(falling, 16, 32)
-    assert not worth_waiting(falling, 2, 2)  # the cheaper sizes lie past --max-batch-size
-    assert not worth_waiting({1: 4e-3, 4: 3e-3}, 2, 32)  # no measurement at this size: no wait
+    assert worth_waiting(falling, 2) and worth_waiting(falling, 3)
+    assert not worth_waiting(falling, 8) and not worth_waiting(falling, 16)
+    # Sizes count items, not requests: 40 items from a few multi-item requests wait where 64 were cheaper.
+    assert worth_waiting({32: 3.0e-3, 64: 2.0e-3}, 40) and not worth_waiting({32: 3.0e-3, 64: 2.9e-3}, 40)
+    assert not worth_waiting({1: 4e-3, 4: 3e-3}, 2)  # no measurement at this size: no wait
 
 
 def test_loadtest_reports_levels_and_a_ceiling_in_the_servers_shape(digits_artifacts, tmp_path):
@@ -287,3 +281,24 @@ def test_loadtest_refuses_bad_arguments_and_unreachable_servers():
     assert bad.returncode == 2 and "UsageError: --concurrency" in bad.stderr
     unreachable = run_kiln("loadtest", "http://127.0.0.1:9", "--requests", "5")
     assert unreachable.returncode == 2 and "cannot reach http://127.0.0.1:9" in unreachable.stderr
+
+
+def test_v2_values_are_checked_in_the_dtype_the_runtime_takes():
+    from kiln.models.signature import Signature, TensorSpec
+    from kiln.serve.protocol import RequestError, ServedModel, parse_v2
+
+    model = ServedModel(name="m", task="t", text=False, max_items=8, signature=Signature(
+        inputs=(TensorSpec("ids", "int32", ("batch", 2)), TensorSpec("x", "float16", ("batch", 2))),
+        outputs=(TensorSpec("y", "float32", ("batch", 1)),)))
+
+    def body(ids, x):
+        return {"inputs": [{"name": "ids", "shape": [1, 2], "datatype": "INT32", "data": ids},
+                           {"name": "x", "shape": [1, 2], "datatype": "FP16", "data": x}]}
+
+    parsed = parse_v2(body([1, -2], [0.5, 1.0]), model)
+    assert parsed.arrays["ids"].dtype == np.int32 and parsed.arrays["x"].dtype == np.float16
+    for ids, x, words in (([2**40, 1], [0.5, 1.0], "int32's range"), ([1, -2**31 - 1], [0.5, 1.0], "int32's range"),
+                          ([1, 2], [1e5, 1.0], "float16's range")):
+        with pytest.raises(RequestError) as caught:
+            parse_v2(body(ids, x), model)
+        assert caught.value.status == 422 and words in str(caught.value)
