@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from kiln.export.manifest import library_versions
+from kiln.export.manifest import fp32_default, library_versions
 from kiln.models.errors import BenchmarkError, KilnError, ManifestError, RuntimeUnavailable, UsageError
 
 EAGER = "eager-fp32"
@@ -301,16 +301,6 @@ def measure(folder: str | Path, settings: BenchSettings, progress: Progress = _s
 # --- choosing a default -------------------------------------------------------------------------------------
 
 
-def _fp32_default(manifest) -> str:
-    """The export's own default: unpruned ONNX fp32, else any unpruned fp32, else what is set now."""
-    entries = manifest.data["variants"]
-    for wanted in ("onnx", None):
-        for e in entries:
-            if e["precision"] == "fp32" and not e.get("pruning") and (wanted is None or e["format"] == wanted):
-                return e["name"]
-    return manifest.default_variant
-
-
 def choose(manifest, report: dict, batch_size: int, max_accuracy_drop: float | None = None,
            min_cosine: float | None = None) -> dict:
     """The fastest measured variant whose manifest figures fit the budget, at `batch_size`.
@@ -359,7 +349,7 @@ def choose(manifest, report: dict, batch_size: int, max_accuracy_drop: float | N
         reason = (f"fastest of {len(fits)} variant(s) within budget ({described}) at batch {batch_size}: "
                   f"p50 {best['p50_ms']:.3f} ms, {best['speedup_vs_eager']:.2f}x eager fp32")
     else:
-        chosen, default = None, _fp32_default(manifest)
+        chosen, default = None, fp32_default(manifest.data["variants"]) or manifest.default_variant
         reason = f"no measured variant fits the budget ({described}) at batch {batch_size}; kept the fp32 default"
     return {
         "batch_size": batch_size,

@@ -48,6 +48,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def fp32_default(variants: list[dict]) -> str | None:
+    """The default before any speed is measured: unpruned ONNX fp32, else any unpruned fp32 (the export's
+    reference numbers, never a lossy variant chosen without a benchmark)."""
+    for wanted in ("onnx", None):
+        for entry in variants:
+            if entry["precision"] == "fp32" and not entry.get("pruning") and wanted in (None, entry["format"]):
+                return entry["name"]
+    return None
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write beside the target and rename, so a reader never sees half a file."""
     path = Path(path)

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from kiln.export import verify
-from kiln.export.manifest import SCHEMA_VERSION, Manifest, library_versions, sha256_file
+from kiln.export.manifest import SCHEMA_VERSION, Manifest, fp32_default, library_versions, sha256_file
 from kiln.export.recipe import Recipe
 from kiln.models.base import ModelBundle
 from kiln.models.errors import ExportError, KilnError, UsageError, VerificationError
@@ -266,8 +266,7 @@ def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool
         for target, source in bundle.extra_files.items():
             shutil.copyfile(source, staging / target)
             files.append({"file": target, "sha256": sha256_file(staging / target)})
-        default = next((e["name"] for e in entries if e["format"] == "onnx" and e["precision"] == "fp32"
-                        and not e["pruning"]), entries[0]["name"])
+        default = fp32_default(entries) or entries[0]["name"]
         data = {
             "schema_version": SCHEMA_VERSION,
             "model": bundle.name,

@@ -82,8 +82,10 @@ class Recipe:
     tolerances: Tolerances = field(default_factory=Tolerances)
     opset: int = 17
     select: bool = False
-    max_accuracy_drop: float = 0.5  # percentage points, for --select on classifiers
-    min_cosine: float = 0.99  # for --select on embeddings
+    # --select budgets; None means the same default as `kiln bench --select` (kiln.export.bench.choose): classifiers
+    # within 0.5 accuracy points of eager, other tasks at cosine >= 0.99.
+    max_accuracy_drop: float | None = None  # percentage points
+    min_cosine: float | None = None
     select_batch_size: int = 16
     seed: int = 0
 
@@ -99,9 +101,9 @@ class Recipe:
             raise RecipeError(f"opset {self.opset} is outside 14..21; kiln pins 17 by default")
         if self.select_batch_size < 1:
             raise RecipeError("select_batch_size must be a positive integer")
-        if not 0.0 <= self.max_accuracy_drop <= 100.0:
+        if self.max_accuracy_drop is not None and not 0.0 <= self.max_accuracy_drop <= 100.0:
             raise RecipeError("max_accuracy_drop is in percentage points and must lie in [0, 100]")
-        if not -1.0 <= self.min_cosine <= 1.0:
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
             raise RecipeError("min_cosine must lie in [-1, 1]")
 
     def spec(self, variant: str) -> tuple[str, str, str | None, str | None]:

@@ -51,3 +51,22 @@ def test_recipe_from_toml_with_overrides(tmp_path):
     path.write_text("variants = [\n")
     with pytest.raises(RecipeError, match="not valid TOML"):
         Recipe.from_toml(path)
+
+
+def test_export_select_without_budgets_chooses_as_bench_select_does():
+    """`kiln export --select` hands the recipe's budgets to choose(); unset, they must mean choose's own per-task
+    defaults, or a classifier's fine-tuned pruned variant (low cosine to eager, accuracy within budget) is refused."""
+    from types import SimpleNamespace
+
+    from kiln.export.bench import choose
+
+    recipe = Recipe(variants=("onnx-fp32", "pruned-onnx-int8"), select=True)
+    manifest = SimpleNamespace(model="digits", task="classification", default_variant="onnx-fp32",
+                               data={"reference": {"accuracy": 0.9911}, "variants": []})
+    report = {"settings": {"threads": 1}, "machine": {"cpu_model": "cpu"}, "results": [
+        {"variant": "onnx-fp32", "batch_size": 16, "p50_ms": 10.0, "speedup_vs_eager": 2.4, "accuracy": 0.9911, "cosine_min": 1.0},
+        {"variant": "pruned-onnx-int8", "batch_size": 16, "p50_ms": 2.7, "speedup_vs_eager": 9.5, "accuracy": 0.9933, "cosine_min": 0.9426}]}
+    selection = choose(manifest, report, 16, recipe.max_accuracy_drop, recipe.min_cosine)
+    assert selection["default_variant"] == "pruned-onnx-int8" and "min_cosine" not in selection["budget"]
+    strict = choose(manifest, report, 16, recipe.max_accuracy_drop, 0.99)  # a cosine given is an extra condition
+    assert strict["default_variant"] == "onnx-fp32"
