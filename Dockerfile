@@ -15,8 +15,11 @@ RUN groupadd --system --gid 10001 kiln \
 
 WORKDIR /opt/kiln
 COPY pyproject.toml README.md ./
+COPY kiln ./kiln
+COPY core ./core
 COPY models ./models
 COPY export ./export
+COPY bench ./bench
 COPY serve ./serve
 
 # The same steps as the Makefile: a virtual environment, then `pip install` of this project.

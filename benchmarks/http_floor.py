@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from server_process import free_port  # noqa: E402
 
-from kiln.serve.loadtest import run_async, run_level  # noqa: E402
+from kiln.bench.loadtest import run_async, run_level  # noqa: E402
 
 BODY = json.dumps({"model_name": "minilm", "outputs": [{"name": "sentence_embedding", "shape": [1, 384],
                                                         "datatype": "FP32",

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from server_process import ServerProcess, group_pids  # noqa: E402
 
-from kiln.serve.loadtest import request_body, run_async, run_level, sample_items  # noqa: E402
+from kiln.bench.loadtest import request_body, run_async, run_level, sample_items  # noqa: E402
 
 DEFAULT_ARTIFACTS = Path("/tmp/kiln-soak-digits")
 MAX_GROWTH = 0.10
@@ -80,7 +80,7 @@ class RssSampler(threading.Thread):
 def ensure_artifacts(folder: Path) -> Path:
     if not (folder / "manifest.json").exists():
         print(f"soak: exporting digits to {folder} ...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "kiln.serve.cli", "export", "digits", "--out", str(folder), "--force"],
+        subprocess.run([sys.executable, "-m", "kiln", "export", "digits", "--out", str(folder), "--force"],
                        check=True, stdout=subprocess.DEVNULL)
     return folder
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from server_process import ServerProcess, free_port  # noqa: E402
 
-from kiln.serve.loadtest import run_async, run_level  # noqa: E402
+from kiln.bench.loadtest import run_async, run_level  # noqa: E402
 
 TS_VENV = ROOT / "benchmarks" / ".venv-torchserve"
 KILN_CONFIGS = [  # (variant, threads per worker, workers); kiln's batching settings stay at their defaults
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "torchserve_vs_kiln.json")
     args = parser.parse_args()
     if not (args.artifacts / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "kiln.serve.cli", "export", "digits", "--out", str(args.artifacts),
+        subprocess.run([sys.executable, "-m", "kiln", "export", "digits", "--out", str(args.artifacts),
                         "--force"], check=True)
     from kiln.models.digits import splits
 

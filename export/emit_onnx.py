@@ -14,7 +14,10 @@ import re
 import warnings
 from pathlib import Path
 
-from kiln.models.signature import Signature
+from kiln.core.errors import ExportError, one_line
+from kiln.core.signature import Signature
+from kiln.export import quantize
+from kiln.export.emitter import EmitJob, EmitResult
 
 
 def dynamic_axes(signature: Signature) -> dict[str, dict[int, str]]:
@@ -58,7 +61,7 @@ def export_onnx(module, example_inputs: tuple, path: Path, signature: Signature,
             onnx.checker.check_model(str(path))
             return {"exporter": "dynamo" if dynamo else "torchscript", "opset": opset}
         except Exception as exc:  # keep both reasons: the second is often the real one
-            text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))
+            text = re.sub(r"\x1b\[[0-9;]*m", "", one_line(exc))
             errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {text[:300]}")
             path.unlink(missing_ok=True)
     raise RuntimeError("; ".join(errors))
@@ -89,3 +92,52 @@ def optimize_onnx(source: Path, target: Path, transformer: dict | None = None) -
     options.log_severity_level = 3
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     return {"optimizer": "onnxruntime", "level": "basic"}
+
+
+class OnnxEmitter:
+    """fp32: export once per eager source and optimize (shared by the variants that start from it); INT8: quantize
+    that optimized graph, in the variant's mode or the model's preferred one."""
+
+    def base_graph(self, job: EmitJob) -> tuple[Path, dict]:
+        pruning = job.spec.pruning
+        cache = job.shared.setdefault("onnx_base", {})
+        if pruning in cache:
+            return cache[pruning]
+        hints = job.bundle.hints
+        module = hints.onnx_module_factory() if pruning is None and hints.onnx_module_factory else job.module
+        raw = job.scratch / f"{pruning or 'base'}.raw.onnx"
+        optimized = job.scratch / f"{pruning or 'base'}.opt.onnx"
+        try:
+            info = export_onnx(module, job.example_inputs(), raw, job.bundle.signature, job.recipe.opset)
+            info.update(optimize_onnx(raw, optimized, hints.onnx_optimizer or None))
+        except Exception as exc:
+            raise ExportError(f"ONNX export of {job.bundle.name!r} failed: {exc}; "
+                              "check that the model is traceable, or export only TorchScript variants") from exc
+        cache[pruning] = (optimized, info)
+        return cache[pruning]
+
+    def emit(self, job: EmitJob) -> EmitResult:
+        import shutil
+
+        base, info = self.base_graph(job)
+        mode = job.spec.quantization
+        if mode == "auto":
+            mode = job.bundle.hints.int8_mode
+        quant_info = None
+        try:
+            if mode == "static":
+                quant_info = quantize.quantize_static_(base, job.target, job.bundle.calibration,
+                                                      job.bundle.signature.input_names)
+            elif mode == "dynamic":
+                quant_info = quantize.quantize_dynamic_(base, job.target, keep_fp32=job.bundle.hints.int8_keep_fp32)
+            else:
+                shutil.copyfile(base, job.target)
+        except Exception as exc:
+            raise ExportError(f"quantization of {job.spec.name} failed: {one_line(exc, 300)}; "
+                              "drop the INT8 variant or try onnx-int8-dynamic") from exc
+        if quant_info is not None:
+            quant_info["int8_nodes"] = quantize.int8_node_counts(job.target)
+        return EmitResult(dict(info), quant_info)
+
+
+EMITTER = OnnxEmitter()

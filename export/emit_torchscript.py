@@ -10,6 +10,9 @@ import copy
 import warnings
 from pathlib import Path
 
+from kiln.core.errors import ExportError, one_line
+from kiln.export.emitter import EmitJob, EmitResult
+
 
 def bf16_copy(module):
     import torch
@@ -52,3 +55,16 @@ def emit_torchscript(module, example_inputs: tuple, path: Path, precision: str =
         scripted = torch.jit.freeze(scripted.eval())
         torch.jit.save(scripted, str(path))
     return {"method": method, "frozen": True}
+
+
+class TorchScriptEmitter:
+    def emit(self, job: EmitJob) -> EmitResult:
+        try:
+            info = emit_torchscript(job.module, job.example_inputs(), job.target, job.spec.precision)
+        except Exception as exc:
+            raise ExportError(f"TorchScript export of {job.spec.name} failed: {one_line(exc, 300)}; "
+                              "make the model traceable or drop TorchScript variants") from exc
+        return EmitResult(info)
+
+
+EMITTER = TorchScriptEmitter()

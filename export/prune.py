@@ -7,8 +7,13 @@ leaves every tensor its shape, so its report says that it buys compressibility, 
 from __future__ import annotations
 
 import copy
+from typing import Any, Callable
 
-from kiln.models.errors import RecipeError
+import numpy as np
+
+from kiln.core.errors import RecipeError, UsageError
+from kiln.export import verify
+from kiln.models.base import ModelBundle
 
 UNSTRUCTURED_NOTE = (
     "unstructured sparsity keeps every tensor dense: no speedup on dense CPU kernels and the same file size "
@@ -80,3 +85,39 @@ def prune_structured(module, example_inputs: tuple, amount: float):
         "channels": {name: m.out_channels for name, m in pruned.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))},
     }
     return pruned, report
+
+
+# The eager module each variant starts from, by pruning method (None: the model itself), with its report.
+Sources = dict[str | None, tuple[Any, dict | None]]
+
+
+def prepare_sources(bundle: ModelBundle, methods: set[str], amount: float, fine_tune_epochs: int,
+                    reference: np.ndarray, example_inputs: tuple, progress: Callable[[str], None]) -> Sources:
+    """Prune once per method the recipe needs (structured then fine-tuned; unstructured in place on a copy)."""
+    sources: Sources = {None: (bundle.module, None)}
+    labels = bundle.evaluation.labels if bundle.task == "classification" else None
+    if "structured" in methods:
+        progress(f"[kiln] prune: structured, {amount:.0%} of channels")
+        pruned, report = prune_structured(bundle.module, example_inputs, amount)
+        report["accuracy_before_fine_tune"] = verify.compare(
+            reference, verify.eager_outputs(pruned, bundle), labels, bundle.task).get("accuracy")
+        if fine_tune_epochs:
+            if bundle.fine_tune is None:
+                raise UsageError(
+                    f"structured pruning of {bundle.name!r} needs fine-tuning data, which this model lacks; "
+                    "set prune.fine_tune_epochs = 0 or drop the pruned variants"
+                )
+            progress(f"[kiln] fine-tune: {fine_tune_epochs} epoch(s) to recover accuracy")
+            bundle.fine_tune(pruned, fine_tune_epochs)
+        report["fine_tune_epochs"] = fine_tune_epochs
+        pruned.eval()
+        sources["structured"] = (pruned, report)
+        progress(f"[kiln] prune: params {report['params_before']:,} -> {report['params_after']:,}, "
+                 f"MACs {report['macs_before']:,} -> {report['macs_after']:,}")
+    if "unstructured" in methods:
+        sparse = copy.deepcopy(bundle.module)
+        report = prune_unstructured_(sparse, amount)
+        sparse.eval()
+        sources["unstructured"] = (sparse, report)
+        progress(f"[kiln] prune: unstructured, sparsity {report['sparsity']:.1%} ({UNSTRUCTURED_NOTE})")
+    return sources

@@ -11,22 +11,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.models.errors import RecipeError
-
-# name -> (format, precision, quantization, pruning)
-VARIANTS: dict[str, tuple[str, str, str | None, str | None]] = {
-    "torchscript-fp32": ("torchscript", "fp32", None, None),
-    "torchscript-bf16": ("torchscript", "bf16", None, None),
-    "onnx-fp32": ("onnx", "fp32", None, None),
-    "onnx-int8": ("onnx", "int8", "auto", None),  # the model's preferred mode (ModelBundle.int8_mode)
-    "onnx-int8-dynamic": ("onnx", "int8", "dynamic", None),
-    "pruned-onnx-fp32": ("onnx", "fp32", None, "structured"),
-    "pruned-onnx-int8": ("onnx", "int8", "auto", "structured"),
-    "onnx-int8-static": ("onnx", "int8", "static", None),
-    "pruned-torchscript-fp32": ("torchscript", "fp32", None, "structured"),
-    "sparse-onnx-fp32": ("onnx", "fp32", None, "unstructured"),
-}
-PRUNING_METHODS = ("structured", "unstructured")
+from kiln.core.errors import RecipeError
+from kiln.export.variants import PRUNING_METHODS, VARIANTS, VariantSpec
 
 
 @dataclass(frozen=True)
@@ -82,7 +68,7 @@ class Recipe:
     tolerances: Tolerances = field(default_factory=Tolerances)
     opset: int = 17
     select: bool = False
-    # --select budgets; None means the same default as `kiln bench --select` (kiln.export.bench.choose): classifiers
+    # --select budgets; None means the same default as `kiln bench --select` (kiln.bench.select.choose): classifiers
     # within 0.5 accuracy points of eager, other tasks at cosine >= 0.99.
     max_accuracy_drop: float | None = None  # percentage points
     min_cosine: float | None = None
@@ -106,12 +92,13 @@ class Recipe:
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
             raise RecipeError("min_cosine must lie in [-1, 1]")
 
-    def spec(self, variant: str) -> tuple[str, str, str | None, str | None]:
-        return VARIANTS[variant]
+    @property
+    def specs(self) -> list[VariantSpec]:
+        return [VARIANTS[v] for v in self.variants]
 
     @property
     def pruning_needed(self) -> set[str]:
-        return {VARIANTS[v][3] for v in self.variants if VARIANTS[v][3]}
+        return {s.pruning for s in self.specs if s.pruning}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,3 +132,36 @@ class Recipe:
             raise RecipeError(f"recipe file {str(path)!r} is not valid TOML ({exc}); fix its syntax") from exc
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
+
+
+def build_recipe(recommended: tuple[str, ...], recipe_file: str | Path | None = None, *,
+                 variants: list[str] | None = None, opset: int | None = None, select: bool = False,
+                 max_accuracy_drop: float | None = None, min_cosine: float | None = None,
+                 prune: str | None = None, fine_tune_epochs: int | None = None) -> Recipe:
+    """The recipe a command line or an API call asks for: the model's recommended set, a TOML file's values over
+    it, then each option given (None or False: not given) over those."""
+    overrides: dict = {}
+    if variants:
+        overrides["variants"] = list(variants)
+    if opset is not None:
+        overrides["opset"] = opset
+    if select:
+        overrides["select"] = True
+    if max_accuracy_drop is not None:
+        overrides["max_accuracy_drop"] = max_accuracy_drop
+    if min_cosine is not None:
+        overrides["min_cosine"] = min_cosine
+    pruning: dict = {}
+    if prune:
+        method, _, amount = prune.partition(":")
+        try:
+            pruning = {"method": method, "amount": float(amount or 0.5)}
+        except ValueError as exc:
+            raise RecipeError(f"--prune {prune!r} is not METHOD:AMOUNT; e.g. structured:0.5") from exc
+    if fine_tune_epochs is not None:
+        pruning["fine_tune_epochs"] = fine_tune_epochs
+    data = Recipe.from_toml(recipe_file).to_dict() if recipe_file else {"variants": list(recommended)}
+    data.update(overrides)
+    if pruning:
+        data["prune"] = {**data.get("prune", dataclasses.asdict(PruneConfig())), **pruning}
+    return Recipe.from_dict(data)

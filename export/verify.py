@@ -6,9 +6,42 @@ are returned as sentences, so the pipeline can collect all of them and raise onc
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from kiln.core.runtime import Runtime, run_batched
 from kiln.export.recipe import Tolerances
+from kiln.models.base import ModelBundle
+
+
+def eager_outputs(module: Any, bundle: ModelBundle) -> np.ndarray:
+    """The eager module's first output on the held-out data, through the same adapter that runs TorchScript."""
+    from kiln.core.runtimes.torchscript import TorchRuntime
+
+    runtime = TorchRuntime(module, bundle.signature, "eager")
+    return run_batched(runtime, bundle.evaluation.inputs)[bundle.signature.output_names[0]]
+
+
+def measure(runtime: Runtime, bundle: ModelBundle, parity_reference: np.ndarray, reference: np.ndarray) -> dict:
+    """Figures of an artifact: parity against the eager module it was made from (the pruned one, for pruned
+    variants), task figures against the original eager fp32 model, so every variant is judged on one scale."""
+    labels = bundle.evaluation.labels if bundle.task == "classification" else None
+    outputs = run_batched(runtime, bundle.evaluation.inputs)[bundle.signature.output_names[0]]
+    parity = compare(parity_reference, outputs, labels, bundle.task)
+    task = compare(reference, outputs, labels, bundle.task)
+    figures = {
+        "max_abs_error": parity["max_abs_error"],
+        "max_rel_error": parity["max_rel_error"],
+        "parity_cosine_min": parity["cosine_min"],
+        "cosine_min": task["cosine_min"],
+    }
+    if "top1_agreement" in parity:
+        figures["top1_agreement"] = parity["top1_agreement"]
+    if "accuracy" in task:
+        figures["accuracy"] = task["accuracy"]
+    figures["evaluation_items"] = parity["items"]
+    return figures
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, task: str) -> dict:

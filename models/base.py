@@ -1,19 +1,21 @@
 """What the export pipeline needs to know about a model, whatever its source.
 
-A zoo model and a user's `package.module:factory` model both become a `ModelBundle`: the fp32
-eager module plus everything needed to verify it (signature, held-out data, task metric) and to
-rebuild it later (its source), so the pipeline never special-cases a model.
+A zoo model and a user's `package.module:factory` model both become a `ModelBundle`: the fp32 eager module plus
+what is needed to verify it (signature, held-out data, task metric) and to rebuild it later (its source), so the
+pipeline never special-cases a model. How the model is best exported (INT8 mode, nodes kept in fp32, the module
+built for ONNX, the transformer optimizer's settings, the recommended variants) is a separate `ExportHints`, as
+optimum keeps an `OnnxConfig` per architecture beside the model itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from kiln.models.signature import Signature
+from kiln.core.signature import Signature
 
 TASKS = ("classification", "embedding", "regression")
 
@@ -36,9 +38,28 @@ class Dataset:
             None if self.labels is None else self.labels[index],
         )
 
-    def batches(self, size: int):
+    def batches(self, size: int) -> Iterator["Dataset"]:
         for start in range(0, len(self), size):
             yield self.take(slice(start, start + size))
+
+
+@dataclass(frozen=True)
+class ExportHints:
+    """Per-model export choices; the defaults suit a small convnet or MLP."""
+
+    recommended_variants: tuple[str, ...] = ("torchscript-fp32", "onnx-fp32", "onnx-int8")
+    # "static" (calibrated QDQ) suits convnets; "dynamic" suits transformers, whose activations vary per input.
+    int8_mode: str = "static"
+    # Regex of graph node names kept in fp32 by INT8 quantization (the layers most sensitive to it).
+    int8_keep_fp32: str | None = None
+    # Builds a module for ONNX export when it differs from the eager one (eager attention, so ONNX Runtime fuses it).
+    onnx_module_factory: Callable[[], Any] | None = None
+    # ONNX Runtime's transformer optimizer settings, e.g. {"model_type": "bert", "num_heads": 12, "hidden_size": 384}.
+    onnx_optimizer: dict[str, Any] = field(default_factory=dict)
+
+
+# Inputs of a given batch size, padded to a given sequence length for text models (None: the model's own length).
+ExampleBatch = Callable[[int, "int | None"], Arrays]
 
 
 @dataclass
@@ -47,27 +68,20 @@ class ModelBundle:
     module: Any  # torch.nn.Module in eval mode, fp32
     signature: Signature
     task: str
-    source: dict  # how to rebuild the module: {"zoo": name} or {"factory": ..., "checkpoint": ...}
+    source: dict[str, Any]  # how to rebuild the module: {"zoo": name} or {"factory": ..., "checkpoint": ...}
     calibration: Dataset
     evaluation: Dataset
     training: Dataset | None = None  # for fine-tuning after structured pruning
-    preprocessing: dict = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
     extra_files: dict[str, Path] = field(default_factory=dict)  # copied into the artifact folder
-    recommended_variants: tuple[str, ...] = ()
-    # Builds a module for ONNX export when it differs from `module` (e.g. eager attention for fusion).
-    onnx_module_factory: Callable[[], Any] | None = None
-    onnx_optimizer: dict = field(default_factory=dict)  # e.g. {"model_type": "bert", "num_heads": 12, ...}
-    example_batch: Callable[[int], Arrays] | None = None  # inputs of a given batch size, for tracing/benchmarks
-    # "static" (calibrated QDQ) suits convnets; "dynamic" suits transformers, whose activations vary per input.
-    int8_mode: str = "static"
-    # Regex of graph node names kept in fp32 by INT8 quantization (the layers most sensitive to it).
-    int8_keep_fp32: str | None = None
+    hints: ExportHints = field(default_factory=ExportHints)
+    example_batch: ExampleBatch | None = None  # real examples of a batch size (and sequence length), for tracing/bench
     # Trains a (pruned) module in place for some epochs on `training`; needed for structured pruning.
     fine_tune: Callable[[Any, int], None] | None = None
 
-    def examples(self, batch_size: int) -> Arrays:
+    def examples(self, batch_size: int, seq_len: int | None = None) -> Arrays:
         if self.example_batch is not None:
-            return self.example_batch(batch_size)
+            return self.example_batch(batch_size, seq_len)
         data = self.evaluation
         index = np.arange(batch_size) % len(data)
         return {k: v[index] for k, v in data.inputs.items()}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.models.base import Dataset, ModelBundle
-from kiln.models.signature import Signature, TensorSpec
+from kiln.core.signature import Signature, TensorSpec
+from kiln.models.base import Dataset, ExportHints, ModelBundle
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "digits.pt"
 SEED = 0
@@ -129,9 +129,9 @@ def load() -> ModelBundle:
         fine_tune=lambda module, epochs: train_classifier_(
             module, train, epochs=epochs, lr=1e-3, progress=True, label="fine-tune"),
         preprocessing={"kind": "image", "description": "8x8 grey image, pixel values 0..16 (scikit-learn digits)"},
-        recommended_variants=(
+        hints=ExportHints(recommended_variants=(
             "torchscript-fp32", "torchscript-bf16", "onnx-fp32", "onnx-int8", "pruned-onnx-int8",
-        ),
+        )),
     )
 
 

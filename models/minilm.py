@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.models.base import Dataset, ModelBundle
-from kiln.models.errors import ModelSourceError
-from kiln.models.signature import Signature, TensorSpec
-from kiln.models.text import DEFAULT_MAX_LENGTH, encode, load_tokenizer
+from kiln.core.errors import ModelSourceError
+from kiln.core.preprocessing import DEFAULT_MAX_LENGTH, encode, load_tokenizer
+from kiln.core.signature import Signature, TensorSpec
+from kiln.models.base import Dataset, ExportHints, ModelBundle
 
 MAX_LENGTH = DEFAULT_MAX_LENGTH
 SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
@@ -50,7 +50,8 @@ def sentences() -> list[str]:
 def tokenize(texts: list[str], tokenizer_file: Path | None = None, max_length: int = MAX_LENGTH,
              pad_to: int | None = None) -> dict[str, np.ndarray]:
     """Tokenize as the server does: truncate to max_length, pad to the longest (or `pad_to`)."""
-    return encode(load_tokenizer(tokenizer_file or model_path() / "tokenizer.json", max_length, pad_to), texts)
+    return encode(load_tokenizer(tokenizer_file or model_path() / "tokenizer.json", max_length, pad_to), texts,
+                  SIGNATURE.input_names)
 
 
 def build_module(attn_implementation: str = "sdpa"):
@@ -83,7 +84,8 @@ def load() -> ModelBundle:
     data = Dataset(tokenize(texts))
     path = model_path()
 
-    def example_batch(batch_size: int, seq_len: int = MAX_LENGTH) -> dict[str, np.ndarray]:
+    def example_batch(batch_size: int, seq_len: int | None = None) -> dict[str, np.ndarray]:
+        seq_len = seq_len or MAX_LENGTH
         picked = [texts[i % len(texts)] for i in range(batch_size)]
         return tokenize(picked, max_length=seq_len, pad_to=seq_len)
 
@@ -98,12 +100,14 @@ def load() -> ModelBundle:
         preprocessing={"kind": "text", "tokenizer": "tokenizer.json", "max_length": MAX_LENGTH,
                        "lowercase": True},
         extra_files={name: path / name for name in TOKENIZER_FILES if (path / name).exists()},
-        recommended_variants=("torchscript-fp32", "torchscript-bf16", "onnx-fp32", "onnx-int8"),
-        onnx_module_factory=lambda: build_module(attn_implementation="eager"),
-        onnx_optimizer={"model_type": "bert", "num_heads": 12, "hidden_size": 384},
         example_batch=example_batch,
-        int8_mode="dynamic",
-        # The FFN output projections carry the widest activations: quantizing them too took the minimum
-        # cosine to fp32 from 0.9958 to 0.9897 for a few percent more speed.
-        int8_keep_fp32=r"layer\.\d+/output/dense",
+        hints=ExportHints(
+            recommended_variants=("torchscript-fp32", "torchscript-bf16", "onnx-fp32", "onnx-int8"),
+            onnx_module_factory=lambda: build_module(attn_implementation="eager"),
+            onnx_optimizer={"model_type": "bert", "num_heads": 12, "hidden_size": 384},
+            int8_mode="dynamic",
+            # The FFN output projections carry the widest activations: quantizing them too took the minimum
+            # cosine to fp32 from 0.9958 to 0.9897 for a few percent more speed.
+            int8_keep_fp32=r"layer\.\d+/output/dense",
+        ),
     )

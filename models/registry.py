@@ -1,54 +1,62 @@
-"""Finds a model by zoo name, or by a `package.module:factory` reference, and rebuilds one from a manifest."""
+"""Model sources behind one interface: a reference from the command line (or a manifest's recorded source)
+becomes a `ModelBundle`. A new kind of source is one module with a class like these and one row in SOURCES."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
+from kiln.core.errors import ModelSourceError
 from kiln.models.base import ModelBundle
-from kiln.models.errors import ModelSourceError, UsageError
+from kiln.models.user import FactorySource
+from kiln.models.zoo import ZOO, ZooSource, get_model
 
-ZOO = ("digits", "minilm")
+
+@dataclass(frozen=True)
+class SourceRequest:
+    """What the user named and gave: the reference plus the flags a source may need."""
+
+    reference: str
+    checkpoint: str | Path | None = None
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    data: str | Path | None = None
+    name: str | None = None
 
 
-def get_model(name: str) -> ModelBundle:
-    if name == "digits":
-        from kiln.models import digits
+class ModelSource(Protocol):
+    key: str  # the key of the manifest's `source` record that names this kind of source
 
-        return digits.load()
-    if name == "minilm":
-        from kiln.models import minilm
+    def claims(self, reference: str) -> bool: ...
 
-        return minilm.load()
-    raise ModelSourceError(
-        f"no zoo model named {name!r}; use one of {', '.join(ZOO)} or --model package.module:factory"
-    )
+    def load(self, request: SourceRequest) -> ModelBundle: ...
+
+    def rebuild(self, recorded: dict[str, Any]) -> ModelBundle: ...
+
+
+SOURCES: tuple[ModelSource, ...] = (ZooSource(), FactorySource())
 
 
 def resolve(model: str, checkpoint: str | Path | None = None, inputs: list[str] | None = None,
             outputs: list[str] | None = None, data: str | Path | None = None,
             name: str | None = None) -> ModelBundle:
-    """A zoo name or a factory reference, from CLI flags."""
-    from kiln.models import user
-
-    if model in ZOO:
-        if checkpoint or inputs:
-            raise UsageError(f"{model!r} is a zoo model: it takes no --checkpoint or --input")
-        bundle = get_model(model)
-        if name:
-            bundle.name = name
-        return bundle
-    if user.is_factory_reference(model):
-        return user.load(model, checkpoint, inputs or [], outputs, data, name=name)
-    raise ModelSourceError(
-        f"no zoo model named {model!r}; use one of {', '.join(ZOO)} or --model package.module:factory"
-    )
+    """The first source that claims `model` loads it."""
+    request = SourceRequest(model, checkpoint, tuple(inputs or ()), tuple(outputs or ()), data, name)
+    for source in SOURCES:
+        if source.claims(model):
+            return source.load(request)
+    raise ModelSourceError(f"no model source recognises {model!r}; name a zoo model ({', '.join(ZOO)}) "
+                           "or package.module:factory")
 
 
-def from_source(source: dict) -> ModelBundle:
+def from_source(recorded: dict[str, Any]) -> ModelBundle:
     """Rebuild the eager fp32 model recorded in a manifest (the benchmark's baseline)."""
-    if "zoo" in source:
-        return get_model(source["zoo"])
-    if "factory" in source:
-        return resolve(source["factory"], source.get("checkpoint"), source.get("inputs"),
-                       source.get("outputs"), source.get("data"))
-    raise ModelSourceError("the manifest's model source names neither a zoo model nor a factory; re-export it")
+    for source in SOURCES:
+        if source.key in recorded:
+            return source.rebuild(recorded)
+    raise ModelSourceError("the manifest's model source names no source this kiln knows "
+                           f"({', '.join(s.key for s in SOURCES)}); re-export it")
+
+
+__all__ = ["SOURCES", "ModelSource", "SourceRequest", "from_source", "get_model", "resolve"]

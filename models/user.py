@@ -11,14 +11,17 @@ import importlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kiln.models.base import Dataset, ModelBundle
-from kiln.models.errors import DataError, ModelSourceError, UsageError
-from kiln.models.signature import Signature, TensorSpec
+from kiln.core.errors import DataError, ModelSourceError, UsageError, one_line
+from kiln.core.signature import NUMPY_DTYPES, Signature, TensorSpec
+from kiln.models.base import Dataset, ModelBundle, ExportHints
 
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+if TYPE_CHECKING:
+    from kiln.models.registry import SourceRequest
+
 LABELS_KEY = "labels"
 MAX_CALIBRATION = 128
 
@@ -72,7 +75,7 @@ def build_module(reference: str, checkpoint: str | Path | None):
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            first = " ".join(str(exc).split())[:300]
+            first = one_line(exc, 300)
             raise ModelSourceError(
                 f"checkpoint {str(path)!r} does not fit the model from {reference!r}: {first}; "
                 "use the checkpoint saved from this architecture"
@@ -107,9 +110,9 @@ def load_data(path: str | Path, signature: Signature) -> Dataset:
                 raise UsageError(
                     f"signature does not match the data: {spec} but {spec.name!r} has shape {list(array.shape)}; fix --input"
                 )
-        if spec.dtype not in NUMPY_DTYPES:
-            raise UsageError(f"dtype {spec.dtype} is not supported for user models; use float32, int64, int32 or bool")
-        inputs[spec.name] = array.astype(NUMPY_DTYPES[spec.dtype], copy=False)
+        if spec.numpy_dtype is None:
+            raise UsageError(f"dtype {spec.dtype} is not supported for user models; use one of {', '.join(NUMPY_DTYPES)}")
+        inputs[spec.name] = array.astype(spec.numpy_dtype, copy=False)
     counts = {len(v) for v in inputs.values()}
     if len(counts) != 1 or 0 in counts:
         raise DataError(f"the arrays in {str(path)!r} must all have the same, non-zero number of items")
@@ -129,7 +132,7 @@ def check_signature(module, signature: Signature, data: Dataset) -> None:
     except Exception as exc:
         raise UsageError(
             f"signature does not match the model: running it on inputs {signature.input_names} raised "
-            f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}; fix --input"
+            f"{type(exc).__name__}: {one_line(exc, 200)}; fix --input"
         ) from exc
     outputs = out if isinstance(out, (tuple, list)) else (out,)
     if len(outputs) != len(signature.outputs):
@@ -142,7 +145,7 @@ def check_signature(module, signature: Signature, data: Dataset) -> None:
 def load(reference: str, checkpoint: str | Path | None, inputs: list[str], outputs: list[str] | None,
          data: str | Path | None, name: str | None = None) -> ModelBundle:
     if not is_factory_reference(reference):
-        raise UsageError(f"--model {reference!r} is neither a zoo name nor package.module:factory")
+        raise UsageError(f"{reference!r} is neither a zoo name nor package.module:factory")
     if not inputs:
         raise UsageError("a user model needs its signature: --input name:dtype[dims] (e.g. x:float32[batch,3,32,32])")
     if data is None:
@@ -175,5 +178,22 @@ def load(reference: str, checkpoint: str | Path | None, inputs: list[str], outpu
         evaluation=evaluation,
         training=None,
         preprocessing={"kind": "tensor"},
-        recommended_variants=("torchscript-fp32", "onnx-fp32", "onnx-int8"),
+        hints=ExportHints(),
     )
+
+
+class FactorySource:
+    """`package.module:factory` plus a checkpoint, a signature and data, from the user's own code."""
+
+    key = "factory"
+
+    def claims(self, reference: str) -> bool:
+        return is_factory_reference(reference)
+
+    def load(self, request: "SourceRequest") -> ModelBundle:
+        return load(request.reference, request.checkpoint, list(request.inputs), list(request.outputs) or None,
+                    request.data, name=request.name)
+
+    def rebuild(self, recorded: dict) -> ModelBundle:
+        return load(recorded["factory"], recorded.get("checkpoint"), recorded.get("inputs") or [],
+                    recorded.get("outputs"), recorded.get("data"))

@@ -1,1 +1,1 @@
-"""kiln.serve: a LitServe server over an artifact folder, and a load tester for it."""
+"""kiln.serve: the server only. A LitServe server over an artifact folder, with V2 and /predict routes."""

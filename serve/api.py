@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import litserve as ls
 import numpy as np
 
-from kiln.models.text import encode, tokenizer_for
+from kiln.core.preprocessing import text_preprocessor
 from kiln.serve.batching import batch_bucket, stop_after_drain
 
 
@@ -47,18 +47,15 @@ class KilnAPI(ls.LitAPI):
     def setup(self, device) -> None:
         import torch
 
-        from kiln.export.manifest import read_manifest
-        from kiln.export.runtime import load
+        from kiln.core.manifest import read_manifest
+        from kiln.core.runtime import RuntimeOptions, load
 
         torch.set_num_threads(1)  # torch only moves tensors here; the runtime gets the cores
         self.batches_run = 0
         manifest = read_manifest(self.artifact_dir)
         self.signature = manifest.signature
-        self.runtime = load(self.artifact_dir, self.variant, self.threads)
-        self.tokenizer = None
-        pre = manifest.preprocessing
-        if pre.get("kind") == "text":
-            self.tokenizer = tokenizer_for(self.artifact_dir, pre)
+        self.runtime = load(self.artifact_dir, self.variant, RuntimeOptions(self.threads))
+        self.preprocess = text_preprocessor(manifest)
         # Warm-up: the first run allocates and picks kernels; pay that before reporting ready.
         self.per_item_s: dict[int, float] = {}
         self.predict(self.batch([self._example(1)]))
@@ -66,7 +63,7 @@ class KilnAPI(ls.LitAPI):
         signal.signal(signal.SIGTERM, stop_after_drain)
 
     def _example(self, count: int) -> WorkItem:
-        if self.tokenizer is not None:
+        if self.preprocess is not None:
             return WorkItem(None, ["warm-up"] * count, count, time.time())
         arrays = {}
         for spec in self.signature.inputs:
@@ -79,8 +76,8 @@ class KilnAPI(ls.LitAPI):
 
     def batch(self, items: list[WorkItem]) -> Batch:
         started = time.time()
-        if self.tokenizer is not None:
-            inputs = encode(self.tokenizer, [t for item in items for t in item.texts])
+        if self.preprocess is not None:
+            inputs = self.preprocess([t for item in items for t in item.texts])
         else:
             inputs = {name: np.concatenate([item.arrays[name] for item in items])
                       for name in self.signature.input_names}

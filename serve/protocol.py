@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.export.runtime import NUMPY_DTYPES
-from kiln.models.signature import Signature, TensorSpec
+from kiln.core.signature import NUMPY_DTYPES, Signature, TensorSpec
 
 MAX_TEXT_CHARS = 20_000
 

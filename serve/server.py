@@ -14,7 +14,8 @@ import signal
 import tempfile
 from dataclasses import dataclass
 
-from kiln.models.errors import UsageError
+from kiln.core.errors import UsageError
+from kiln.core.secrets import MIN_KEY_LENGTH, api_key_from_env
 
 INTERNAL_PATH = "/_kiln/worker"
 
@@ -55,36 +56,28 @@ class ServeConfig:
             raise UsageError("--max-body-bytes must be at least 1024")
 
 
-def served_model(manifest, variant: dict, max_items: int):
+def served_model(manifest, variant, max_items: int):
+    from kiln.core.runtime import runtime_spec
     from kiln.serve.protocol import ServedModel
 
-    platform = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_torchscript"}.get(variant["runtime"], "")
     return ServedModel(
         name=manifest.model,
         task=manifest.task,
         signature=manifest.signature,
-        text=manifest.preprocessing.get("kind") == "text",
+        text=manifest.is_text,
         max_items=max_items,
-        platform=platform,
+        platform=runtime_spec(variant.runtime, variant.name).v2_platform,
     )
 
 
 def api_key(config: ServeConfig) -> str | None:
-    if not config.api_key_env:
-        return None
-    key = os.environ.get(config.api_key_env, "")
-    if not key:
-        raise UsageError(f"--api-key-env names {config.api_key_env!r}, which is unset or empty; export the key "
-                         "in that variable or drop --api-key-env")
-    if len(key) < 16:
-        raise UsageError(f"the API key in {config.api_key_env!r} is shorter than 16 characters; use a longer key")
-    return key
+    return api_key_from_env(config.api_key_env, min_length=MIN_KEY_LENGTH)
 
 
 def build_server(config: ServeConfig, state_dir: str):
     import litserve as ls
 
-    from kiln.export.manifest import read_manifest
+    from kiln.core.manifest import read_manifest
     from kiln.serve.api import KilnAPI
     from kiln.serve.batching import AdaptiveBatchedLoop
     from kiln.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, PathNormalizer
@@ -93,13 +86,13 @@ def build_server(config: ServeConfig, state_dir: str):
 
     manifest = read_manifest(config.artifact_dir)
     variant = manifest.variant(config.variant)
-    manifest.verify_file(variant["name"])  # refuse a tampered folder before any process starts
+    manifest.verify_file(variant.name)  # refuse a tampered folder before any process starts
     model = served_model(manifest, variant, config.max_items)
     key = api_key(config)
     metrics = Metrics(model.name)
     channel_path = os.path.join(state_dir, "workers.sock")
     loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path)
-    api = KilnAPI(os.path.abspath(config.artifact_dir), variant["name"], config.threads, config.max_batch_size, loop)
+    api = KilnAPI(os.path.abspath(config.artifact_dir), variant.name, config.threads, config.max_batch_size, loop)
     gateway = WorkerGateway(channel_path, config.workers, config.timeout_s, metrics)
     inference = Inference(model, gateway, metrics)
     middlewares = [(InferenceFastPath, {"inference": inference}),  # innermost: after auth, limits and metrics
@@ -159,7 +152,7 @@ def serve(config: ServeConfig) -> None:
             raise SystemExit(0)
 
         signal.signal(signal.SIGTERM, stop)
-        print(f"kiln: serving {model.name} ({variant['name']}) on http://{config.host}:{config.port} "
+        print(f"kiln: serving {model.name} ({variant.name}) on http://{config.host}:{config.port} "
               f"[/predict, /v2/models/{model.name}/infer, /metrics]", flush=True)
         try:
             server.run(host=config.host, port=config.port, generate_client_file=False, num_api_servers=1,

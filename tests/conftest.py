@@ -19,7 +19,7 @@ logging.getLogger().setLevel(logging.ERROR)
 def run_kiln(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """The real `kiln` command in a subprocess, as a user runs it."""
     env = {**os.environ, "PYTHONPATH": str(FIXTURES)}
-    return subprocess.run([sys.executable, "-m", "kiln.serve.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "kiln", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -32,7 +32,7 @@ def digits_artifacts(tmp_path_factory) -> Path:
 
     bundle = get_model("digits")
     out = tmp_path_factory.mktemp("artifacts") / "digits"
-    recipe = Recipe(variants=bundle.recommended_variants, prune=PruneConfig(fine_tune_epochs=3))
+    recipe = Recipe(variants=bundle.hints.recommended_variants, prune=PruneConfig(fine_tune_epochs=3))
     run_export(bundle, recipe, out, progress=lambda message: None)
     return out
 
@@ -45,7 +45,7 @@ def minilm_artifacts(tmp_path_factory) -> Path:
 
     bundle = get_model("minilm")
     out = tmp_path_factory.mktemp("artifacts") / "minilm"
-    run_export(bundle, Recipe(variants=bundle.recommended_variants), out, progress=lambda message: None)
+    run_export(bundle, Recipe(variants=bundle.hints.recommended_variants), out, progress=lambda message: None)
     return out
 
 

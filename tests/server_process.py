@@ -41,7 +41,7 @@ class ServerProcess:
         self.log_path = log or Path(f"/tmp/kiln-serve-{self.port}.log")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kiln.serve.cli", "serve", str(artifact_dir), "--port", str(self.port), *args],
+            [sys.executable, "-m", "kiln", "serve", str(artifact_dir), "--port", str(self.port), *args],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **(env or {})},
         )

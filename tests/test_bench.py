@@ -15,11 +15,16 @@ import pytest
 
 from conftest import run_kiln
 
-from kiln.export.bench import CSV_COLUMNS, EAGER, ISA_FLAGS
-from kiln.export.manifest import read_manifest
+from kiln.bench.driver import CSV_COLUMNS, EAGER, ISA_FLAGS
+from kiln.core.manifest import read_manifest
 
 TINY = ("--max-seconds", "0.2", "--warmup", "1", "--min-iters", "2")
 ROW_FIELDS = (*CSV_COLUMNS, "mean_ms", "min_ms", "iterations", "format", "runtime", "precision", "load_seconds")
+
+
+def _entries(manifest) -> dict[str, dict]:
+    """The manifest's variant entries as written in manifest.json, by name."""
+    return {v.name: v.to_dict() for v in manifest.variants}
 
 
 def _copy(source: Path, tmp_path: Path) -> Path:
@@ -53,7 +58,7 @@ def benched(digits_artifacts, tmp_path_factory) -> dict:
 def test_json_has_every_variant_and_batch_with_all_fields(benched):
     report, before = benched["report"], benched["before"]
     rows = report["results"]
-    expected = {(name, batch) for name in [EAGER, *before.variants] for batch in (1, 2)}
+    expected = {(name, batch) for name in [EAGER, *before.variant_names] for batch in (1, 2)}
     assert {(r["variant"], r["batch_size"]) for r in rows} == expected
     for row in rows:
         missing = [f for f in ROW_FIELDS if f not in row]
@@ -63,9 +68,9 @@ def test_json_has_every_variant_and_batch_with_all_fields(benched):
         assert row["bytes"] > 0 and row["accuracy"] is not None and row["cosine_min"] is not None
         if row["variant"] == EAGER:
             assert row["speedup_vs_eager"] == pytest.approx(1.0)
-            assert row["accuracy"] == before.data["reference"]["accuracy"]
+            assert row["accuracy"] == before.reference_accuracy
         else:
-            entry = before.variants[row["variant"]]
+            entry = _entries(before)[row["variant"]]
             assert (row["bytes"], row["accuracy"], row["cosine_min"]) == (
                 entry["bytes"], entry["accuracy"], entry["cosine_min"])
     assert report["settings"]["threads"] == 1 and report["settings"]["batch_sizes"] == [1, 2]
@@ -106,23 +111,23 @@ def test_csv_and_png_are_valid(benched):
 def test_select_picks_the_fastest_within_budget_and_keeps_the_manifest_valid(benched):
     folder, before, report = benched["folder"], benched["before"], benched["report"]
     after = read_manifest(folder)  # still valid for a server
-    selection = after.data["selection"]
+    selection = after.selection
     assert selection == report["selection"]
-    reference = before.data["reference"]["accuracy"]
+    reference = before.reference_accuracy
     chosen = selection["chosen"]
     assert chosen is not None and after.default_variant == chosen
-    assert _fits(before.variants[chosen], reference, 0.5, 0.9995)
+    assert _fits(_entries(before)[chosen], reference, 0.5, 0.9995)
     p50 = selection["measured_p50_ms"]
-    assert set(p50) == {EAGER, *before.variants}
-    for name, entry in before.variants.items():
+    assert set(p50) == {EAGER, *before.variant_names}
+    for name, entry in _entries(before).items():
         if p50[name] < p50[chosen]:
             assert not _fits(entry, reference, 0.5, 0.9995), f"{name} was faster and within budget"
         assert (name in selection["rejected"]) == (not _fits(entry, reference, 0.5, 0.9995))
     assert selection["batch_size"] == 2 and selection["budget"]["min_cosine"] == 0.9995
     # Only default_variant and selection changed; every artifact entry is untouched.
-    assert after.data["variants"] == before.data["variants"]
-    assert {k: v for k, v in after.data.items() if k not in ("default_variant", "selection")} == \
-        {k: v for k, v in before.data.items() if k not in ("default_variant", "selection")}
+    assert after.to_dict()["variants"] == before.to_dict()["variants"]
+    assert {k: v for k, v in after.to_dict().items() if k not in ("default_variant", "selection")} == \
+        {k: v for k, v in before.to_dict().items() if k not in ("default_variant", "selection")}
     assert (folder / "manifest.json").stat().st_mode & 0o777 == 0o644
 
 
@@ -130,16 +135,16 @@ def test_select_keeps_the_fp32_default_when_nothing_fits(digits_artifacts, tmp_p
     folder = _copy(digits_artifacts, tmp_path)
     before = read_manifest(folder)
     # Both INT8 variants sit below a 0.9999 cosine floor (the export holds INT8 only to 0.99).
-    int8 = [n for n, e in before.variants.items() if e["precision"] == "int8"]
-    assert int8 and all(before.variants[n]["cosine_min"] < 0.9999 for n in int8)
+    int8 = [n for n, e in _entries(before).items() if e["precision"] == "int8"]
+    assert int8 and all(_entries(before)[n]["cosine_min"] < 0.9999 for n in int8)
     result = run_kiln("bench", str(folder), "--variants", ",".join(int8), "--batch-sizes", "1", *TINY,
                       "--threads", "1", "--select", "--min-cosine", "0.9999", "--select-batch-size", "1")
     assert result.returncode == 0, result.stderr
     assert "no measured variant fits the budget" in result.stdout
     after = read_manifest(folder)
     assert after.default_variant == before.default_variant == "onnx-fp32"
-    assert after.data["selection"]["chosen"] is None
-    assert set(after.data["selection"]["rejected"]) == set(int8)
+    assert after.selection["chosen"] is None
+    assert set(after.selection["rejected"]) == set(int8)
     report = json.loads((folder / "bench.json").read_text())
     assert {r["variant"] for r in report["results"]} == {EAGER, *int8}
 
@@ -150,7 +155,7 @@ def test_export_select_sets_the_default(tmp_path):
                       "--max-accuracy-drop", "1.0")
     assert result.returncode == 0, result.stderr
     manifest = read_manifest(out)
-    selection = manifest.data["selection"]
+    selection = manifest.selection
     assert selection["chosen"] in ("onnx-fp32", "onnx-int8") and manifest.default_variant == selection["chosen"]
     assert set(selection["measured_p50_ms"]) == {EAGER, "onnx-fp32", "onnx-int8"}
     assert selection["batch_size"] == 16 and selection["budget"]["max_accuracy_drop"] == 1.0
@@ -189,7 +194,7 @@ def test_hash_mismatch(digits_artifacts, tmp_path):
 def test_variant_whose_runtime_is_not_available(digits_artifacts, tmp_path):
     folder = _copy(digits_artifacts, tmp_path)
     manifest = read_manifest(folder)
-    for entry in manifest.data["variants"]:
+    for entry in manifest.to_dict()["variants"]:
         if entry["name"] == "onnx-int8":
             entry["runtime"] = "openvino"  # as written by a kiln that supports more runtimes
     manifest.save()

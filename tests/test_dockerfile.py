@@ -22,7 +22,11 @@ def test_installs_like_the_makefile():
     assert "-m pip install --quiet --upgrade pip" in DOCKERFILE and "-m pip install --quiet --upgrade pip" in makefile
     assert re.search(r"-m pip install --quiet \.\s*$", DOCKERFILE, re.M)
     assert "-m pip install --quiet -e '.[test]'" in makefile
-    for folder in ("models", "export", "serve"):
+    import tomllib
+
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    assert folders >= {"kiln", "core", "models", "export", "bench", "serve"}
+    for folder in folders:  # every room the package installs is copied into the image
         assert f"COPY {folder} ./{folder}" in DOCKERFILE
 
 

@@ -38,9 +38,9 @@ def test_user_model_through_module_factory(iris_user_model, tmp_path):
     assert manifest["source"]["factory"] == "userpkg.nets:iris_mlp"
     for v in manifest["variants"]:
         assert v["accuracy"] >= 0.9 and v["cosine_min"] > 0.99
-    from kiln.export import runtime as kiln_runtime
+    import kiln
 
-    rt = kiln_runtime.load(out, "onnx-fp32")
+    rt = kiln.load(out, "onnx-fp32")
     with np.load(iris_user_model["data"]) as data:
         logits = rt.run({"features": data["features"][:7]})["logits"]
     assert logits.shape == (7, 3)

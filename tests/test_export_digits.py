@@ -7,10 +7,11 @@ import numpy as np
 import onnx
 import pytest
 
-from kiln.export import runtime as kiln_runtime
-from kiln.export.manifest import read_manifest
+import kiln
+from kiln.core.runtime import run_batched
+from kiln.core.manifest import read_manifest
 from kiln.export.quantize import int8_node_counts
-from kiln.models.errors import IntegrityError, ManifestError
+from kiln.core.errors import IntegrityError, ManifestError
 
 pytestmark = pytest.mark.slow
 
@@ -30,33 +31,34 @@ def eager():
 def test_manifest_lists_the_recommended_set(digits_artifacts):
     manifest = read_manifest(digits_artifacts)
     assert manifest.model == "digits" and manifest.task == "classification"
-    assert set(manifest.variants) == {"torchscript-fp32", "torchscript-bf16", "onnx-fp32", "onnx-int8", "pruned-onnx-int8"}
-    assert manifest.default_variant in manifest.variants
-    for v in manifest.variants.values():
+    assert set(manifest.variant_names) == {"torchscript-fp32", "torchscript-bf16", "onnx-fp32", "onnx-int8",
+                                           "pruned-onnx-int8"}
+    assert manifest.default_variant in manifest.variant_names
+    for v in manifest.to_dict()["variants"]:
         for key in ("name", "file", "format", "runtime", "precision", "pruning", "quantization", "bytes", "sha256",
                     "accuracy", "cosine_min", "max_abs_error", "max_rel_error", "top1_agreement"):
             assert key in v, (v["name"], key)
         assert (digits_artifacts / v["file"]).stat().st_size == v["bytes"]
     assert manifest.signature.inputs[0].shape == ("batch", 1, 8, 8)
     for key in ("torch", "onnxruntime", "onnx", "python"):
-        assert key in manifest.data["versions"]
-    assert manifest.data["recipe"]["variants"]
+        assert key in manifest.versions
+    assert manifest.recipe["variants"]
     assert not list(digits_artifacts.parent.glob(".digits.tmp-*")), "staging folder left behind"
 
 
 @pytest.mark.parametrize("variant,atol", [("torchscript-fp32", 1e-4), ("onnx-fp32", 1e-3)])
 def test_fp32_artifacts_match_eager(digits_artifacts, eager, variant, atol):
     bundle, logits = eager
-    rt = kiln_runtime.load(digits_artifacts, variant, threads=2)
-    out = kiln_runtime.run_batched(rt, bundle.evaluation.inputs)["logits"]
+    rt = kiln.load(digits_artifacts, variant, threads=2)
+    out = run_batched(rt, bundle.evaluation.inputs)["logits"]
     np.testing.assert_allclose(out, logits, atol=atol, rtol=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["torchscript-bf16", "onnx-int8", "pruned-onnx-int8"])
 def test_reduced_precision_keeps_accuracy(digits_artifacts, eager, variant):
     bundle, logits = eager
-    rt = kiln_runtime.load(digits_artifacts, variant, threads=2)
-    out = kiln_runtime.run_batched(rt, bundle.evaluation.inputs)["logits"]
+    rt = kiln.load(digits_artifacts, variant, threads=2)
+    out = run_batched(rt, bundle.evaluation.inputs)["logits"]
     accuracy = float((out.argmax(1) == bundle.evaluation.labels).mean())
     reference = float((logits.argmax(1) == bundle.evaluation.labels).mean())
     assert reference >= 0.99
@@ -94,7 +96,7 @@ def test_structured_pruning_really_removes_channels(digits_artifacts, eager):
     pruned_channels, dense_channels = conv_out_channels(model), conv_out_channels(dense)
     assert len(pruned_channels) == len(dense_channels) == 4
     assert all(p < d for p, d in zip(pruned_channels, dense_channels))
-    rt = kiln_runtime.load(digits_artifacts, "pruned-onnx-int8")
+    rt = kiln.load(digits_artifacts, "pruned-onnx-int8")
     assert rt.run({"image": bundle.evaluation.inputs["image"][:5]})["logits"].shape == (5, 10)
 
 
@@ -124,18 +126,18 @@ def test_tampered_artifact_is_refused(digits_artifacts, tmp_path):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="sha256"):
-        kiln_runtime.load(copy, "onnx-fp32")
+        kiln.load(copy, "onnx-fp32")
     path.write_bytes(bytes(data[: len(data) // 2]))  # truncated
     with pytest.raises(IntegrityError):
-        kiln_runtime.load(copy, "onnx-fp32")
-    kiln_runtime.load(copy, "torchscript-fp32")  # the others are intact
+        kiln.load(copy, "onnx-fp32")
+    kiln.load(copy, "torchscript-fp32")  # the others are intact
 
 
 def test_manifest_errors_are_clear(digits_artifacts, tmp_path):
     copy = tmp_path / "digits"
     shutil.copytree(digits_artifacts, copy)
     with pytest.raises(ManifestError, match="not in"):
-        kiln_runtime.load(copy, "no-such-variant")
+        kiln.load(copy, "no-such-variant")
     manifest = copy / "manifest.json"
     data = json.loads(manifest.read_text())
     del data["signature"]
@@ -154,4 +156,4 @@ def test_manifest_round_trips(digits_artifacts, tmp_path):
     shutil.copytree(digits_artifacts, copy)
     manifest = read_manifest(copy)
     manifest.save()
-    assert read_manifest(copy).data == manifest.data
+    assert read_manifest(copy).to_dict() == manifest.to_dict()

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from kiln.export import runtime as kiln_runtime
-from kiln.export.manifest import read_manifest
+import kiln
+from kiln.core.runtime import run_batched
+from kiln.core.manifest import read_manifest
 from kiln.export.quantize import int8_node_counts
 from kiln.models import minilm
 
@@ -42,17 +43,17 @@ def test_zoo_module_matches_sentence_transformers(reference):
 def test_artifacts_keep_the_embedding(minilm_artifacts, reference, variant, floor):
     texts, expected = reference
     held_out = texts[minilm.CALIBRATION_COUNT:]
-    rt = kiln_runtime.load(minilm_artifacts, variant, threads=2)
-    got = kiln_runtime.run_batched(rt, minilm.tokenize(held_out, minilm_artifacts / "tokenizer.json"), 16)
+    rt = kiln.load(minilm_artifacts, variant, threads=2)
+    got = run_batched(rt, minilm.tokenize(held_out, minilm_artifacts / "tokenizer.json"), 16)
     cos = _cosine(got["sentence_embedding"], expected[minilm.CALIBRATION_COUNT:])
     assert cos.min() >= floor
-    recorded = read_manifest(minilm_artifacts).variant(variant)["cosine_min"]
+    recorded = read_manifest(minilm_artifacts).variant(variant).cosine_min
     assert recorded >= floor
 
 
 def test_onnx_graph_is_fused_and_int8_is_int8(minilm_artifacts):
     manifest = read_manifest(minilm_artifacts)
-    fused = manifest.variant("onnx-fp32")["build"]["fused"]
+    fused = manifest.variant("onnx-fp32").build["fused"]
     assert fused.get("Attention", 0) == 6 and fused.get("SkipLayerNormalization", 0) >= 6
     counts = int8_node_counts(minilm_artifacts / "onnx-int8.onnx")
     assert counts.get("MatMulInteger", 0) + counts.get("DynamicQuantizeMatMul", 0) >= 6
@@ -60,7 +61,7 @@ def test_onnx_graph_is_fused_and_int8_is_int8(minilm_artifacts):
 
 
 def test_dynamic_axes_take_any_batch_and_length(minilm_artifacts):
-    rt = kiln_runtime.load(minilm_artifacts, "onnx-fp32", threads=2)
+    rt = kiln.load(minilm_artifacts, "onnx-fp32", threads=2)
     for texts in (["one"], ["a somewhat longer sentence for the encoder"] * 5):
         out = rt.run(minilm.tokenize(texts, minilm_artifacts / "tokenizer.json"))["sentence_embedding"]
         assert out.shape == (len(texts), 384)
@@ -71,4 +72,4 @@ def test_tokenizer_files_travel_with_the_artifact(minilm_artifacts):
     manifest = read_manifest(minilm_artifacts)
     assert manifest.preprocessing["tokenizer"] == "tokenizer.json"
     assert (minilm_artifacts / "tokenizer.json").is_file()
-    assert {f["file"] for f in manifest.data["files"]} >= {"tokenizer.json", "vocab.txt"}
+    assert {f["file"] for f in manifest.files} >= {"tokenizer.json", "vocab.txt"}

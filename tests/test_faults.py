@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, run_kiln
-from kiln.export.manifest import read_manifest
+from kiln.core.manifest import read_manifest
 from server_process import ServerProcess, group_pids
 
 pytestmark = pytest.mark.slow
@@ -144,7 +144,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits(digits_artifacts):
 def test_killed_export_leaves_nothing_that_looks_complete_and_a_rerun_works(tmp_path):
     out = tmp_path / "digits"
     env = {**os.environ, "PYTHONPATH": str(FIXTURES)}
-    proc = subprocess.Popen([sys.executable, "-m", "kiln.serve.cli", "export", "digits", "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "kiln", "export", "digits", "--out", str(out),
                              "--variants", "onnx-fp32,pruned-onnx-int8"], stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stderr:
         if "fine-tune epoch 1/" in line:  # killed in the middle of fine-tuning
@@ -163,15 +163,15 @@ def test_killed_export_leaves_nothing_that_looks_complete_and_a_rerun_works(tmp_
 def test_two_exports_to_one_folder_do_not_corrupt_each_other(tmp_path):
     out = tmp_path / "digits"
     env = {**os.environ, "PYTHONPATH": str(FIXTURES)}
-    args = [sys.executable, "-m", "kiln.serve.cli", "export", "digits", "--out", str(out), "--force"]
+    args = [sys.executable, "-m", "kiln", "export", "digits", "--out", str(out), "--force"]
     procs = [subprocess.Popen(args + ["--variants", v], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env=env) for v in ("onnx-fp32", "torchscript-fp32,onnx-fp32")]
     codes = [p.wait(300) for p in procs]
     assert codes == [0, 0], [p.stderr.read() for p in procs]
     manifest = read_manifest(out)
-    for name in manifest.variants:
+    for name in manifest.variant_names:
         manifest.verify_file(name)
-    assert set(p.name for p in out.iterdir()) == {"manifest.json"} | {v["file"] for v in manifest.variants.values()}
+    assert set(p.name for p in out.iterdir()) == {"manifest.json"} | {v.file for v in manifest.variants}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"], "staging or old folders left behind"
 
 

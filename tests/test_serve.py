@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import run_kiln
-from kiln.export import runtime as kiln_runtime
+import kiln
+from kiln.core.runtime import run_batched
 from server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ def digits_images():
 
 
 def test_predict_matches_the_in_process_runtime(digits_server, digits_artifacts, digits_images):
-    rt = kiln_runtime.load(digits_artifacts, threads=1)
+    rt = kiln.load(digits_artifacts, threads=1)
     expected = rt.run({"image": digits_images})["logits"]
     one = httpx.post(f"{digits_server.url}/predict", json={"image": digits_images[0, 0].tolist()}).json()
     assert one["class"] == int(expected[0].argmax())
@@ -40,7 +41,7 @@ def test_predict_matches_the_in_process_runtime(digits_server, digits_artifacts,
 
 
 def test_v2_infer_matches_the_in_process_runtime(digits_server, digits_artifacts, digits_images):
-    rt = kiln_runtime.load(digits_artifacts, threads=1)
+    rt = kiln.load(digits_artifacts, threads=1)
     expected = rt.run({"image": digits_images})["logits"]
     body = {"id": "r1", "inputs": [{"name": "image", "shape": list(digits_images.shape), "datatype": "FP32",
                                     "data": digits_images.reshape(-1).tolist()}],
@@ -62,7 +63,7 @@ def test_stock_tritonclient_works_unchanged(digits_server, digits_artifacts, dig
     tensor = triton.InferInput("image", list(digits_images.shape), "FP32")
     tensor.set_data_from_numpy(digits_images, binary_data=False)
     result = client.infer("digits", [tensor], outputs=[triton.InferRequestedOutput("logits", binary_data=False)])
-    expected = kiln_runtime.load(digits_artifacts, threads=1).run({"image": digits_images})["logits"]
+    expected = kiln.load(digits_artifacts, threads=1).run({"image": digits_images})["logits"]
     np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-4)
 
 
@@ -284,7 +285,7 @@ def test_loadtest_refuses_bad_arguments_and_unreachable_servers():
 
 
 def test_v2_values_are_checked_in_the_dtype_the_runtime_takes():
-    from kiln.models.signature import Signature, TensorSpec
+    from kiln.core.signature import Signature, TensorSpec
     from kiln.serve.protocol import RequestError, ServedModel, parse_v2
 
     model = ServedModel(name="m", task="t", text=False, max_items=8, signature=Signature(

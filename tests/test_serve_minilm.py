@@ -4,7 +4,8 @@ import httpx
 import numpy as np
 import pytest
 
-from kiln.export import runtime as kiln_runtime
+import kiln
+from kiln.core.runtime import run_batched
 from kiln.models import minilm
 from server_process import ServerProcess
 
@@ -20,7 +21,7 @@ def minilm_server(minilm_artifacts):
 
 
 def _expected(folder, texts):
-    rt = kiln_runtime.load(folder, "onnx-fp32", threads=1)
+    rt = kiln.load(folder, "onnx-fp32", threads=1)
     return rt.run(minilm.tokenize(texts, folder / "tokenizer.json"))["sentence_embedding"]
 
 

@@ -1,8 +1,8 @@
 import pytest
 
 from kiln.export.recipe import PruneConfig, Recipe, Tolerances
-from kiln.models.errors import RecipeError, UsageError
-from kiln.models.signature import Signature, TensorSpec
+from kiln.core.errors import RecipeError, UsageError
+from kiln.core.signature import Signature, TensorSpec
 
 
 def test_tensor_spec_parses_symbolic_and_fixed_dims():
@@ -56,13 +56,15 @@ def test_recipe_from_toml_with_overrides(tmp_path):
 def test_export_select_without_budgets_chooses_as_bench_select_does():
     """`kiln export --select` hands the recipe's budgets to choose(); unset, they must mean choose's own per-task
     defaults, or a classifier's fine-tuned pruned variant (low cosine to eager, accuracy within budget) is refused."""
-    from types import SimpleNamespace
+    from pathlib import Path
 
-    from kiln.export.bench import choose
+    from kiln.bench.select import choose
+    from kiln.core.manifest import Manifest
+    from kiln.models.digits import SIGNATURE
 
     recipe = Recipe(variants=("onnx-fp32", "pruned-onnx-int8"), select=True)
-    manifest = SimpleNamespace(model="digits", task="classification", default_variant="onnx-fp32",
-                               data={"reference": {"accuracy": 0.9911}, "variants": []})
+    manifest = Manifest(folder=Path("."), model="digits", task="classification", signature=SIGNATURE,
+                        preprocessing={}, variants=[], default_variant="onnx-fp32", reference={"accuracy": 0.9911})
     report = {"settings": {"threads": 1}, "machine": {"cpu_model": "cpu"}, "results": [
         {"variant": "onnx-fp32", "batch_size": 16, "p50_ms": 10.0, "speedup_vs_eager": 2.4, "accuracy": 0.9911, "cosine_min": 1.0},
         {"variant": "pruned-onnx-int8", "batch_size": 16, "p50_ms": 2.7, "speedup_vs_eager": 9.5, "accuracy": 0.9933, "cosine_min": 0.9426}]}

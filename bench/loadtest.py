@@ -2,14 +2,13 @@
 
 Each level runs N async clients that send one-item requests (V2 or /predict) until the request
 count or the time bound is reached. With `--ceiling ARTIFACT_DIR` the same variant is also run
-in-process (serve.ceiling), right after each round of load, at the batch size the server formed in
+in-process (kiln.bench.ceiling), right after each round of load, at the batch size the server formed in
 that round (read off its /metrics), so the report says what fraction of the model's own speed the
 server delivers.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -20,39 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.export.manifest import write_json_atomic
-from kiln.models.errors import UsageError
-
-EXAMPLE = """examples:
-  kiln loadtest http://127.0.0.1:8000 --concurrency 1,8,32 --requests 2000
-  kiln loadtest http://127.0.0.1:8000 --protocol predict --duration 20 --ceiling artifacts/minilm --threads 2
-"""
-
-
-def add_loadtest_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "loadtest", help="concurrency sweep against a running kiln server",
-        description="Send real requests at several concurrency levels and report latency, throughput, errors.",
-        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels (default 1,8,32)")
-    parser.add_argument("--requests", type=int, default=1000, help="requests per level (default 1000)")
-    parser.add_argument("--duration", type=float, help="seconds per level (then --requests is an upper bound)")
-    parser.add_argument("--max-seconds", type=float, default=120.0, help="hard time bound per level")
-    parser.add_argument("--protocol", choices=("v2", "predict"), default="v2")
-    parser.add_argument("--model", help="model name (default: the one the server reports)")
-    parser.add_argument("--ceiling", metavar="ARTIFACT_DIR", help="also measure the served variant in-process")
-    parser.add_argument("--variant", help="variant for --ceiling (default: the manifest's default)")
-    parser.add_argument("--threads", type=int, help="runtime threads for --ceiling (match the server's)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="processes for --ceiling, run side by side (match the server's --workers)")
-    parser.add_argument("--rounds", type=int,
-                        help="rounds per level; with --ceiling each round is followed by its ceiling run and the "
-                             "ratio is the median over rounds (default 3 with --ceiling, else 1)")
-    parser.add_argument("--api-key-env", help="environment variable holding the server's API key")
-    parser.add_argument("--out", default="loadtest", help="folder for loadtest.json and loadtest.png")
-    parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
-    parser.set_defaults(handler=run_loadtest_command)
+from kiln.core.console import format_table
+from kiln.core.errors import UsageError
+from kiln.core.manifest import write_json_atomic
+from kiln.core.secrets import api_key_from_env
 
 
 def parse_levels(text: str) -> list[int]:
@@ -298,10 +268,8 @@ def run_loadtest_command(args) -> int:
         raise UsageError("--workers and --rounds must be positive integers")
     url = args.url.rstrip("/")
     headers = {}
-    if args.api_key_env:
-        key = os.environ.get(args.api_key_env)
-        if not key:
-            raise UsageError(f"--api-key-env {args.api_key_env!r} is unset or empty; export the key there")
+    key = api_key_from_env(args.api_key_env)
+    if key:
         headers["Authorization"] = f"Bearer {key}"
     try:
         server = httpx.get(f"{url}/v2", headers=headers, timeout=10)
@@ -320,7 +288,7 @@ def run_loadtest_command(args) -> int:
     rounds = args.rounds if args.rounds else (3 if args.ceiling else 1)
     ceiling = None
     if args.ceiling:
-        from kiln.serve.ceiling import Ceiling
+        from kiln.bench.ceiling import Ceiling
 
         ceiling = Ceiling(args.ceiling, args.variant, args.threads, args.workers, items)
     try:
@@ -351,9 +319,7 @@ def print_table(results: list[dict]) -> None:
                      f"{c['items_per_s']:.0f}" if c else "-",
                      f"{r['fraction_of_ceiling']:.2f}" if c else "-",
                      f"{r['p50_minus_in_process_ms']:+.2f}" if c else "-"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    print(format_table(rows, left_columns=0))
 
 
 def plot(results: list[dict], path: Path, name: str) -> None:

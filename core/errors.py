@@ -1,7 +1,7 @@
 """The whole exception tree of kiln, in one place.
 
-It lives in kiln.models, the bottom of the import chain (models <- export <- serve), so that every
-layer raises from the same tree.
+It lives in kiln.core, the bottom of the import chain (core <- models <- export <- bench, serve <- kiln),
+so that every room raises from the same tree.
 
 Every message names the thing that went wrong and the next step, so that the CLI can print
 `ErrorName: message` and exit without a traceback. The exit code tells scripts what kind of
@@ -30,23 +30,25 @@ class KilnError(Exception):
 
 
 class UsageError(KilnError):
+    """The caller asked for something kiln cannot do as asked: fixable by changing the command."""
+
     exit_code = 2
 
 
 class RecipeError(UsageError):
-    pass
+    """A recipe value (TOML or flag) is out of range or unknown; raised before any work starts."""
 
 
 class ModelSourceError(KilnError):
-    pass
+    """The model cannot be found, imported, built or loaded from its source."""
 
 
 class DataError(KilnError):
-    pass
+    """Calibration or evaluation data is missing or does not fit the signature."""
 
 
 class ExportError(KilnError):
-    pass
+    """A step of the export (emit, quantize, optimize) failed; nothing was published."""
 
 
 class VerificationError(KilnError):
@@ -64,22 +66,34 @@ class VerificationError(KilnError):
 
 
 class BenchmarkError(KilnError):
-    pass
+    """A measurement could not be taken (a worker died, a runtime failed mid-run)."""
 
 
 class ManifestError(KilnError):
-    pass
+    """An artifact folder is missing, malformed, or written by an incompatible kiln."""
 
 
 class IntegrityError(ManifestError):
-    pass
+    """A file's size or sha256 differs from the manifest: it changed since export."""
 
 
 class RuntimeUnavailable(KilnError):
-    pass
+    """The runtime a variant needs is not installed or not known to this kiln."""
+
+
+def one_line(error: BaseException | str, limit: int | None = None) -> str:
+    """An exception's text on one line (library errors span many), cut to `limit` characters."""
+    text = " ".join(str(error).split())
+    return text if limit is None else text[:limit]
 
 
 def format_error(error: BaseException) -> str:
     """One line for the terminal: `ErrorName: what happened; what to do`."""
-    message = " ".join(str(error).split())
-    return f"{type(error).__name__}: {message}"
+    return f"{type(error).__name__}: {one_line(error)}"
+
+
+__all__ = [
+    "BenchmarkError", "DataError", "ExportError", "IntegrityError", "KilnError", "ManifestError",
+    "ModelSourceError", "RecipeError", "RuntimeUnavailable", "UsageError", "VerificationError",
+    "format_error", "one_line",
+]

@@ -13,22 +13,23 @@ import time
 
 import numpy as np
 
-from kiln.models.text import encode, tokenizer_for
+from kiln.core.preprocessing import TextPreprocessor, text_preprocessor
 
 
-def _prepare(tokenizer, items: list, batch_size: int):
-    """The batch as the server's worker builds it: texts tokenized per batch with the same tokenizer and
-    encoding (kiln.models.text), arrays stacked. Returns a function that gives the runtime's inputs, so text
+def _prepare(preprocess: TextPreprocessor | None, items: list, batch_size: int):
+    """The batch as the server's worker builds it: texts tokenized per batch with the same preprocessor
+    (kiln.core.preprocessing), arrays stacked. Returns a function that gives the runtime's inputs, so text
     runs pay for tokenizing as the server does."""
     batch = [items[i % len(items)] for i in range(batch_size)]
     if isinstance(batch[0], str):
-        return lambda: encode(tokenizer, batch)
+        assert preprocess is not None
+        return lambda: preprocess(batch)
     stacked = {k: np.concatenate([b[k] for b in batch]) for k in batch[0]}
     return lambda: stacked
 
 
-def measure(runtime, tokenizer, items: list, batch_size: int, seconds: float, start_at: float | None = None) -> dict:
-    prepare = _prepare(tokenizer, items, batch_size)
+def measure(runtime, preprocess: TextPreprocessor | None, items: list, batch_size: int, seconds: float, start_at: float | None = None) -> dict:
+    prepare = _prepare(preprocess, items, batch_size)
     for _ in range(3):
         runtime.run(prepare())
     if start_at is not None:
@@ -44,18 +45,17 @@ def measure(runtime, tokenizer, items: list, batch_size: int, seconds: float, st
 
 
 def _child(connection, artifact_dir: str, variant: str | None, threads: int | None, items: list) -> None:
-    from kiln.export.manifest import read_manifest
-    from kiln.export.runtime import load
+    from kiln.core.manifest import read_manifest
+    from kiln.core.runtime import RuntimeOptions, load
 
-    runtime = load(artifact_dir, variant, threads)
-    preprocessing = read_manifest(artifact_dir).preprocessing
-    tokenizer = tokenizer_for(artifact_dir, preprocessing) if preprocessing.get("kind") == "text" else None
+    runtime = load(artifact_dir, variant, RuntimeOptions(threads))
+    preprocess = text_preprocessor(read_manifest(artifact_dir))
     connection.send("ready")
     while True:
         request = connection.recv()
         if request is None:
             return
-        connection.send(measure(runtime, tokenizer, items, *request))
+        connection.send(measure(runtime, preprocess, items, *request))
 
 
 class Ceiling:

@@ -8,21 +8,36 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from kiln.models.errors import UsageError
+import numpy as np
 
-DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "string")
+from kiln.core.errors import UsageError
+
+
+@dataclass(frozen=True)
+class DType:
+    """One dtype as every layer names it: the signature, numpy (None where numpy has no such type) and V2."""
+
+    name: str
+    numpy: Any
+    v2: str
+
+
+# The one dtype table: the signature, the runtimes, the server's validation and the V2 wire all read it.
+DTYPE_TABLE: dict[str, DType] = {d.name: d for d in (
+    DType("float32", np.float32, "FP32"),
+    DType("float16", np.float16, "FP16"),
+    DType("bfloat16", None, "BF16"),
+    DType("int64", np.int64, "INT64"),
+    DType("int32", np.int32, "INT32"),
+    DType("bool", np.bool_, "BOOL"),
+    DType("string", None, "BYTES"),
+)}
+DTYPES = tuple(DTYPE_TABLE)
+V2_DATATYPES = {name: d.v2 for name, d in DTYPE_TABLE.items()}
+NUMPY_DTYPES = {name: d.numpy for name, d in DTYPE_TABLE.items() if d.numpy is not None}
 _SPEC = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_.]*):(?P<dtype>[a-z0-9]+)\[(?P<dims>[^\]]*)\]$")
-# Names of the KServe V2 datatypes that correspond to our dtypes.
-V2_DATATYPES = {
-    "float32": "FP32",
-    "float16": "FP16",
-    "bfloat16": "BF16",
-    "int64": "INT64",
-    "int32": "INT32",
-    "bool": "BOOL",
-    "string": "BYTES",
-}
 
 
 @dataclass(frozen=True)
@@ -60,11 +75,16 @@ class TensorSpec:
     def v2_datatype(self) -> str:
         return V2_DATATYPES[self.dtype]
 
-    def to_dict(self) -> dict:
+    @property
+    def numpy_dtype(self) -> Any:
+        """The numpy dtype arrays of this tensor travel as (None for strings and bfloat16)."""
+        return NUMPY_DTYPES.get(self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TensorSpec":
+    def from_dict(cls, data: dict[str, Any]) -> "TensorSpec":
         return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))
 
     def __str__(self) -> str:
@@ -76,11 +96,11 @@ class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Signature":
+    def from_dict(cls, data: dict[str, Any]) -> "Signature":
         return cls(
             tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
             tuple(TensorSpec.from_dict(t) for t in data["outputs"]),

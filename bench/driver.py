@@ -2,7 +2,7 @@
 
 The question users bring is "which format should I deploy?", so the numbers must be comparable:
 every runtime gets the same input arrays, the same explicit thread count, and a fresh process of its
-own (kiln.export.bench_worker), one after another; the machine (CPU model, the ISA flags that decide
+own (kiln.bench.worker), one after another; the machine (CPU model, the ISA flags that decide
 INT8/BF16 speed) and library versions are recorded beside the figures. Accuracy and parity come from
 the manifest, where the export measured them on held-out data, so speed and quality sit side by side.
 
@@ -15,39 +15,29 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import importlib.util
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from kiln.export.manifest import fp32_default, library_versions
-from kiln.models.errors import BenchmarkError, KilnError, ManifestError, RuntimeUnavailable, UsageError
+from kiln.bench import select
+from kiln.core.console import Progress, format_table as align, to_stderr
+from kiln.core.errors import BenchmarkError, KilnError, UsageError, one_line
+from kiln.core.machine import ISA_FLAGS, default_threads, machine_info
+from kiln.core.manifest import EAGER, Manifest, library_versions, read_manifest
+from kiln.core.runtime import require_installed
 
-EAGER = "eager-fp32"
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 DEFAULT_SEQ_LEN = 128
-DEFAULT_SELECT_BATCH_SIZE = 16
-DEFAULT_MAX_ACCURACY_DROP = 0.5  # percentage points
-DEFAULT_MIN_COSINE = 0.99
 CSV_COLUMNS = ("variant", "batch_size", "p50_ms", "p90_ms", "p99_ms", "items_per_s", "speedup_vs_eager", "bytes",
                "peak_rss_mb", "accuracy", "cosine_min")
 OUTPUT_NAMES = ("bench.json", "bench.csv", "bench.png")
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-# The module each runtime imports; checked before any measuring so a missing one fails fast.
-RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "torchscript": "torch"}
-
-Progress = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+__all__ = ["CSV_COLUMNS", "EAGER", "ISA_FLAGS", "BenchSettings", "bench", "measure"]
 
 
 @dataclass(frozen=True)
@@ -101,36 +91,10 @@ def parse_names(text: str | None) -> tuple[str, ...] | None:
     return names
 
 
-def machine_info() -> dict:
-    """CPU model and the ISA flags that decide INT8/BF16 speed: figures mean little without them."""
-    from kiln.export.runtime import default_threads
-
-    model, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not model:
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
-    return {
-        "cpu_model": model,
-        "isa": {flag: flag in flags for flag in ISA_FLAGS},
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": default_threads(),
-        "platform": platform.platform(),
-    }
-
-
-def preflight(folder: Path, settings: BenchSettings, writing: bool) -> tuple[object, list[str]]:
+def preflight(folder: Path, settings: BenchSettings, writing: bool) -> tuple[Manifest, list[str]]:
     """Every check that needs no measuring: manifest, variant names, hashes, runtimes, a writable folder."""
-    from kiln.export.manifest import read_manifest
-
     manifest = read_manifest(folder)
-    available = list(manifest.variants)
+    available = manifest.variant_names
     names = list(settings.variants) if settings.variants else available
     unknown = [n for n in names if n not in available]
     if EAGER in unknown:
@@ -139,14 +103,7 @@ def preflight(folder: Path, settings: BenchSettings, writing: bool) -> tuple[obj
     if unknown:
         raise UsageError(f"variant(s) {', '.join(unknown)} are not in {folder}; choose from {', '.join(available)}")
     for name in names:
-        runtime = manifest.variants[name]["runtime"]
-        module = RUNTIME_MODULES.get(runtime)
-        if module is None:
-            raise RuntimeUnavailable(f"variant {name!r} needs runtime {runtime!r}, which this kiln does not support; "
-                                     f"upgrade kiln, or leave it out with --variants")
-        if importlib.util.find_spec(module) is None:
-            raise RuntimeUnavailable(f"variant {name!r} needs {module}, which is not installed; "
-                                     f"pip install {module}, or leave it out with --variants")
+        require_installed(manifest.variant(name).runtime, name)
     for name in names:
         manifest.verify_file(name)
     if writing and not os.access(folder, os.W_OK | os.X_OK):
@@ -156,7 +113,7 @@ def preflight(folder: Path, settings: BenchSettings, writing: bool) -> tuple[obj
 
 
 def _raise_worker_error(variant: str, result: dict | None, rc: int, log: Path, verbose: bool) -> None:
-    from kiln.models import errors
+    from kiln.core import errors
 
     if result and "error_type" in result:
         cls = getattr(errors, result["error_type"], None)
@@ -184,7 +141,7 @@ def _run_worker(config: dict, scratch: Path, on_cell: Callable[[dict], None], ve
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "w") as log_handle:
-        proc = subprocess.Popen([sys.executable, "-m", "kiln.export.bench_worker", str(config_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "kiln.bench.worker", str(config_path)],
                                 stdout=subprocess.PIPE, stderr=log_handle, text=True, env=env)
         try:
             assert proc.stdout is not None
@@ -207,34 +164,30 @@ def _run_worker(config: dict, scratch: Path, on_cell: Callable[[dict], None], ve
     return result
 
 
-def _figures(manifest, name: str) -> dict:
+def _figures(manifest: Manifest, name: str) -> dict[str, Any]:
     if name == EAGER:
-        reference = manifest.data.get("reference", {})
-        return {"bytes": None, "accuracy": reference.get("accuracy"), "cosine_min": 1.0, "format": "pytorch",
+        return {"bytes": None, "accuracy": manifest.reference_accuracy, "cosine_min": 1.0, "format": "pytorch",
                 "runtime": "torch-eager", "precision": "fp32", "pruning": None, "quantization": None}
-    entry = manifest.variants[name]
+    entry = manifest.variant(name)
     return {
-        "bytes": entry["bytes"],
-        "accuracy": entry.get("accuracy"),
-        "cosine_min": entry.get("cosine_min"),
-        "format": entry["format"],
-        "runtime": entry["runtime"],
-        "precision": entry["precision"],
-        "pruning": (entry.get("pruning") or {}).get("method"),
-        "quantization": (entry.get("quantization") or {}).get("mode"),
+        "bytes": entry.bytes,
+        "accuracy": entry.accuracy,
+        "cosine_min": entry.cosine_min,
+        "format": entry.format,
+        "runtime": entry.runtime,
+        "precision": entry.precision,
+        "pruning": entry.pruning_method,
+        "quantization": entry.quantization_mode,
     }
 
 
-def measure(folder: str | Path, settings: BenchSettings, progress: Progress = _stderr, writing: bool = True,
-            verbose: bool = False) -> dict:
+def measure(folder: str | Path, settings: BenchSettings, progress: Progress = to_stderr, writing: bool = True,
+            verbose: bool = False) -> dict[str, Any]:
     """Measure the baseline and the variants; return the report (nothing is written here)."""
-    from kiln.export.runtime import default_threads
-
     folder = Path(folder).absolute()
     manifest, names = preflight(folder, settings, writing)
     threads = settings.threads or default_threads()
-    text = (manifest.preprocessing or {}).get("kind") == "text"
-    seq_len = settings.seq_len if text else None
+    seq_len = settings.seq_len if manifest.is_text else None
     batch_sizes = sorted(settings.batch_sizes)
     order = [EAGER, *names]
     total = len(order) * len(batch_sizes)
@@ -288,111 +241,14 @@ def measure(folder: str | Path, settings: BenchSettings, progress: Progress = _s
         "folder": str(folder),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "default_variant": manifest.default_variant,
-        "reference": manifest.data.get("reference", {}),
+        "reference": manifest.reference,
         "machine": machine_info(),
         "versions": library_versions(),
         "settings": {**asdict(settings), "batch_sizes": batch_sizes, "threads": threads, "seq_len": seq_len,
                      "variants": names},
-        "hashes": {n: manifest.variants[n]["sha256"] for n in names},
+        "hashes": {n: manifest.variant(n).sha256 for n in names},
         "results": rows,
     }
-
-
-# --- choosing a default -------------------------------------------------------------------------------------
-
-
-def choose(manifest, report: dict, batch_size: int, max_accuracy_drop: float | None = None,
-           min_cosine: float | None = None) -> dict:
-    """The fastest measured variant whose manifest figures fit the budget, at `batch_size`.
-
-    Classifiers (with a reference accuracy) are held to accuracy >= eager - drop; a min cosine is
-    applied too when given. Other tasks are held to cosine_min >= min_cosine (default 0.99).
-    """
-    reference = manifest.data.get("reference", {}).get("accuracy")
-    budget: dict = {}
-    if reference is not None:
-        budget["max_accuracy_drop"] = DEFAULT_MAX_ACCURACY_DROP if max_accuracy_drop is None else max_accuracy_drop
-        budget["min_accuracy"] = reference - budget["max_accuracy_drop"] / 100.0
-    elif max_accuracy_drop is not None and min_cosine is None:
-        raise UsageError(f"{manifest.model!r} ({manifest.task}) has no accuracy figure, so --max-accuracy-drop "
-                         "does not apply; give a budget with --min-cosine, e.g. 0.99")
-    if min_cosine is not None or reference is None:
-        budget["min_cosine"] = DEFAULT_MIN_COSINE if min_cosine is None else min_cosine
-    rows = {r["variant"]: r for r in report["results"] if r["batch_size"] == batch_size}
-    if not rows:
-        raise UsageError(f"batch size {batch_size} was not measured; add it to --batch-sizes")
-    fits, rejected = [], {}
-    for name, row in rows.items():
-        if name == EAGER:
-            continue
-        why = []
-        if "min_accuracy" in budget:
-            if row.get("accuracy") is None:
-                why.append("no accuracy figure in the manifest")
-            elif row["accuracy"] < budget["min_accuracy"] - 1e-9:
-                why.append(f"accuracy {row['accuracy'] * 100:.2f}% is "
-                           f"{(reference - row['accuracy']) * 100:.2f} points below eager")
-        if "min_cosine" in budget:
-            if row.get("cosine_min") is None:
-                why.append("no cosine_min figure in the manifest")
-            elif row["cosine_min"] < budget["min_cosine"]:
-                why.append(f"cosine_min {row['cosine_min']:.5f} < {budget['min_cosine']}")
-        if why:
-            rejected[name] = "; ".join(why)
-        else:
-            fits.append(row)
-    fits.sort(key=lambda r: r["p50_ms"])
-    described = ", ".join(f"{k} {v:g}" for k, v in budget.items() if k != "min_accuracy")
-    if fits:
-        best = fits[0]
-        chosen, default = best["variant"], best["variant"]
-        reason = (f"fastest of {len(fits)} variant(s) within budget ({described}) at batch {batch_size}: "
-                  f"p50 {best['p50_ms']:.3f} ms, {best['speedup_vs_eager']:.2f}x eager fp32")
-    else:
-        chosen, default = None, fp32_default(manifest.data["variants"]) or manifest.default_variant
-        reason = f"no measured variant fits the budget ({described}) at batch {batch_size}; kept the fp32 default"
-    return {
-        "batch_size": batch_size,
-        "budget": budget,
-        "chosen": chosen,
-        "default_variant": default,
-        "reason": reason,
-        "measured_p50_ms": {name: row["p50_ms"] for name, row in rows.items()},
-        "rejected": rejected,
-        "threads": report["settings"]["threads"],
-        "cpu_model": report["machine"]["cpu_model"],
-        "selected_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def apply_selection(folder: str | Path, selection: dict, hashes: dict[str, str]) -> None:
-    """Re-read the manifest, set default_variant and selection, save atomically (Manifest.save)."""
-    from kiln.export.manifest import read_manifest
-
-    manifest = read_manifest(folder)
-    default = selection["default_variant"]
-    entry = manifest.variants.get(default)
-    if entry is None or (default in hashes and entry["sha256"] != hashes[default]):
-        raise ManifestError(f"{folder} changed while it was being measured (variant {default!r}); "
-                            "run kiln bench --select again")
-    manifest.data["default_variant"] = default
-    manifest.data["selection"] = selection
-    manifest.save()  # write_json_atomic keeps the file's mode, so a server running as another user still reads it
-    read_manifest(folder)  # what a server will read must still be valid
-
-
-def select_default(folder: str | Path, max_accuracy_drop: float | None = None, min_cosine: float | None = None,
-                   batch_size: int = DEFAULT_SELECT_BATCH_SIZE, threads: int | None = None,
-                   progress: Progress = _stderr) -> dict:
-    """Measure every variant at one batch size and make the fastest within budget the default (`export --select`)."""
-    settings = BenchSettings(batch_sizes=(batch_size,), threads=threads)
-    report = measure(folder, settings, progress)
-    from kiln.export.manifest import read_manifest
-
-    selection = choose(read_manifest(folder), report, batch_size, max_accuracy_drop, min_cosine)
-    apply_selection(folder, selection, report["hashes"])
-    progress(f"[kiln] select: default variant {selection['default_variant']}: {selection['reason']}")
-    return selection
 
 
 # --- outputs ------------------------------------------------------------------------------------------------
@@ -416,7 +272,7 @@ def _stage(folder: Path, name: str) -> Path:
 
 def stage_outputs(folder: Path, report: dict, scatter_batch: int) -> list[tuple[Path, Path]]:
     """Write bench.json/csv/png beside their targets; return (temporary, final) pairs to rename."""
-    from kiln.export import bench_plot
+    from kiln.bench import plot
 
     staged: list[tuple[Path, Path]] = []
     try:
@@ -429,7 +285,7 @@ def stage_outputs(folder: Path, report: dict, scatter_batch: int) -> list[tuple[
             writer.writerow(CSV_COLUMNS)
             for row in report["results"]:
                 writer.writerow([_csv_value(c, row.get(c)) for c in CSV_COLUMNS])
-        bench_plot.plot(report, png_tmp, scatter_batch)
+        plot.plot(report, png_tmp, scatter_batch)
         for tmp, _ in staged:
             tmp.chmod(0o644)
     except BaseException:
@@ -448,13 +304,12 @@ def commit(staged: list[tuple[Path, Path]]) -> None:
         os.replace(tmp, final)
 
 
-def format_table(report: dict) -> str:
+def format_table(report: dict[str, Any]) -> str:
     default = report.get("selection", {}).get("default_variant", report["default_variant"])
-    header = ("variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", "vs eager", "MB", "peak RSS MB",
-              "accuracy", "cosine_min")
-    lines = [header]
+    rows = [("variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", "vs eager", "MB", "peak RSS MB",
+             "accuracy", "cosine_min")]
     for r in report["results"]:
-        lines.append((
+        rows.append((
             r["variant"] + (" *" if r["variant"] == default else ""),
             str(r["batch_size"]),
             f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
@@ -465,69 +320,68 @@ def format_table(report: dict) -> str:
             f"{r['accuracy'] * 100:.2f}%" if r["accuracy"] is not None else "-",
             f"{r['cosine_min']:.5f}" if r["cosine_min"] is not None else "-",
         ))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     for row in lines)
+    return align(rows)
 
 
-# --- the command --------------------------------------------------------------------------------------------
+def bench(folder: str | Path, settings: BenchSettings | None = None, *, select_default: bool = False,
+          max_accuracy_drop: float | None = None, min_cosine: float | None = None,
+          select_batch_size: int | None = None, progress: Progress = to_stderr,
+          verbose: bool = False) -> dict[str, Any]:
+    """Measure, then write bench.json/csv/png (and, with `select_default`, the new default) in one go.
 
-
-def run_bench_command(args) -> int:
-    """`kiln bench`: validate everything, measure, then write outputs (and the selection) in one go."""
-    folder = Path(args.folder)
-    if not args.select and (args.max_accuracy_drop is not None or args.min_cosine is not None
-                            or args.select_batch_size is not None):
+    Every budget is checked before anything is measured; outputs are staged beside their targets and renamed
+    only after every measurement succeeded, so a failed or interrupted run leaves the folder as it was.
+    """
+    settings = settings or BenchSettings()
+    if not select_default and (max_accuracy_drop is not None or min_cosine is not None
+                               or select_batch_size is not None):
         raise UsageError("--max-accuracy-drop, --min-cosine and --select-batch-size only apply with --select; "
                          "add --select")
-    if args.max_accuracy_drop is not None and not 0.0 <= args.max_accuracy_drop <= 100.0:
-        raise UsageError(f"--max-accuracy-drop {args.max_accuracy_drop} is in percentage points and must lie in "
+    if max_accuracy_drop is not None and not 0.0 <= max_accuracy_drop <= 100.0:
+        raise UsageError(f"--max-accuracy-drop {max_accuracy_drop} is in percentage points and must lie in "
                          "[0, 100]; e.g. 0.5")
-    if args.min_cosine is not None and not -1.0 <= args.min_cosine <= 1.0:
-        raise UsageError(f"--min-cosine {args.min_cosine} must lie in [-1, 1]; e.g. 0.99")
-    select_batch = args.select_batch_size if args.select_batch_size is not None else DEFAULT_SELECT_BATCH_SIZE
+    if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
+        raise UsageError(f"--min-cosine {min_cosine} must lie in [-1, 1]; e.g. 0.99")
+    select_batch = select_batch_size if select_batch_size is not None else select.DEFAULT_SELECT_BATCH_SIZE
     if select_batch < 1:
         raise UsageError(f"--select-batch-size {select_batch} must be a positive integer; e.g. 16")
-    batch_sizes = parse_batch_sizes(args.batch_sizes)
-    if args.select and select_batch not in batch_sizes:
-        batch_sizes = tuple(sorted({*batch_sizes, select_batch}))
-    settings = BenchSettings(
-        batch_sizes=batch_sizes, seq_len=args.seq_len, threads=args.threads, warmup=args.warmup,
-        min_iters=args.min_iters, max_iters=args.max_iters, max_seconds=args.max_seconds,
-        variants=parse_names(args.variants),
-    )
-    if args.select:
-        from kiln.export.manifest import read_manifest
-
+    if select_default and select_batch not in settings.batch_sizes:
+        settings = BenchSettings(**{**asdict(settings), "batch_sizes": tuple(sorted({*settings.batch_sizes,
+                                                                                     select_batch}))})
+    if select_default and max_accuracy_drop is not None:
         manifest = read_manifest(folder)
-        has_accuracy = manifest.data.get("reference", {}).get("accuracy") is not None
-        if args.max_accuracy_drop is not None and not has_accuracy:
+        if manifest.reference_accuracy is None:
             raise UsageError(f"{manifest.model!r} ({manifest.task}) has no accuracy figure, so --max-accuracy-drop "
                              "does not apply; give a budget with --min-cosine, e.g. 0.99")
-    report = measure(folder, settings, verbose=getattr(args, "verbose", False))
+    report = measure(folder, settings, progress, verbose=verbose)
     folder = Path(report["folder"])
-    scatter_batch = select_batch if args.select else max(report["settings"]["batch_sizes"])
-    if args.select:
-        from kiln.export.manifest import read_manifest
-
-        selection = choose(read_manifest(folder), report, select_batch, args.max_accuracy_drop, args.min_cosine)
-        report["selection"] = selection
+    scatter_batch = select_batch if select_default else max(report["settings"]["batch_sizes"])
+    if select_default:
+        report["selection"] = select.choose(read_manifest(folder), report, select_batch, max_accuracy_drop,
+                                            min_cosine)
     staged = stage_outputs(folder, report, scatter_batch)
     try:
-        if args.select:
-            apply_selection(folder, report["selection"], report["hashes"])
+        if select_default:
+            select.apply_selection(folder, report["selection"], report["hashes"])
         commit(staged)
     finally:
         discard(staged)
-    print(f"{report['model']} on {report['machine']['cpu_model']}, {report['settings']['threads']} thread(s)"
-          + (f", seq_len {report['settings']['seq_len']}" if report["settings"]["seq_len"] else "")
-          + "  (* = default variant; vs eager = eager p50 / p50)")
-    print(format_table(report))
-    if args.select:
-        print(f"select: {report['selection']['reason']}")
-        if report["selection"]["chosen"] is not None:
-            print(f"default variant is now {report['selection']['default_variant']} (kiln serve loads it)")
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    """What `kiln bench` prints: the machine, the table, the selection and the files written."""
+    settings = report["settings"]
+    lines = [f"{report['model']} on {report['machine']['cpu_model']}, {settings['threads']} thread(s)"
+             + (f", seq_len {settings['seq_len']}" if settings["seq_len"] else "")
+             + "  (* = default variant; vs eager = eager p50 / p50)",
+             format_table(report)]
+    selection = report.get("selection")
+    if selection:
+        lines.append(f"select: {selection['reason']}")
+        if selection["chosen"] is not None:
+            lines.append(f"default variant is now {selection['default_variant']} (kiln serve loads it)")
         else:
-            print(f"default variant stays {report['selection']['default_variant']}")
-    print(f"wrote {', '.join(str(folder / n) for n in OUTPUT_NAMES)}")
-    return 0
+            lines.append(f"default variant stays {selection['default_variant']}")
+    lines.append(f"wrote {', '.join(str(Path(report['folder']) / n) for n in OUTPUT_NAMES)}")
+    return "\n".join(lines)

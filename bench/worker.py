@@ -2,10 +2,10 @@
 
 Why a process each: peak resident memory (ru_maxrss) is only the variant's own if nothing else was
 ever loaded in the process, and torch/ONNX Runtime thread pools, allocator caches and JIT state left
-by one runtime would otherwise bias the next. The parent (kiln.export.bench) runs these one after
+by one runtime would otherwise bias the next. The parent (kiln.bench.driver) runs these one after
 another, never side by side, so they do not compete for the cores either.
 
-Protocol: `python -m kiln.export.bench_worker CONFIG.json`. The config names the folder, the
+Protocol: `python -m kiln.bench.worker CONFIG.json`. The config names the folder, the
 variant, the thread count, the batch sizes and the iteration bounds, the .npz of inputs (shared by
 all variants, so every runtime sees identical arrays) and the result path. The eager worker runs
 first and also writes that .npz. Progress goes to stdout as one JSON line per measured cell; the
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-EAGER = "eager-fp32"
+from kiln.core.errors import KilnError, UsageError, format_error, one_line
+from kiln.core.manifest import EAGER
 
 
 def _peak_rss_mb() -> float:
@@ -37,18 +38,13 @@ def _input_key(batch_size: int, name: str) -> str:
 
 def make_inputs(bundle, signature, batch_sizes: list[int], seq_len: int | None) -> dict[int, dict[str, np.ndarray]]:
     """The example inputs for every batch size, from the model's own examples (real data)."""
-    from kiln.models.errors import UsageError
-
     inputs: dict[int, dict[str, np.ndarray]] = {}
     for batch in batch_sizes:
         try:
-            if seq_len is not None and bundle.example_batch is not None:
-                arrays = bundle.example_batch(batch, seq_len)
-            else:
-                arrays = bundle.examples(batch)
+            arrays = bundle.examples(batch, seq_len)
         except ValueError as exc:  # ragged rows: some example is longer than the padding length
             raise UsageError(
-                f"cannot build batch {batch} at --seq-len {seq_len} ({' '.join(str(exc).split())[:120]}); "
+                f"cannot build batch {batch} at --seq-len {seq_len} ({one_line(exc, 120)}); "
                 "choose a longer --seq-len (the model's max_length, e.g. 128)"
             ) from exc
         missing = [n for n in signature.input_names if n not in arrays]
@@ -73,13 +69,14 @@ def _module_bytes(module) -> int:
 
 def load_runtime(config: dict, emit) -> tuple[object, int | None]:
     """The runtime to measure; the eager worker also writes the shared inputs."""
-    from kiln.export.manifest import read_manifest
-    from kiln.export.runtime import TorchRuntime, load
+    from kiln.core.manifest import read_manifest
+    from kiln.core.runtime import RuntimeOptions, load
+    from kiln.core.runtimes.torchscript import TorchRuntime
 
     folder = Path(config["folder"])
     threads = int(config["threads"])
     if config["variant"] != EAGER:
-        runtime = load(folder, config["variant"], threads)
+        runtime = load(folder, config["variant"], RuntimeOptions(threads))
         return runtime, None
 
     import torch
@@ -93,7 +90,7 @@ def load_runtime(config: dict, emit) -> tuple[object, int | None]:
     inputs = make_inputs(bundle, manifest.signature, config["batch_sizes"], config.get("seq_len"))
     flat = {_input_key(b, n): a for b, arrays in inputs.items() for n, a in arrays.items()}
     np.savez(config["inputs"], **flat)
-    runtime = TorchRuntime(bundle.module, manifest.signature, EAGER, threads)
+    runtime = TorchRuntime(bundle.module, manifest.signature, EAGER, RuntimeOptions(threads))
     return runtime, _module_bytes(bundle.module)
 
 
@@ -162,8 +159,6 @@ def run(config: dict, emit) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from kiln.models.errors import KilnError, format_error
-
     config = json.loads(Path(argv[0]).read_text())
     result_path = Path(config["result"])
 
@@ -174,7 +169,7 @@ def main(argv: list[str]) -> int:
         result = run(config, emit)
     except KilnError as exc:
         result_path.write_text(json.dumps({"error": format_error(exc), "error_type": type(exc).__name__,
-                                           "message": " ".join(str(exc).split()), "exit_code": exc.exit_code}))
+                                           "message": one_line(exc), "exit_code": exc.exit_code}))
         return 1
     result_path.write_text(json.dumps(result))
     return 0

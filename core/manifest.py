@@ -1,0 +1,277 @@
+"""manifest.json: the one file that bench, serve and deploy trust about an artifact folder.
+
+It records what each artifact is (format, runtime, precision, pruning, quantization), how to feed
+it (signature, preprocessing), that it is intact (bytes, sha256) and how good it is (measured
+parity and accuracy). This module is the only place the schema is defined, written and validated:
+`Manifest` and `VariantEntry` are typed views of the JSON, `read_manifest` checks structure and
+`verify_file` checks integrity before a load. Keys this kiln does not know are kept in `extra` and
+written back unchanged, so a newer kiln's fields survive a `--select` by an older one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.core.errors import IntegrityError, ManifestError
+from kiln.core.signature import Signature
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+LIBRARIES = ("kiln", "torch", "onnxruntime", "onnx", "numpy")
+EAGER = "eager-fp32"  # the name of the eager PyTorch fp32 baseline wherever variants are listed beside it
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions, read from package metadata (no import of torch or onnxruntime needed)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write beside the target and rename, so a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp makes the file private; keep the target's mode (or 0644) so a server user can read it.
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _split_known(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
+
+
+@dataclass
+class VariantEntry:
+    """One artifact in the folder and the figures its verification measured."""
+
+    name: str
+    file: str
+    format: str
+    runtime: str
+    precision: str
+    pruning: dict[str, Any] | None
+    quantization: dict[str, Any] | None
+    bytes: int
+    sha256: str
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    parity_cosine_min: float | None = None
+    cosine_min: float | None = None
+    top1_agreement: float | None = None
+    accuracy: float | None = None
+    parity_reference: str | None = None
+    evaluation_items: int | None = None
+    build: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    REQUIRED = ("name", "file", "format", "runtime", "precision", "pruning", "quantization", "bytes", "sha256")
+
+    @property
+    def pruning_method(self) -> str | None:
+        return (self.pruning or {}).get("method")
+
+    @property
+    def quantization_mode(self) -> str | None:
+        return (self.quantization or {}).get("mode")
+
+    @property
+    def figures(self) -> dict[str, float]:
+        """The verification figures that were measured (absent ones left out), for reports."""
+        names = ("accuracy", "cosine_min", "parity_cosine_min", "top1_agreement", "max_abs_error", "max_rel_error")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        optional = ("max_rel_error", "parity_cosine_min", "top1_agreement", "accuracy", "parity_reference",
+                    "evaluation_items", "max_abs_error", "cosine_min")
+        data = {k: v for k, v in data.items() if not (k in optional and v is None)}
+        return {**data, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VariantEntry":
+        known, extra = _split_known(cls, data)
+        return cls(**known, extra=extra)
+
+
+@dataclass
+class Manifest:
+    """A typed view of manifest.json; `folder` is where it was read from (or will be written)."""
+
+    folder: Path
+    model: str
+    task: str
+    signature: Signature
+    preprocessing: dict[str, Any]
+    variants: list[VariantEntry]
+    default_variant: str
+    source: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)
+    files: list[dict[str, str]] = field(default_factory=list)
+    versions: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    created: str | None = None
+    export_seconds: float | None = None
+    selection: dict[str, Any] | None = None
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    REQUIRED = ("schema_version", "model", "task", "signature", "preprocessing", "variants", "default_variant")
+
+    @property
+    def is_text(self) -> bool:
+        """Whether requests carry raw text that the manifest's tokenizer turns into the signature's inputs."""
+        return self.preprocessing.get("kind") == "text"
+
+    @property
+    def reference_accuracy(self) -> float | None:
+        """Eager fp32's held-out accuracy, for classifiers measured on labelled data; None otherwise."""
+        return self.reference.get("accuracy")
+
+    @property
+    def variant_names(self) -> list[str]:
+        return [v.name for v in self.variants]
+
+    def variant(self, name: str | None = None) -> VariantEntry:
+        name = name or self.default_variant
+        for entry in self.variants:
+            if entry.name == name:
+                return entry
+        raise ManifestError(
+            f"variant {name!r} is not in {self.folder / MANIFEST_NAME}; choose one of {', '.join(self.variant_names)}"
+        )
+
+    def path_of(self, variant: VariantEntry) -> Path:
+        return self.folder / variant.file
+
+    def verify_file(self, name: str | None = None) -> Path:
+        """Check the variant's file against its recorded size and sha256; return its path."""
+        variant = self.variant(name)
+        path = self.path_of(variant)
+        if not path.is_file():
+            raise IntegrityError(f"artifact {variant.file!r} of variant {variant.name!r} is missing; re-export the folder")
+        if path.stat().st_size != variant.bytes or sha256_file(path) != variant.sha256:
+            raise IntegrityError(
+                f"artifact {variant.file!r} of variant {variant.name!r} does not match its sha256 in the "
+                "manifest (changed or truncated since export); re-export the folder and do not edit artifacts"
+            )
+        for extra in self.files:
+            extra_path = self.folder / extra["file"]
+            if not extra_path.is_file() or sha256_file(extra_path) != extra["sha256"]:
+                raise IntegrityError(
+                    f"file {extra['file']!r} does not match its sha256 in the manifest; re-export the folder"
+                )
+        return path
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "model": self.model,
+            "task": self.task,
+            "created": self.created,
+            "signature": self.signature.to_dict(),
+            "preprocessing": self.preprocessing,
+            "source": self.source,
+            "reference": self.reference,
+            "variants": [v.to_dict() for v in self.variants],
+            "default_variant": self.default_variant,
+            "files": self.files,
+            "versions": self.versions,
+            "recipe": self.recipe,
+            "export_seconds": self.export_seconds,
+        }
+        if self.selection is not None:
+            data["selection"] = self.selection
+        return {**{k: v for k, v in data.items() if v is not None}, **self.extra}
+
+    @classmethod
+    def from_dict(cls, folder: Path, data: dict[str, Any]) -> "Manifest":
+        known, extra = _split_known(cls, data)
+        known.pop("folder", None)
+        known["signature"] = Signature.from_dict(known["signature"])
+        known["variants"] = [VariantEntry.from_dict(v) for v in known["variants"]]
+        return cls(folder=Path(folder), **known, extra=extra)
+
+    def save(self) -> None:
+        write_json_atomic(self.folder / MANIFEST_NAME, self.to_dict())
+
+
+def fp32_default(variants: list[VariantEntry]) -> str | None:
+    """The default before any speed is measured: unpruned ONNX fp32, else any unpruned fp32 (the export's
+    reference numbers, never a lossy variant chosen without a benchmark)."""
+    for wanted in ("onnx", None):
+        for entry in variants:
+            if entry.precision == "fp32" and not entry.pruning and wanted in (None, entry.format):
+                return entry.name
+    return None
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise ManifestError(f"artifact folder {str(folder)!r} does not exist; run `kiln export` first")
+    if not path.is_file():
+        raise ManifestError(f"{str(folder)!r} has no {MANIFEST_NAME}; point at a folder written by `kiln export`")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc}); re-export the folder") from exc
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} is not a JSON object; re-export the folder")
+    missing = [k for k in Manifest.REQUIRED if k not in data]
+    if missing:
+        raise ManifestError(f"{path} lacks {', '.join(missing)}; re-export the folder with this kiln")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path} has schema version {data['schema_version']!r}, this kiln reads {SCHEMA_VERSION}; re-export"
+        )
+    if not isinstance(data["variants"], list) or not data["variants"]:
+        raise ManifestError(f"{path} lists no variants; re-export the folder")
+    for variant in data["variants"]:
+        lacking = [k for k in VariantEntry.REQUIRED if not isinstance(variant, dict) or k not in variant]
+        if lacking:
+            raise ManifestError(f"a variant in {path} lacks {', '.join(lacking)}; re-export the folder")
+        if Path(variant["file"]).is_absolute() or ".." in Path(variant["file"]).parts:
+            raise ManifestError(f"variant {variant['name']!r} points outside its folder; re-export the folder")
+    if not isinstance(data["preprocessing"], dict):
+        raise ManifestError(f"{path}: preprocessing is not an object; re-export the folder")
+    try:
+        manifest = Manifest.from_dict(folder, data)
+    except Exception as exc:
+        raise ManifestError(f"{path} has a malformed signature or entry ({exc}); re-export the folder") from exc
+    if manifest.default_variant not in manifest.variant_names:
+        raise ManifestError(f"{path}: default_variant {manifest.default_variant!r} is not among its variants")
+    return manifest

@@ -1,0 +1,139 @@
+"""One interface over every way kiln runs a model, `Runtime.run(inputs) -> outputs`, and the registry of runtimes.
+
+The benchmark, the server, the loadtest ceiling and the export's own verification all open artifacts here, so
+what is verified and measured is what is served. Each runtime is one module in `kiln.core.runtimes` that
+declares a `SPEC` (`RuntimeSpec`: its name, the artifact suffix, the module it needs, its V2 platform name and
+how to open an artifact); the registry finds them, so a new runtime is that one module. `RuntimeOptions` carries
+the thread count and the device, which each runtime owns: torch and ONNX Runtime in one process fight over the
+cores otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from kiln.core.errors import ExportError, RuntimeUnavailable
+from kiln.core.machine import default_threads
+from kiln.core.signature import Signature
+
+Arrays = dict[str, np.ndarray]
+
+
+class Runtime(Protocol):
+    variant: str
+    signature: Signature
+    threads: int
+
+    def run(self, inputs: Arrays) -> Arrays: ...
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run: intra-op threads (None: the cores this process may use) and the device."""
+
+    threads: int | None = None
+    device: str = "cpu"
+
+    @property
+    def resolved_threads(self) -> int:
+        return self.threads or default_threads()
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """Everything kiln needs to know about a runtime, in one entry."""
+
+    name: str  # as recorded in the manifest's variant entries
+    suffix: str  # the artifact file's suffix, e.g. ".onnx"
+    requires: str  # the Python module it imports, checked before any measuring or serving starts
+    v2_platform: str  # the `platform` the V2 model metadata reports
+    open: Callable[[Path, Signature, str, RuntimeOptions], Runtime]
+    devices: tuple[str, ...] = ("cpu",)
+
+    @property
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.requires) is not None
+
+
+_REGISTRY: dict[str, RuntimeSpec] | None = None
+
+
+def registry() -> dict[str, RuntimeSpec]:
+    """Every runtime module's SPEC, found once; the modules import their heavy libraries only when opening."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        from kiln.core import runtimes
+
+        found: dict[str, RuntimeSpec] = {}
+        for info in sorted(pkgutil.iter_modules(runtimes.__path__), key=lambda i: i.name):
+            spec = getattr(importlib.import_module(f"{runtimes.__name__}.{info.name}"), "SPEC", None)
+            if isinstance(spec, RuntimeSpec):
+                found[spec.name] = spec
+        _REGISTRY = found
+    return _REGISTRY
+
+
+def runtime_spec(name: str, variant: str = "") -> RuntimeSpec:
+    spec = registry().get(name)
+    if spec is None:
+        what = f"variant {variant!r} needs" if variant else "the manifest names"
+        raise RuntimeUnavailable(f"{what} runtime {name!r}, which this kiln does not know "
+                                 f"(it knows {', '.join(registry())}); upgrade kiln or re-export the folder")
+    return spec
+
+
+def require_installed(name: str, variant: str) -> RuntimeSpec:
+    """The runtime's spec, or RuntimeUnavailable naming the package to install."""
+    spec = runtime_spec(name, variant)
+    if not spec.installed:
+        raise RuntimeUnavailable(f"variant {variant!r} needs {spec.requires}, which is not installed; "
+                                 f"pip install {spec.requires}, or choose another variant")
+    return spec
+
+
+def cast_inputs(signature: Signature, inputs: Arrays) -> list[np.ndarray]:
+    """The inputs in signature order, contiguous and in the signature's dtype: what every runtime takes."""
+    arrays = []
+    for spec in signature.inputs:
+        if spec.name not in inputs:
+            raise KeyError(f"missing input {spec.name!r}")
+        array = inputs[spec.name]
+        dtype = spec.numpy_dtype
+        arrays.append(np.ascontiguousarray(array, dtype=dtype) if dtype is not None else array)
+    return arrays
+
+
+def open_artifact(path: Path, runtime: str, signature: Signature, variant: str,
+                  options: RuntimeOptions | None = None) -> Runtime:
+    spec = require_installed(runtime, variant)
+    return spec.open(Path(path), signature, variant, options or RuntimeOptions())
+
+
+def load(folder: str | Path, variant: str | None = None, options: RuntimeOptions | None = None) -> Runtime:
+    """Read the manifest, check the variant's hash, and return a ready runtime."""
+    from kiln.core.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    entry = manifest.variant(variant)
+    path = manifest.verify_file(entry.name)
+    return open_artifact(path, entry.runtime, manifest.signature, entry.name, options)
+
+
+def run_batched(runtime: Runtime, inputs: Arrays, batch_size: int = 64) -> Arrays:
+    """Run a whole dataset in batches and concatenate, for verification."""
+    count = len(next(iter(inputs.values())))
+    pieces: dict[str, list[np.ndarray]] = {}
+    for start in range(0, count, batch_size):
+        out = runtime.run({k: v[start:start + batch_size] for k, v in inputs.items()})
+        for key, value in out.items():
+            pieces.setdefault(key, []).append(value)
+    if not pieces:
+        raise ExportError("no data to run; the evaluation set is empty")
+    return {k: np.concatenate(v) for k, v in pieces.items()}

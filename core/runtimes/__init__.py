@@ -1,0 +1,1 @@
+"""One module per runtime, each declaring `SPEC` (a `kiln.core.runtime.RuntimeSpec`); the registry finds them."""

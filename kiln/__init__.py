@@ -1,0 +1,112 @@
+"""kiln: from a trained PyTorch model to a fast, verified HTTP endpoint.
+
+The Python API is the command line's, without the parsing:
+
+    import kiln
+    manifest = kiln.export_model("digits", "artifacts/digits")
+    runtime = kiln.load("artifacts/digits", threads=2)       # the manifest's default variant, hash-checked
+    outputs = runtime.run({"image": images})
+    report = kiln.bench("artifacts/digits", batch_sizes=(1, 16))
+
+Heavy libraries (torch, ONNX Runtime) are imported by the functions that need them, so `import kiln` is cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln.core.errors import (
+    BenchmarkError,
+    DataError,
+    ExportError,
+    IntegrityError,
+    KilnError,
+    ManifestError,
+    ModelSourceError,
+    RecipeError,
+    RuntimeUnavailable,
+    UsageError,
+    VerificationError,
+)
+
+if TYPE_CHECKING:
+    from kiln.core.console import Progress
+    from kiln.core.manifest import Manifest
+    from kiln.core.runtime import Runtime
+
+
+def export_model(model: str, out: str | Path, *, variants: list[str] | None = None,
+                 recipe: str | Path | None = None, checkpoint: str | Path | None = None,
+                 inputs: list[str] | None = None, outputs: list[str] | None = None, data: str | Path | None = None,
+                 name: str | None = None, select: bool = False, force: bool = False,
+                 progress: "Progress | None" = None, **options: Any) -> "Manifest":
+    """`kiln export`: a zoo name or `package.module:factory` to a verified artifact folder; returns its manifest.
+
+    `options` are the recipe's other flags (`opset`, `prune="structured:0.5"`, `fine_tune_epochs`,
+    `max_accuracy_drop`, `min_cosine`). With `select`, the fastest variant within budget becomes the default.
+    """
+    from kiln.core.console import to_stderr
+    from kiln.core.manifest import read_manifest
+    from kiln.export.pipeline import run_export
+    from kiln.export.recipe import build_recipe
+    from kiln.models.registry import resolve
+
+    progress = progress or to_stderr
+    bundle = resolve(model, checkpoint, inputs, outputs, data, name)
+    built = build_recipe(bundle.hints.recommended_variants, recipe, variants=variants, select=select, **options)
+    manifest = run_export(bundle, built, out, force=force, progress=progress)
+    if built.select:
+        from kiln.bench.select import select_default
+
+        select_default(manifest.folder, max_accuracy_drop=built.max_accuracy_drop, min_cosine=built.min_cosine,
+                       batch_size=built.select_batch_size, progress=progress)
+        manifest = read_manifest(manifest.folder)
+    return manifest
+
+
+def load(folder: str | Path, variant: str | None = None, *, threads: int | None = None,
+         device: str = "cpu") -> "Runtime":
+    """A ready runtime for one variant of an artifact folder (default: the manifest's), its sha256 checked."""
+    from kiln.core.runtime import RuntimeOptions
+    from kiln.core.runtime import load as load_runtime
+
+    return load_runtime(folder, variant, RuntimeOptions(threads, device))
+
+
+def bench(folder: str | Path, *, select: bool = False, max_accuracy_drop: float | None = None,
+          min_cosine: float | None = None, select_batch_size: int | None = None,
+          progress: "Progress | None" = None, **settings: Any) -> dict[str, Any]:
+    """`kiln bench`: measure eager fp32 and every variant, write bench.json/csv/png; returns the report.
+
+    `settings` are `kiln.bench.driver.BenchSettings` fields: `batch_sizes`, `seq_len`, `threads`, `variants`,
+    `warmup`, `min_iters`, `max_iters`, `max_seconds`.
+    """
+    from kiln.bench.driver import BenchSettings
+    from kiln.bench.driver import bench as run_bench
+    from kiln.core.console import to_stderr
+
+    if "batch_sizes" in settings:
+        settings["batch_sizes"] = tuple(settings["batch_sizes"])
+    if settings.get("variants") is not None:
+        settings["variants"] = tuple(settings["variants"])
+    return run_bench(folder, BenchSettings(**settings), select_default=select, max_accuracy_drop=max_accuracy_drop,
+                     min_cosine=min_cosine, select_batch_size=select_batch_size, progress=progress or to_stderr)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kiln")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree without installing
+        return "0+unknown"
+
+
+__version__ = _version()
+
+__all__ = [
+    "BenchmarkError", "DataError", "ExportError", "IntegrityError", "KilnError", "ManifestError",
+    "ModelSourceError", "RecipeError", "RuntimeUnavailable", "UsageError", "VerificationError",
+    "__version__", "bench", "export_model", "load",
+]

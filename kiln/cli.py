@@ -1,0 +1,287 @@
+"""The `kiln` command: one parser tree for every subcommand, and the one error handler.
+
+Each subcommand's handler calls into its room (kiln.export, kiln.bench, kiln.serve) and imports it only when
+run, so `kiln --help` and a usage error answer without loading torch. Errors follow one contract: a single line
+`ErrorName: what happened; what to do`, exit 2 for usage, 3 for verification failures, 1 for the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+EXAMPLE = """examples:
+  kiln export digits --out artifacts/digits
+  kiln bench artifacts/digits --batch-sizes 1,16,64
+  kiln serve artifacts/digits --port 8000
+  kiln loadtest http://127.0.0.1:8000 --concurrency 1,8,32 --requests 2000
+
+Run `kiln SUBCOMMAND --help` for each subcommand's options and examples.
+"""
+
+EXPORT_EXAMPLE = """examples:
+  kiln export digits --out artifacts/digits
+  kiln export minilm --out artifacts/minilm --variants onnx-fp32,onnx-int8,torchscript-bf16
+  kiln export mypkg.nets:build --checkpoint net.pt --input x:float32[batch,3,32,32] \\
+      --output logits --data data.npz --out artifacts/net
+  kiln export digits --out artifacts/digits --recipe recipe.toml --force
+"""
+
+BENCH_EXAMPLE = """examples:
+  kiln bench artifacts/digits --batch-sizes 1,16,64 --threads 2
+  kiln bench artifacts/minilm --batch-sizes 1,16 --seq-len 128
+  kiln bench artifacts/digits --select --max-accuracy-drop 0.5
+  kiln bench artifacts/minilm --select --min-cosine 0.99 --select-batch-size 16
+  kiln bench artifacts/digits --variants onnx-fp32,onnx-int8 --max-seconds 0.5
+"""
+
+SERVE_EXAMPLE = """examples:
+  kiln serve artifacts/digits
+  kiln serve artifacts/minilm --variant torchscript-bf16 --max-batch-size 16 --threads 2
+  KILN_API_KEY=$(openssl rand -hex 16) kiln serve artifacts/digits --api-key-env KILN_API_KEY
+"""
+
+LOADTEST_EXAMPLE = """examples:
+  kiln loadtest http://127.0.0.1:8000 --concurrency 1,8,32 --requests 2000
+  kiln loadtest http://127.0.0.1:8000 --protocol predict --duration 20 --ceiling artifacts/minilm --threads 2
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors follow kiln's one-line `ErrorName: message` contract."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"UsageError: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _subparser(subparsers: Any, name: str, help: str, description: str, epilog: str,
+               handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help, description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+# --- kiln export ------------------------------------------------------------------------------------------------
+
+
+def add_export_parser(subparsers: Any) -> None:
+    from kiln.export.variants import VARIANTS
+
+    parser = _subparser(subparsers, "export", "prune, quantize and emit verified TorchScript/ONNX artifacts",
+                        "Export a model to a folder of verified artifacts with a manifest.json.", EXPORT_EXAMPLE,
+                        run_export_command)
+    parser.add_argument("model", help="zoo name (digits, minilm) or package.module:factory")
+    parser.add_argument("--out", required=True, type=Path, help="artifact folder to write (atomically)")
+    parser.add_argument("--checkpoint", help="state_dict file for a factory model (loaded with weights_only=True)")
+    parser.add_argument("--input", action="append", dest="inputs", metavar="NAME:DTYPE[DIMS]",
+                        help="input signature of a factory model, e.g. x:float32[batch,3,32,32]; repeat per input")
+    parser.add_argument("--output", action="append", dest="outputs", metavar="NAME",
+                        help="output name(s) of a factory model (default: output)")
+    parser.add_argument("--data", type=Path, help=".npz with one array per input (+ optional 'labels') for a factory model")
+    parser.add_argument("--name", help="model name used in server routes (default: zoo name or module name)")
+    parser.add_argument("--variants", help=f"comma-separated, from: {', '.join(VARIANTS)} (default: the model's set)")
+    parser.add_argument("--prune", metavar="METHOD:AMOUNT", help="e.g. structured:0.5 (for pruned-* variants)")
+    parser.add_argument("--fine-tune-epochs", type=int, help="epochs of fine-tuning after structured pruning")
+    parser.add_argument("--recipe", type=Path, help="TOML recipe; flags given on the command line override it")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default 17)")
+    parser.add_argument("--select", action="store_true",
+                        help="benchmark the variants and make the fastest within budget the default")
+    parser.add_argument("--max-accuracy-drop", type=float, help="budget for --select, percentage points (classifiers)")
+    parser.add_argument("--min-cosine", type=float, help="budget for --select, minimum cosine (embeddings)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def run_export_command(args: argparse.Namespace) -> int:
+    import logging
+
+    import kiln
+    from kiln.export.report import format_report
+
+    logging.getLogger().setLevel(logging.ERROR)  # ONNX Runtime's quantizer logs advice at WARNING
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    manifest = kiln.export_model(
+        args.model, args.out, variants=variants, recipe=args.recipe, checkpoint=args.checkpoint,
+        inputs=args.inputs, outputs=args.outputs, data=args.data, name=args.name, select=args.select,
+        force=args.force, opset=args.opset, prune=args.prune, fine_tune_epochs=args.fine_tune_epochs,
+        max_accuracy_drop=args.max_accuracy_drop, min_cosine=args.min_cosine)
+    print(format_report(manifest))
+    return 0
+
+
+# --- kiln bench -------------------------------------------------------------------------------------------------
+
+
+def add_bench_parser(subparsers: Any) -> None:
+    from kiln.bench import select
+    from kiln.bench.driver import DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LEN, BenchSettings
+
+    parser = _subparser(
+        subparsers, "bench",
+        "measure latency of eager fp32 and every artifact; optionally make the fastest within budget the default",
+        "Benchmark the eager PyTorch fp32 baseline and every variant of an artifact folder on the same inputs, "
+        "each in a fresh process; write bench.json, bench.csv and bench.png into the folder.",
+        BENCH_EXAMPLE, run_bench_command)
+    parser.add_argument("folder", metavar="ARTIFACT_DIR", help="a folder written by `kiln export`")
+    parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), metavar="N,N,...",
+                        help="comma-separated positive batch sizes (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                        help="sequence length for text models, inputs padded to it (default: %(default)s)")
+    parser.add_argument("--threads", type=int,
+                        help="torch and ONNX Runtime intra-op threads (default: the cores this process may use)")
+    parser.add_argument("--variants", help="comma-separated variants to measure (default: all in the manifest); "
+                                           "eager fp32 is always measured")
+    parser.add_argument("--warmup", type=int, default=BenchSettings.warmup,
+                        help="untimed calls per cell before timing (default: %(default)s)")
+    parser.add_argument("--min-iters", type=int, default=BenchSettings.min_iters,
+                        help="timed calls per cell at least (default: %(default)s)")
+    parser.add_argument("--max-iters", type=int, default=BenchSettings.max_iters,
+                        help="timed calls per cell at most (default: %(default)s)")
+    parser.add_argument("--max-seconds", type=float, default=BenchSettings.max_seconds,
+                        help="timed seconds per cell, once --min-iters is reached (default: %(default)s)")
+    parser.add_argument("--select", action="store_true",
+                        help="make the fastest variant within the budget the manifest's default (kiln serve loads it)")
+    parser.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                        help=f"budget for --select on classifiers, percentage points below eager fp32 "
+                             f"(default {select.DEFAULT_MAX_ACCURACY_DROP})")
+    parser.add_argument("--min-cosine", type=float,
+                        help=f"budget for --select: minimum cosine to eager fp32 (embeddings; default "
+                             f"{select.DEFAULT_MIN_COSINE}); on a classifier it is an extra condition")
+    parser.add_argument("--select-batch-size", type=int,
+                        help=f"batch size at which --select compares speed, added to the sweep if absent "
+                             f"(default {select.DEFAULT_SELECT_BATCH_SIZE})")
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from kiln.bench.driver import BenchSettings, bench, parse_batch_sizes, parse_names, summary
+
+    settings = BenchSettings(
+        batch_sizes=parse_batch_sizes(args.batch_sizes), seq_len=args.seq_len, threads=args.threads,
+        warmup=args.warmup, min_iters=args.min_iters, max_iters=args.max_iters, max_seconds=args.max_seconds,
+        variants=parse_names(args.variants),
+    )
+    report = bench(args.folder, settings, select_default=args.select, max_accuracy_drop=args.max_accuracy_drop,
+                   min_cosine=args.min_cosine, select_batch_size=args.select_batch_size,
+                   verbose=getattr(args, "verbose", False))
+    print(summary(report))
+    return 0
+
+
+# --- kiln serve -------------------------------------------------------------------------------------------------
+
+
+def add_serve_parser(subparsers: Any) -> None:
+    from kiln.serve.server import ServeConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
+    parser = _subparser(subparsers, "serve", "serve an artifact folder over HTTP (/predict, KServe V2, /metrics)",
+                        "Serve an artifact folder with LitServe: adaptive batching, V2 protocol, metrics, auth.",
+                        SERVE_EXAMPLE, run_serve_command)
+    parser.add_argument("artifact_dir", help="folder written by `kiln export`")
+    parser.add_argument("--variant", help="variant to serve (default: the manifest's default_variant)")
+    parser.add_argument("--host", default=defaults["host"],
+                        help="bind address (default %(default)s; 0.0.0.0 to expose)")
+    parser.add_argument("--port", type=int, default=defaults["port"])
+    parser.add_argument("--max-batch-size", type=int, default=defaults["max_batch_size"],
+                        help="requests per batch at most (default %(default)s)")
+    parser.add_argument("--max-batch-delay-ms", type=float, default=defaults["max_batch_delay_ms"],
+                        help="under load, how long to wait for a fuller batch (an idle server never waits)")
+    parser.add_argument("--workers", type=int, default=defaults["workers"],
+                        help="inference worker processes (each loads the model)")
+    parser.add_argument("--threads", type=int, help="runtime threads per worker (default: all cores)")
+    parser.add_argument("--api-key-env", help="environment variable holding the API key; enables auth")
+    parser.add_argument("--timeout", type=float, default=defaults["timeout_s"], dest="timeout_s",
+                        help="seconds before a request is answered 504 (default %(default)s)")
+    parser.add_argument("--max-body-bytes", type=int, default=defaults["max_body_bytes"])
+    parser.add_argument("--max-items", type=int, default=defaults["max_items"],
+                        help="items per request at most (default %(default)s)")
+    parser.add_argument("--body-timeout", type=float, default=defaults["body_timeout_s"], dest="body_timeout_s",
+                        help="seconds a request body may take to arrive (then 408)")
+    parser.add_argument("--log-level", default=defaults["log_level"])
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    from kiln.serve.server import ServeConfig, serve
+
+    names = {f.name for f in dataclasses.fields(ServeConfig)}
+    serve(ServeConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    return 0
+
+
+# --- kiln loadtest ----------------------------------------------------------------------------------------------
+
+
+def add_loadtest_parser(subparsers: Any) -> None:
+    parser = _subparser(subparsers, "loadtest", "concurrency sweep against a running kiln server",
+                        "Send real requests at several concurrency levels and report latency, throughput, errors.",
+                        LOADTEST_EXAMPLE, run_loadtest_command)
+    parser.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels (default 1,8,32)")
+    parser.add_argument("--requests", type=int, default=1000, help="requests per level (default 1000)")
+    parser.add_argument("--duration", type=float, help="seconds per level (then --requests is an upper bound)")
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="hard time bound per level")
+    parser.add_argument("--protocol", choices=("v2", "predict"), default="v2")
+    parser.add_argument("--model", help="model name (default: the one the server reports)")
+    parser.add_argument("--ceiling", metavar="ARTIFACT_DIR", help="also measure the served variant in-process")
+    parser.add_argument("--variant", help="variant for --ceiling (default: the manifest's default)")
+    parser.add_argument("--threads", type=int, help="runtime threads for --ceiling (match the server's)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes for --ceiling, run side by side (match the server's --workers)")
+    parser.add_argument("--rounds", type=int,
+                        help="rounds per level; with --ceiling each round is followed by its ceiling run and the "
+                             "ratio is the median over rounds (default 3 with --ceiling, else 1)")
+    parser.add_argument("--api-key-env", help="environment variable holding the server's API key")
+    parser.add_argument("--out", default="loadtest", help="folder for loadtest.json and loadtest.png")
+    parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
+
+
+def run_loadtest_command(args: argparse.Namespace) -> int:
+    from kiln.bench.loadtest import run_loadtest_command as run
+
+    return run(args)
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kiln", description="From a trained PyTorch model to a fast, verified HTTP endpoint.",
+                     epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    for add in (add_export_parser, add_bench_parser, add_serve_parser, add_loadtest_parser):
+        add(subparsers)
+    return parser
+
+
+def main_guard(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a subcommand; print `ErrorName: message` and return its exit code on a KilnError."""
+    from kiln.core.errors import KilnError, format_error
+
+    try:
+        return handler(args) or 0
+    except KilnError as exc:
+        if getattr(args, "verbose", False):
+            import traceback
+
+            traceback.print_exc()
+        print(format_error(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("Interrupted: stopped by the user; nothing was published", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return main_guard(args.handler, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
