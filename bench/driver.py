@@ -21,13 +21,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kiln.bench import select
-from kiln.core.console import Progress, format_table as align, to_stderr
-from kiln.core.errors import BenchmarkError, KilnError, UsageError, one_line
+from kiln.core.console import Progress, to_stderr
+from kiln.core.console import format_table as align
+from kiln.core.errors import BenchmarkError, KilnError, UsageError
 from kiln.core.machine import ISA_FLAGS, default_threads, machine_info
 from kiln.core.manifest import EAGER, Manifest, library_versions, read_manifest
 from kiln.core.runtime import require_installed
@@ -239,7 +241,7 @@ def measure(folder: str | Path, settings: BenchSettings, progress: Progress = to
         "model": manifest.model,
         "task": manifest.task,
         "folder": str(folder),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "default_variant": manifest.default_variant,
         "reference": manifest.reference,
         "machine": machine_info(),

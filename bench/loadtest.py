@@ -167,7 +167,7 @@ async def run_level(url: str, concurrency: int, bodies: list, requests: int, dur
                 t0 = time.perf_counter()
                 try:
                     status = await connection.request(body, timeout)
-                except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+                except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
                     errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
                     connection.close()
                     continue

@@ -81,7 +81,7 @@ def choose(manifest: Manifest, report: dict[str, Any], batch_size: int, max_accu
         "rejected": rejected,
         "threads": report["settings"]["threads"],
         "cpu_model": report["machine"]["cpu_model"],
-        "selected_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "selected_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -134,7 +134,7 @@ def summarize(latencies: list[float], batch_size: int) -> dict:
         "min_ms": float(values.min()),
         # Items over the time actually spent in calls: throughput of back-to-back batches.
         "items_per_s": float(batch_size * len(values) / (values.sum() / 1e3)),
-        "iterations": int(len(values)),
+        "iterations": len(values),
     }
 
 

@@ -21,7 +21,7 @@ def default_threads() -> int:
 
 def machine_info() -> dict[str, Any]:
     """CPU model and the ISA flags that decide INT8/BF16 speed: figures mean little without them."""
-    model, flags = "", set()
+    model, flags = "", set[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")

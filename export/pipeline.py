@@ -11,8 +11,9 @@ import datetime as dt
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +102,7 @@ def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool
                 preprocessing=bundle.preprocessing, variants=entries,
                 default_variant=fp32_default(entries) or entries[0].name, source=bundle.source,
                 reference=reference, files=files, versions=library_versions(), recipe=recipe.to_dict(),
-                created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 export_seconds=round(time.perf_counter() - started, 1),
             )
             manifest.save()

@@ -7,7 +7,8 @@ leaves every tensor its shape, so its report says that it buys compressibility, 
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

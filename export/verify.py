@@ -57,7 +57,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
         "max_rel_error": float(diff.max() / scale),
         "cosine_min": float(cosine.min()),
         "cosine_mean": float(cosine.mean()),
-        "items": int(len(ref)),
+        "items": len(ref),
     }
     if task == "classification":
         figures["top1_agreement"] = float((ref.argmax(1) == cand.argmax(1)).mean())

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, NoReturn
 
 EXAMPLE = """examples:
   kiln export digits --out artifacts/digits
@@ -53,7 +54,7 @@ LOADTEST_EXAMPLE = """examples:
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors follow kiln's one-line `ErrorName: message` contract."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         print(f"UsageError: {message}; see `{self.prog} --help`", file=sys.stderr)
         raise SystemExit(2)

@@ -9,9 +9,10 @@ optimum keeps an `OnnxConfig` per architecture beside the model itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 

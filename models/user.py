@@ -17,7 +17,7 @@ import numpy as np
 
 from kiln.core.errors import DataError, ModelSourceError, UsageError, one_line
 from kiln.core.signature import NUMPY_DTYPES, Signature, TensorSpec
-from kiln.models.base import Dataset, ModelBundle, ExportHints
+from kiln.models.base import Dataset, ExportHints, ModelBundle
 
 if TYPE_CHECKING:
     from kiln.models.registry import SourceRequest

@@ -12,11 +12,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import run_kiln
 
 from kiln.bench.driver import CSV_COLUMNS, EAGER, ISA_FLAGS
 from kiln.core.manifest import read_manifest
+
+pytestmark = pytest.mark.slow  # real exports and `kiln` subprocesses
 
 TINY = ("--max-seconds", "0.2", "--warmup", "1", "--min-iters", "2")
 ROW_FIELDS = (*CSV_COLUMNS, "mean_ms", "min_ms", "iterations", "format", "runtime", "precision", "load_seconds")

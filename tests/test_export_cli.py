@@ -4,8 +4,9 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_kiln
+
+pytestmark = pytest.mark.slow  # real exports and `kiln` subprocesses
 
 
 def _one_line_error(result, name):

@@ -8,10 +8,10 @@ import onnx
 import pytest
 
 import kiln
-from kiln.core.runtime import run_batched
-from kiln.core.manifest import read_manifest
-from kiln.export.quantize import int8_node_counts
 from kiln.core.errors import IntegrityError, ManifestError
+from kiln.core.manifest import read_manifest
+from kiln.core.runtime import run_batched
+from kiln.export.quantize import int8_node_counts
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +147,7 @@ def test_manifest_errors_are_clear(digits_artifacts, tmp_path):
     manifest.write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         read_manifest(copy)
-    with pytest.raises(ManifestError, match="no manifest.json"):
+    with pytest.raises(ManifestError, match=r"no manifest\.json"):
         read_manifest(tmp_path)
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import kiln
-from kiln.core.runtime import run_batched
 from kiln.core.manifest import read_manifest
+from kiln.core.runtime import run_batched
 from kiln.export.quantize import int8_node_counts
 from kiln.models import minilm
 

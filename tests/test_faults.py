@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, run_kiln
-from kiln.core.manifest import read_manifest
 from server_process import ServerProcess, group_pids
+
+from kiln.core.manifest import read_manifest
 
 pytestmark = pytest.mark.slow
 ONE = {"image": [[0.0, 0, 5, 13, 9, 1, 0, 0]] + [[0.0] * 8] * 7}

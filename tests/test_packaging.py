@@ -8,8 +8,9 @@ from conftest import run_kiln
 
 def test_only_the_kiln_namespace_is_installed(tmp_path):
     script = (
-        "import importlib.util as u, kiln.models, kiln.export, kiln.serve\n"
+        "import importlib.util as u, kiln, kiln.core, kiln.models, kiln.export, kiln.bench, kiln.serve\n"
         "assert u.find_spec('models') is None and u.find_spec('export') is None and u.find_spec('serve') is None\n"
+        "assert all(u.find_spec(n) is None for n in ('core', 'bench'))\n"
         "try:\n    import models\nexcept ImportError:\n    print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
@@ -17,16 +18,61 @@ def test_only_the_kiln_namespace_is_installed(tmp_path):
     assert result.stdout.strip() == "ok"
 
 
+# Imports point one way: core <- models <- export <- bench, serve <- kiln. A room may import the rooms below it.
+ROOMS = {"core": 0, "models": 1, "export": 2, "bench": 3, "serve": 3, "kiln": 4}
+
+
+def _kiln_imports(path) -> set[str]:
+    """The kiln rooms a file imports, at top level or inside functions (TYPE_CHECKING imports included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "kiln":
+                found.add(parts[1] if len(parts) > 1 and parts[1] in ROOMS else "kiln")
+    return found
+
+
 def test_imports_point_one_way():
-    """models imports nothing of export/serve; export nothing of serve."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    for folder, forbidden in (("models", ("kiln.export", "kiln.serve")), ("export", ("kiln.serve",))):
-        for path in (root / folder).glob("*.py"):
-            text = path.read_text()
-            for name in forbidden:
-                assert f"import {name}" not in text and f"from {name}" not in text, f"{path} imports {name}"
+    wrong = []
+    for room, level in ROOMS.items():
+        files = list((root / room).rglob("*.py"))
+        assert files, room
+        for path in files:
+            for imported in _kiln_imports(path) - {room}:
+                if ROOMS[imported] >= level:
+                    wrong.append(f"{path.relative_to(root)} imports kiln.{imported}")
+    assert not wrong, wrong
+
+
+def test_each_room_imports_without_the_rooms_above_it():
+    """Import every module of a room in a fresh interpreter and check no room above it was loaded."""
+    import json
+
+    script = (
+        "import importlib, json, pkgutil, sys\n"
+        "room = sys.argv[1]\n"
+        "pkg = importlib.import_module('kiln' if room == 'kiln' else 'kiln.' + room)\n"
+        "for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "    if not info.name.endswith('__main__'):\n"
+        "        importlib.import_module(info.name)\n"
+        "print(json.dumps(sorted({m.split('.')[1] for m in sys.modules if m.startswith('kiln.') and m.count('.') >= 1})))\n"
+    )
+    for room, level in ROOMS.items():
+        if room == "kiln":
+            continue
+        result = subprocess.run([sys.executable, "-c", script, room], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+        above = {r for r in loaded if r in ROOMS and r != room and ROOMS[r] >= level}
+        assert not above, f"importing kiln.{room} loaded {above}"
 
 
 def test_help_shows_examples():

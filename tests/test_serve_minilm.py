@@ -3,11 +3,10 @@
 import httpx
 import numpy as np
 import pytest
+from server_process import ServerProcess
 
 import kiln
-from kiln.core.runtime import run_batched
 from kiln.models import minilm
-from server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 TEXTS = ["The cat sat on the mat.", "Interest rates rose again this quarter.", "ünïcödé — emoji 🙂 and 中文"]

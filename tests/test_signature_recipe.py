@@ -1,8 +1,8 @@
 import pytest
 
-from kiln.export.recipe import PruneConfig, Recipe, Tolerances
 from kiln.core.errors import RecipeError, UsageError
 from kiln.core.signature import Signature, TensorSpec
+from kiln.export.recipe import PruneConfig, Recipe, Tolerances
 
 
 def test_tensor_spec_parses_symbolic_and_fixed_dims():
