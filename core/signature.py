@@ -68,7 +68,7 @@ class TensorSpec:
             )
         dims: list[int | str] = []
         for raw in filter(None, (d.strip() for d in match["dims"].split(","))):
-            dims.append(int(raw) if raw.isdigit() else raw)
+            dims.append(int(raw) if raw.isascii() and raw.isdigit() else raw)
         return cls(match["name"], match["dtype"], tuple(dims))
 
     @property

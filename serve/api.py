@@ -17,7 +17,8 @@ import litserve as ls
 import numpy as np
 
 from kiln.core.preprocessing import text_preprocessor
-from kiln.serve.batching import batch_bucket, stop_after_drain
+from kiln.serve.batching import BatchCostModel, stop_after_drain
+from kiln.serve.channel import Result
 
 
 @dataclass
@@ -43,6 +44,9 @@ class KilnAPI(ls.LitAPI):
         self.artifact_dir = artifact_dir
         self.variant = variant
         self.threads = threads
+        # Seconds per item by batch size, learnt from the batches this worker runs; the batching loop
+        # (serve.batching.AdaptiveBatchedLoop) reads it to decide whether a backlog batch waits for more.
+        self.cost_model = BatchCostModel()
 
     def setup(self, device) -> None:
         import torch
@@ -57,9 +61,8 @@ class KilnAPI(ls.LitAPI):
         self.runtime = load(self.artifact_dir, self.variant, RuntimeOptions(self.threads))
         self.preprocess = text_preprocessor(manifest)
         # Warm-up: the first run allocates and picks kernels; pay that before reporting ready.
-        self.per_item_s: dict[int, float] = {}
         self.predict(self.batch([self._example(1)]))
-        self.per_item_s.clear()  # costs come from real batches only; the batching loop reads them
+        self.cost_model.reset()  # costs come from real batches only
         signal.signal(signal.SIGTERM, stop_after_drain)
 
     def _example(self, count: int) -> WorkItem:
@@ -83,39 +86,31 @@ class KilnAPI(ls.LitAPI):
                       for name in self.signature.input_names}
         return Batch(items, inputs, [item.count for item in items], started)
 
-    def predict(self, batch: Batch) -> list[dict]:
+    def predict(self, batch: Batch) -> list[Result]:
         t0 = time.time()
+        outcomes: list[tuple[dict | None, str | None]]  # per request: its outputs, or why the runtime failed on it
         try:
-            per_request = _split(self.runtime.run(batch.inputs), batch.counts)
-            self._learn_cost(sum(batch.counts), time.time() - t0)
-        except Exception:  # noqa: BLE001 - retry one by one, so only the request that breaks the runtime fails
-            per_request = []
+            outcomes = [(outputs, None) for outputs in _split(self.runtime.run(batch.inputs), batch.counts)]
+            self.cost_model.learn(sum(batch.counts), time.time() - t0)
+        except Exception:
+            outcomes = []
             for item in batch.items:
                 try:
                     single = self.batch([item])
-                    per_request.append(_split(self.runtime.run(single.inputs), single.counts)[0])
-                except Exception as exc:  # noqa: BLE001 - reported to that request only
-                    per_request.append({"__error__": f"the runtime failed on this request: {type(exc).__name__}"})
+                    outcomes.append((_split(self.runtime.run(single.inputs), single.counts)[0], None))
+                except Exception as exc:
+                    outcomes.append((None, f"the runtime failed on this request: {type(exc).__name__}"))
         infer_s = time.time() - t0
         self.batches_run += 1
-        shared = {"infer_s": infer_s, "batch_requests": len(batch.items), "batch_items": sum(batch.counts),
-                  "batch_id": f"{os.getpid()}-{self.batches_run}"}
-        return [{"outputs": outputs, "queue_s": max(0.0, batch.started - item.enqueued), **shared}
-                for item, outputs in zip(batch.items, per_request)]
+        batch_id = f"{os.getpid()}-{self.batches_run}"
+        return [Result(outputs, max(0.0, batch.started - item.enqueued), infer_s, len(batch.items),
+                       sum(batch.counts), batch_id, error)
+                for item, (outputs, error) in zip(batch.items, outcomes)]
 
-    def _learn_cost(self, items: int, seconds: float) -> None:
-        """Seconds per item by batch-size bucket (powers of two), a moving average over the batches really run:
-        real request lengths, real load. The batching loop waits for a fuller batch only where this shows it
-        is cheaper per item."""
-        bucket = batch_bucket(items)
-        previous = self.per_item_s.get(bucket)
-        cost = seconds / items
-        self.per_item_s[bucket] = cost if previous is None else 0.8 * previous + 0.2 * cost
-
-    def unbatch(self, results: list[dict]) -> list[dict]:
+    def unbatch(self, results: list[Result]) -> list[Result]:
         return results
 
-    def encode_response(self, result: dict) -> dict:
+    def encode_response(self, result: Result) -> Result:
         return result
 
 

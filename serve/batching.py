@@ -28,7 +28,7 @@ from litserve.loops import BatchedLoop
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.utils import LitAPIStatus
 
-from kiln.serve.channel import WorkerChannel
+from kiln.serve.channel import Answer, Request, WorkerChannel
 
 IDLE_POLL_S = 0.5
 WAIT_GAIN = 0.10  # a fuller batch must be at least this much cheaper per item to hold requests for it
@@ -58,6 +58,27 @@ def worth_waiting(per_item_s: dict[int, float] | None, gathered: int) -> bool:
     now = per_item_s.get(bucket)
     fuller = [cost for size, cost in per_item_s.items() if size > bucket]
     return now is not None and bool(fuller) and now > (1.0 + WAIT_GAIN) * min(fuller)
+
+
+class BatchCostModel:
+    """Seconds per item by batch-size bucket (powers of two), a moving average over the batches really run:
+    real request lengths, real load. The API that runs the batches owns it and teaches it (`learn`); the
+    batching loop asks it whether a backlog batch should wait for more requests (`worth_waiting`)."""
+
+    def __init__(self) -> None:
+        self.per_item_s: dict[int, float] = {}
+
+    def learn(self, items: int, seconds: float) -> None:
+        bucket = batch_bucket(items)
+        previous = self.per_item_s.get(bucket)
+        cost = seconds / items
+        self.per_item_s[bucket] = cost if previous is None else 0.8 * previous + 0.2 * cost
+
+    def worth_waiting(self, gathered: int) -> bool:
+        return worth_waiting(self.per_item_s, gathered)
+
+    def reset(self) -> None:
+        self.per_item_s.clear()
 
 
 class AdaptiveBatchedLoop(BatchedLoop):
@@ -91,9 +112,11 @@ class AdaptiveBatchedLoop(BatchedLoop):
     def put_response(self, transport, response_queue_id, uid, response_data, status, response_type) -> None:
         if status == LitAPIStatus.START or self._channel is None:
             return
-        if status != LitAPIStatus.OK:  # only the HTTP status of a failure crosses over, never an exception object
-            response_data = {"status_code": getattr(response_data, "status_code", 500)}
-        self._channel.queue((uid, response_data, status))  # sent together with the batch's others: _flush
+        if status == LitAPIStatus.OK:  # response_data is the serve.channel.Result KilnAPI made
+            answer = Answer(uid, response_data)
+        else:  # only the HTTP status of a failure crosses over, never an exception object
+            answer = Answer(uid, None, getattr(response_data, "status_code", 500))
+        self._channel.queue(answer)  # sent together with the batch's others: _flush
 
     def _flush(self) -> None:
         """The answers of the last batch in one write: one wake-up of the HTTP process per batch, not per request."""
@@ -105,13 +128,13 @@ class AdaptiveBatchedLoop(BatchedLoop):
             self._channel.close()
             self._channel = None
 
-    def _admit(self, item, lit_api, payloads: list, timed_out: list) -> None:
-        _, uid, enqueued, x_enc = item
+    def _admit(self, item: Request, lit_api, payloads: list, timed_out: list) -> None:
+        # payloads and timed_out hold LitServe's own tuples: (queue id, uid, x_enc) and (queue id, uid)
         timeout = lit_api.request_timeout
-        if timeout not in (-1, False, None) and time.monotonic() - enqueued > timeout:
-            timed_out.append((0, uid))  # LitServe's loop answers these 504 through put_response
+        if timeout not in (-1, False, None) and time.monotonic() - item.enqueued > timeout:
+            timed_out.append((0, item.uid))  # LitServe's loop answers these 504 through put_response
             return
-        payloads.append((0, uid, x_enc))
+        payloads.append((0, item.uid, item.item))
 
     def _receive(self, timeout: float):
         try:
@@ -124,6 +147,8 @@ class AdaptiveBatchedLoop(BatchedLoop):
             return None
 
     def get_batch_requests(self, lit_api, request_queue, transport):
+        """LitServe's extension point. `lit_api` is a serve.api.KilnAPI: its `cost_model` (a BatchCostModel, taught
+        by the batches it runs) decides whether a backlog batch waits for more requests."""
         payloads: list = []
         timed_out: list = []
         self._flush()
@@ -140,8 +165,7 @@ class AdaptiveBatchedLoop(BatchedLoop):
             if item is None:
                 if len(payloads) < 2 or self.max_batch_delay_s <= 0 or self._channel is None:
                     break
-                if deadline is None and not worth_waiting(getattr(lit_api, "per_item_s", None),
-                                                          sum(p[2].count for p in payloads)):
+                if deadline is None and not lit_api.cost_model.worth_waiting(sum(p[2].count for p in payloads)):
                     break
                 if deadline is None:
                     deadline = time.monotonic() + self.max_batch_delay_s

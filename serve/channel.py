@@ -8,19 +8,73 @@ kernel closes it when the worker dies, which tells the HTTP process at once whic
 
 The socket lives in a private (0700) temporary folder and only kiln's own processes connect to it,
 so the pickles it carries never come from a client.
+
+Both ends live here: `WorkerGateway` (the HTTP process's end: it sends `Request`s and waits for their
+`Answer`s) and `WorkerChannel` (the worker's end, used by serve.batching's loop), with the messages they
+exchange: a worker opens with `Hello`, then receives `Request`s and sends one `Answer` per request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import os
 import pickle
 import select
 import socket
 import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.serve.protocol import RequestError
 
 HEADER = struct.Struct("!I")
 MAX_FRAME = 1 << 30
 
+
+# --- messages ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The first message on a worker's connection: which worker this is (LitServe's worker id)."""
+
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """HTTP process -> worker: one validated request to run."""
+
+    uid: int  # unique within the HTTP process; the Answer names it
+    enqueued: float  # time.monotonic() when the HTTP process sent it (the worker times out stale ones)
+    item: Any  # a serve.api.WorkItem
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One request's share of a batch the worker ran (made by serve.api.KilnAPI.predict)."""
+
+    outputs: dict | None  # output name -> array, this request's items only; None when `error` is set
+    queue_s: float
+    infer_s: float
+    batch_requests: int
+    batch_items: int
+    batch_id: str
+    error: str | None = None  # the runtime failed on this request alone (the rest of its batch was answered)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Worker -> HTTP process: the outcome of one Request."""
+
+    uid: int
+    result: Result | None = None  # None: LitServe's loop failed the request before or while running it
+    status_code: int = 200  # a failure's HTTP status (504: it waited past the timeout in the worker's queue)
+
+
+# --- framing -----------------------------------------------------------------------------------------------------
 
 def encode(message) -> bytes:
     data = pickle.dumps(message, protocol=5)
@@ -35,6 +89,8 @@ async def read_frame(reader):
         raise ConnectionError(f"frame of {size} bytes is over the limit")
     return pickle.loads(await reader.readexactly(size))
 
+
+# --- the worker's end --------------------------------------------------------------------------------------------
 
 class WorkerChannel:
     """The worker's end: blocking, buffered, one reader and one writer (the worker's loop thread)."""
@@ -58,7 +114,7 @@ class WorkerChannel:
         self.sock = sock
         self.buffer.clear()
         self.outgoing.clear()
-        self.send({"worker": self.worker_id})
+        self.send(Hello(self.worker_id))
         return True
 
     def close(self) -> None:
@@ -106,3 +162,127 @@ class WorkerChannel:
             data = b"".join(self.outgoing)
             self.outgoing.clear()
             self.sock.sendall(data)
+
+
+# --- the HTTP process's end --------------------------------------------------------------------------------------
+
+@dataclass
+class _Worker:
+    name: str
+    writer: asyncio.StreamWriter
+    in_flight: dict[int, asyncio.Future] = field(default_factory=dict)  # uid -> the waiting request
+    pending: list[bytes] = field(default_factory=list)  # frames written together at the end of this loop turn
+
+    def flush(self) -> None:
+        if self.pending and not self.writer.is_closing():
+            self.writer.write(b"".join(self.pending))
+        self.pending.clear()
+
+
+class WorkerLost(Exception):
+    """The worker running a request died; the request is answered 503 at once."""
+
+
+class WorkerGateway:
+    """Sends work to the inference workers over this channel and waits for the answer, with a deadline.
+
+    Runs in the HTTP process, on its event loop: no threads and no locks. Each worker connects on
+    start (and again after LitServe restarts it); a request goes to the worker with the fewest in
+    flight. When a worker's connection closes, its requests fail with 503 immediately, and the
+    server reports not-ready until the restarted worker connects.
+    """
+
+    def __init__(self, channel_path: str, workers: int, timeout_s: float, metrics) -> None:
+        self.channel_path = channel_path
+        self.expected = workers
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+        self.uids = itertools.count()  # unique within this HTTP process, which is all a worker answers to
+        self.workers: dict[str, _Worker] = {}
+        self._server = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.channel_path)
+        self._server = await asyncio.start_unix_server(self._serve_worker, path=self.channel_path)
+        os.chmod(self.channel_path, 0o600)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for worker in list(self.workers.values()):
+            worker.writer.close()
+
+    def ready(self) -> bool:
+        return len(self.workers) >= self.expected
+
+    async def _serve_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            hello = await read_frame(reader)
+        except (asyncio.IncompleteReadError, ConnectionError, EOFError):
+            writer.close()
+            return
+        if not isinstance(hello, Hello):
+            writer.close()
+            return
+        worker = _Worker(str(hello.worker), writer)
+        previous = self.workers.get(worker.name)
+        if previous is not None:
+            self._lost(previous)
+        self.workers[worker.name] = worker
+        try:
+            while True:
+                answer: Answer = await read_frame(reader)
+                result = answer.result
+                if result is not None:  # every answer of a batch that ran, whether or not its client waited
+                    self.metrics.record_inference(result.queue_s, result.infer_s, result.batch_requests,
+                                                  result.batch_items, result.batch_id)
+                future = worker.in_flight.pop(answer.uid, None)
+                if future is not None and not future.done():
+                    future.set_result(answer)
+        except (asyncio.IncompleteReadError, ConnectionError, EOFError):
+            pass
+        finally:
+            if self.workers.get(worker.name) is worker:
+                del self.workers[worker.name]
+            self._lost(worker)
+            writer.close()
+
+    def _lost(self, worker: _Worker) -> None:
+        for future in worker.in_flight.values():
+            if not future.done():
+                future.set_exception(WorkerLost())
+        worker.in_flight.clear()
+
+    async def submit(self, item) -> Result:
+        """Runs `item` (a serve.api.WorkItem) on the least busy worker: its Result, or a RequestError."""
+        if not self.workers:
+            raise RequestError("the inference worker is not ready (starting or restarting); retry shortly", 503)
+        worker = min(self.workers.values(), key=lambda w: len(w.in_flight))
+        uid = next(self.uids)
+        future = asyncio.get_running_loop().create_future()
+        worker.in_flight[uid] = future
+        try:
+            if not worker.pending:  # requests parsed in the same turn of the event loop go in one write
+                asyncio.get_running_loop().call_soon(worker.flush)
+            worker.pending.append(encode(Request(uid, time.monotonic(), item)))
+            if worker.writer.transport.get_write_buffer_size() > 8 << 20:
+                await worker.writer.drain()
+            answer: Answer = await asyncio.wait_for(future, self.timeout_s + 1.0)
+        except TimeoutError:
+            raise RequestError(f"no answer within {self.timeout_s:g}s; the server is overloaded or the request too "
+                               "large, retry later or with fewer items", 504) from None
+        except (WorkerLost, ConnectionError):
+            raise RequestError("the inference worker stopped while running this request; it is being restarted, "
+                               "retry shortly", 503) from None
+        finally:
+            worker.in_flight.pop(uid, None)
+        result = answer.result
+        if result is None:
+            if answer.status_code == 504:
+                raise RequestError(f"waited over {self.timeout_s:g}s in the queue; the server is overloaded, "
+                                   "retry later", 504)
+            raise RequestError("the inference worker failed on this request", 500)
+        if result.error is not None:
+            raise RequestError(result.error, 500)
+        return result

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from kiln.core.signature import NUMPY_DTYPES, Signature, TensorSpec
+from kiln.serve.kinds import ModelKind, kind_for
 
 MAX_TEXT_CHARS = 20_000
 
@@ -47,6 +48,11 @@ class ServedModel:
     platform: str = ""
 
     # Cached: the request path reads these on every request, and they never change.
+    @functools.cached_property
+    def kind(self) -> ModelKind:
+        """How `/predict` answers for this model's task (serve.kinds)."""
+        return kind_for(self.task)
+
     @functools.cached_property
     def v2_inputs(self) -> list[dict]:
         if self.text:
@@ -326,19 +332,5 @@ def v2_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Req
 
 
 def predict_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Request) -> dict:
-    if model.task == "classification":
-        logits = outputs[model.signature.output_names[0]].astype(np.float64)
-        shifted = np.exp(logits - logits.max(1, keepdims=True))
-        probs = shifted / shifted.sum(1, keepdims=True)
-        probs = probs.astype(np.float32)
-        items = [{"class": int(p.argmax()), "probabilities": p} for p in probs]
-        return items[0] if request.single else {"predictions": items}
-    if model.task == "embedding":
-        emb = outputs[model.signature.output_names[0]]
-        if request.single:
-            return {"embedding": np.ascontiguousarray(emb[0])}
-        return {"embeddings": np.ascontiguousarray(emb)}
-    named = {k: np.ascontiguousarray(v) for k, v in outputs.items()}
-    if request.single:
-        return {k: v[0] for k, v in named.items()}
-    return {"outputs": named}
+    """The `/predict` answer: shaped by the model's kind (serve.kinds), one item or a batch as the request was."""
+    return model.kind.predict_response(outputs, model.signature.output_names, request.single)

@@ -1,146 +1,34 @@
 """HTTP routes: `/predict`, the Open Inference Protocol (KServe V2), health and `/metrics`.
 
 They run in the HTTP process. A request is parsed and validated here (serve.protocol) and only a
-valid one is sent to an inference worker (WorkerGateway). The wait for the answer is bounded (504
-after --timeout) and ends at once if the worker dies (503), so no client hangs on a request that
-cannot be answered.
+valid one is sent to an inference worker (serve.channel.WorkerGateway). The wait for the answer is
+bounded (504 after --timeout) and ends at once if the worker dies (503), so no client hangs on a
+request that cannot be answered.
+
+The inference routes are one table, INFERENCE_ROUTES: both the ASGI fast path (InferenceFastPath) and
+the FastAPI registration (add_routes) are built from it, so a new inference route is one row there (and,
+for a new protocol, one Wire with its parse and respond functions).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
-import os
+import functools
+import inspect
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from litserve.utils import LitAPIStatus
 
 from kiln.serve.api import WorkItem
-from kiln.serve.channel import encode, read_frame
+from kiln.serve.channel import WorkerGateway
+from kiln.serve.protocol import Request as ParsedRequest
 from kiln.serve.protocol import RequestError, ServedModel, parse_predict, parse_v2, predict_response, v2_response
 
 JSON_TYPES = ("application/json", "")
-
-
-@dataclass
-class _Worker:
-    name: str
-    writer: asyncio.StreamWriter
-    in_flight: dict[int, asyncio.Future] = field(default_factory=dict)  # uid -> the waiting request
-    pending: list[bytes] = field(default_factory=list)  # frames written together at the end of this loop turn
-
-    def flush(self) -> None:
-        if self.pending and not self.writer.is_closing():
-            self.writer.write(b"".join(self.pending))
-        self.pending.clear()
-
-
-class WorkerLost(Exception):
-    """The worker running a request died; the request is answered 503 at once."""
-
-
-class WorkerGateway:
-    """Sends work to the inference workers over serve.channel and waits for the answer, with a deadline.
-
-    Runs in the HTTP process, on its event loop: no threads and no locks. Each worker connects on
-    start (and again after LitServe restarts it); a request goes to the worker with the fewest in
-    flight. When a worker's connection closes, its requests fail with 503 immediately, and the
-    server reports not-ready until the restarted worker connects.
-    """
-
-    def __init__(self, channel_path: str, workers: int, timeout_s: float, metrics) -> None:
-        self.channel_path = channel_path
-        self.expected = workers
-        self.timeout_s = timeout_s
-        self.metrics = metrics
-        self.uids = itertools.count()  # unique within this HTTP process, which is all a worker answers to
-        self.workers: dict[str, _Worker] = {}
-        self._server = None
-
-    async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.channel_path)
-        self._server = await asyncio.start_unix_server(self._serve_worker, path=self.channel_path)
-        os.chmod(self.channel_path, 0o600)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for worker in list(self.workers.values()):
-            worker.writer.close()
-
-    def ready(self) -> bool:
-        return len(self.workers) >= self.expected
-
-    async def _serve_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            hello = await read_frame(reader)
-        except (asyncio.IncompleteReadError, ConnectionError, EOFError):
-            writer.close()
-            return
-        worker = _Worker(str(hello["worker"]), writer)
-        previous = self.workers.get(worker.name)
-        if previous is not None:
-            self._lost(previous)
-        self.workers[worker.name] = worker
-        try:
-            while True:
-                uid, response, status = await read_frame(reader)
-                if status == LitAPIStatus.OK:  # every answer of a batch that ran, whether or not its client waited
-                    self.metrics.record_inference(response["queue_s"], response["infer_s"], response["batch_requests"],
-                                                  response["batch_items"], response["batch_id"])
-                future = worker.in_flight.pop(uid, None)
-                if future is not None and not future.done():
-                    future.set_result((response, status))
-        except (asyncio.IncompleteReadError, ConnectionError, EOFError):
-            pass
-        finally:
-            if self.workers.get(worker.name) is worker:
-                del self.workers[worker.name]
-            self._lost(worker)
-            writer.close()
-
-    def _lost(self, worker: _Worker) -> None:
-        for future in worker.in_flight.values():
-            if not future.done():
-                future.set_exception(WorkerLost())
-        worker.in_flight.clear()
-
-    async def submit(self, item: WorkItem):
-        if not self.workers:
-            raise RequestError("the inference worker is not ready (starting or restarting); retry shortly", 503)
-        worker = min(self.workers.values(), key=lambda w: len(w.in_flight))
-        uid = next(self.uids)
-        future = asyncio.get_running_loop().create_future()
-        worker.in_flight[uid] = future
-        try:
-            if not worker.pending:  # requests parsed in the same turn of the event loop go in one write
-                asyncio.get_running_loop().call_soon(worker.flush)
-            worker.pending.append(encode((0, uid, time.monotonic(), item)))
-            if worker.writer.transport.get_write_buffer_size() > 8 << 20:
-                await worker.writer.drain()
-            response, status = await asyncio.wait_for(future, self.timeout_s + 1.0)
-        except asyncio.TimeoutError:
-            raise RequestError(f"no answer within {self.timeout_s:g}s; the server is overloaded or the request too "
-                               "large, retry later or with fewer items", 504) from None
-        except (WorkerLost, ConnectionError):
-            raise RequestError("the inference worker stopped while running this request; it is being restarted, "
-                               "retry shortly", 503) from None
-        finally:
-            worker.in_flight.pop(uid, None)
-        if status != LitAPIStatus.OK:
-            if response.get("status_code") == 504:
-                raise RequestError(f"waited over {self.timeout_s:g}s in the queue; the server is overloaded, "
-                                   "retry later", 504)
-            raise RequestError("the inference worker failed on this request", 500)
-        if "__error__" in response["outputs"]:
-            raise RequestError(response["outputs"]["__error__"], 500)
-        return response
 
 
 class FastJSONResponse(Response):
@@ -177,6 +65,82 @@ def unknown_model(model: ServedModel, name: str, version: str | None = None) -> 
     return None
 
 
+@dataclass(frozen=True)
+class Wire:
+    """One inference protocol: what a request must look like, how it is parsed, how the answer is written."""
+
+    kind: str
+    expected: Callable[[ServedModel], Any]  # the body shown to a client whose request is refused
+    parse: Callable[[Any, ServedModel], ParsedRequest]
+    respond: Callable[[ServedModel, dict, ParsedRequest], dict]
+
+
+PREDICT = Wire("predict", lambda model: model.expected_predict, parse_predict, predict_response)
+V2 = Wire("v2", lambda model: model.expected_v2, parse_v2, v2_response)
+
+NAME_PARAM = "name"  # a route's template parameter that names the model
+VERSION_PARAM = "model_version"  # and the one that names its version
+
+
+@dataclass(frozen=True)
+class InferenceRoute:
+    """One POST route that runs the model.
+
+    `path` is FastAPI's template: MetricsMiddleware labels requests with it (the fast path sets the route as
+    scope["route"]), and its {name} and {model_version} parameters, where present, pick the model and version.
+    """
+
+    path: str
+    endpoint: str  # FastAPI's name for the route (the OpenAPI operationId starts with it)
+    wire: Wire
+
+    @functools.cached_property
+    def segments(self) -> tuple[str, ...]:
+        return tuple(self.path.split("/"))
+
+    @functools.cached_property
+    def params(self) -> tuple[str, ...]:
+        return tuple(seg[1:-1] for seg in self.segments if seg.startswith("{") and seg.endswith("}"))
+
+    def match(self, parts: list[str]) -> dict[str, str] | None:
+        """The template parameters of a path split on "/", or None where the path is not this route's.
+        A parameter matches one non-empty segment, as in FastAPI's router."""
+        if len(parts) != len(self.segments):
+            return None
+        params = {}
+        for part, segment in zip(parts, self.segments):
+            if segment.startswith("{"):
+                if not part:
+                    return None
+                params[segment[1:-1]] = part
+            elif part != segment:
+                return None
+        return params
+
+
+INFERENCE_ROUTES = (
+    InferenceRoute("/predict", "predict", PREDICT),
+    InferenceRoute("/v2/models/{name}/infer", "v2_infer", V2),
+    InferenceRoute("/v2/models/{name}/versions/{model_version}/infer", "v2_infer_version", V2),
+)
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    route: InferenceRoute
+    name: str | None  # the model the path names, if it names one
+    version: str | None
+
+
+def match_inference(path: str, routes: tuple[InferenceRoute, ...] = INFERENCE_ROUTES) -> RouteMatch | None:
+    parts = path.split("/")
+    for route in routes:
+        params = route.match(parts)
+        if params is not None:
+            return RouteMatch(route, params.get(NAME_PARAM), params.get(VERSION_PARAM))
+    return None
+
+
 class Inference:
     """The inference path itself, shared by the FastAPI routes and the ASGI fast path below."""
 
@@ -185,27 +149,19 @@ class Inference:
         self.gateway = gateway
         self.metrics = metrics
 
-    async def answer(self, kind: str, name: str | None, version: str | None, content_type: str,
+    async def answer(self, wire: Wire, name: str | None, version: str | None, content_type: str,
                      raw: bytes) -> tuple[int, dict]:
         model = self.model
         try:
             error = None if name is None else unknown_model(model, name, version)
             if error is not None:
                 raise error
-            expected = model.expected_v2 if kind == "v2" else model.expected_predict
-            body = decode_json(content_type, raw, expected)
-            parsed = parse_v2(body, model) if kind == "v2" else parse_predict(body, model)
+            body = decode_json(content_type, raw, wire.expected(model))
+            parsed = wire.parse(body, model)
             result = await self.gateway.submit(WorkItem(parsed.arrays, parsed.texts, parsed.count, time.time()))
         except RequestError as error:
             return error.status, error.body()
-        if kind == "v2":
-            return 200, v2_response(model, result["outputs"], parsed)
-        return 200, predict_response(model, result["outputs"], parsed)
-
-
-class _Route:
-    def __init__(self, path: str) -> None:
-        self.path = path  # what MetricsMiddleware labels the request with
+        return 200, wire.respond(model, result.outputs, parsed)
 
 
 class InferenceFastPath:
@@ -216,33 +172,17 @@ class InferenceFastPath:
     and route (and so 404/405 answers, metadata, health, metrics) still goes through FastAPI.
     """
 
-    PREDICT = _Route("/predict")
-    V2 = _Route("/v2/models/{name}/infer")
-    V2_VERSION = _Route("/v2/models/{name}/versions/{model_version}/infer")
-
     def __init__(self, app, inference: Inference) -> None:
         self.app = app
         self.inference = inference
 
-    def _match(self, path: str):
-        if path == "/predict":
-            return self.PREDICT, "predict", None, None
-        parts = path.split("/")
-        if len(parts) == 5 and parts[1:3] == ["v2", "models"] and parts[4] == "infer" and parts[3]:
-            return self.V2, "v2", parts[3], None
-        if (len(parts) == 7 and parts[1:3] == ["v2", "models"] and parts[4] == "versions" and parts[6] == "infer"
-                and parts[3] and parts[5]):
-            return self.V2_VERSION, "v2", parts[3], parts[5]
-        return None
-
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        match = self._match(scope["path"])
+        match = match_inference(scope["path"])
         if match is None:
             return await self.app(scope, receive, send)
-        route, kind, name, version = match
-        scope["route"] = route
+        scope["route"] = match.route  # MetricsMiddleware labels the request with match.route.path
         chunks = []
         while True:
             message = await receive()
@@ -256,13 +196,29 @@ class InferenceFastPath:
             if key == b"content-type":
                 content_type = value.decode("latin-1")
                 break
-        status, body = await self.inference.answer(kind, name, version, content_type, b"".join(chunks))
+        status, body = await self.inference.answer(match.route.wire, match.name, match.version, content_type,
+                                                   b"".join(chunks))
         payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})
         return None
+
+
+def _endpoint(route: InferenceRoute, inference: Inference):
+    """A FastAPI endpoint for one row of INFERENCE_ROUTES, declaring the route's path parameters (as str) so
+    that FastAPI validates them and the OpenAPI schema lists them."""
+
+    async def endpoint(request: Request, **params: str):
+        status, body = await inference.answer(route.wire, params.get(NAME_PARAM), params.get(VERSION_PARAM),
+                                              request.headers.get("content-type", ""), await request.body())
+        return FastJSONResponse(body, status_code=status)
+
+    endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(p, inspect.Parameter.KEYWORD_ONLY, annotation=str) for p in route.params]
+        + [inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)])
+    return endpoint
 
 
 def add_routes(app: FastAPI, model: ServedModel, gateway: WorkerGateway, inference: Inference, version: str) -> None:
@@ -272,22 +228,8 @@ def add_routes(app: FastAPI, model: ServedModel, gateway: WorkerGateway, inferen
         return {"name": model.name, "versions": [model.version], "platform": model.platform,
                 "inputs": model.v2_inputs, "outputs": model.v2_outputs}
 
-    async def infer(request: Request, kind: str, name: str | None = None, version: str | None = None):
-        status, body = await inference.answer(kind, name, version, request.headers.get("content-type", ""),
-                                              await request.body())
-        return FastJSONResponse(body, status_code=status)
-
-    @app.post("/predict")
-    async def predict(request: Request):
-        return await infer(request, "predict")
-
-    @app.post("/v2/models/{name}/infer")
-    async def v2_infer(name: str, request: Request):
-        return await infer(request, "v2", name)
-
-    @app.post("/v2/models/{name}/versions/{model_version}/infer")
-    async def v2_infer_version(name: str, model_version: str, request: Request):
-        return await infer(request, "v2", name, model_version)
+    for route in INFERENCE_ROUTES:
+        app.add_api_route(route.path, _endpoint(route, inference), methods=["POST"], name=route.endpoint)
 
     @app.get("/v2")
     async def server_metadata():

@@ -78,15 +78,17 @@ def build_server(config: ServeConfig, state_dir: str):
     import litserve as ls
 
     from kiln.core.manifest import read_manifest
+    from kiln.core.runtime import check_runnable
     from kiln.serve.api import KilnAPI
     from kiln.serve.batching import AdaptiveBatchedLoop
+    from kiln.serve.channel import WorkerGateway
     from kiln.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, PathNormalizer
     from kiln.serve.metrics import Metrics
-    from kiln.serve.routes import Inference, InferenceFastPath, WorkerGateway, add_routes
+    from kiln.serve.routes import Inference, InferenceFastPath, add_routes
 
     manifest = read_manifest(config.artifact_dir)
     variant = manifest.variant(config.variant)
-    manifest.verify_file(variant.name)  # refuse a tampered folder before any process starts
+    check_runnable(manifest, variant.name)  # refuse a tampered or foreign artifact before any process starts
     model = served_model(manifest, variant, config.max_items)
     key = api_key(config)
     metrics = Metrics(model.name)

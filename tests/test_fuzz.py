@@ -602,13 +602,6 @@ def test_a_64_mb_body_is_refused_without_being_read(digits_artifacts):
 # ------------------------------------------------------------------------------------------------ MiniLM
 
 
-@pytest.fixture(scope="module")
-def minilm_server(minilm_artifacts):
-    server = ServerProcess(minilm_artifacts, "--variant", "onnx-fp32", "--threads", "1").wait_ready(180)
-    yield server
-    server.stop()
-
-
 UNICODE_ODDITIES = [
     "", " ", "\u202eevil\u202c", "\ufeffbom", "\u200b" * 100, "e\u0301" * 1000, "🙂" * 5000, "👩‍👩‍👧‍👦" * 100,
     "中文测试 日本語 한국어", "ＦＵＬＬＷＩＤＴＨ", "\U0010ffff\U000e0001", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "İstanbul ǅ ß ﬁ",

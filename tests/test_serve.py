@@ -11,11 +11,10 @@ import time
 import httpx
 import numpy as np
 import pytest
-
 from conftest import run_kiln
-import kiln
-from kiln.core.runtime import run_batched
 from server_process import ServerProcess
+
+import kiln
 
 pytestmark = pytest.mark.slow
 API_KEY = "k" * 8 + "-test-key-0123456789"

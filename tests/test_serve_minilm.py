@@ -3,20 +3,12 @@
 import httpx
 import numpy as np
 import pytest
-from server_process import ServerProcess
 
 import kiln
 from kiln.models import minilm
 
 pytestmark = pytest.mark.slow
 TEXTS = ["The cat sat on the mat.", "Interest rates rose again this quarter.", "ünïcödé — emoji 🙂 and 中文"]
-
-
-@pytest.fixture(scope="module")
-def minilm_server(minilm_artifacts):
-    server = ServerProcess(minilm_artifacts, "--variant", "onnx-fp32", "--threads", "1").wait_ready(180)
-    yield server
-    server.stop()
 
 
 def _expected(folder, texts):
