@@ -32,12 +32,12 @@ from kiln.core.console import format_table as align
 from kiln.core.errors import BenchmarkError, KilnError, UsageError
 from kiln.core.machine import ISA_FLAGS, default_threads, machine_info
 from kiln.core.manifest import EAGER, Manifest, library_versions, read_manifest
-from kiln.core.runtime import require_installed
+from kiln.core.runtime import check_runnable, require_installed
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 DEFAULT_SEQ_LEN = 128
 CSV_COLUMNS = ("variant", "batch_size", "p50_ms", "p90_ms", "p99_ms", "items_per_s", "speedup_vs_eager", "bytes",
-               "peak_rss_mb", "accuracy", "cosine_min")
+               "peak_rss_mb", "accuracy", "cosine_min", "batch_invariance")
 OUTPUT_NAMES = ("bench.json", "bench.csv", "bench.png")
 __all__ = ["CSV_COLUMNS", "EAGER", "ISA_FLAGS", "BenchSettings", "bench", "measure"]
 
@@ -107,7 +107,7 @@ def preflight(folder: Path, settings: BenchSettings, writing: bool) -> tuple[Man
     for name in names:
         require_installed(manifest.variant(name).runtime, name)
     for name in names:
-        manifest.verify_file(name)
+        check_runnable(manifest, name)
     if writing and not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"folder {str(folder)!r} is not writable and bench writes bench.json there; "
                          "make it writable or bench a copy")
@@ -169,7 +169,8 @@ def _run_worker(config: dict, scratch: Path, on_cell: Callable[[dict], None], ve
 def _figures(manifest: Manifest, name: str) -> dict[str, Any]:
     if name == EAGER:
         return {"bytes": None, "accuracy": manifest.reference_accuracy, "cosine_min": 1.0, "format": "pytorch",
-                "runtime": "torch-eager", "precision": "fp32", "pruning": None, "quantization": None}
+                "runtime": "torch-eager", "precision": "fp32", "pruning": None, "quantization": None,
+                "batch_invariance": None}
     entry = manifest.variant(name)
     return {
         "bytes": entry.bytes,
@@ -180,6 +181,8 @@ def _figures(manifest: Manifest, name: str) -> dict[str, Any]:
         "precision": entry.precision,
         "pruning": entry.pruning_method,
         "quantization": entry.quantization_mode,
+        # The worst cosine of an item alone vs inside a batch, measured at export; None for older exports.
+        "batch_invariance": (entry.batch_invariance or {}).get("cosine_min"),
     }
 
 
@@ -261,7 +264,8 @@ def _csv_value(column: str, value):
         return ""
     if isinstance(value, float):
         digits = {"items_per_s": 1, "peak_rss_mb": 1, "speedup_vs_eager": 3}.get(column, 6 if column in
-                                                                                  ("accuracy", "cosine_min") else 4)
+                                                                                  ("accuracy", "cosine_min",
+                                                                                   "batch_invariance") else 4)
         return f"{value:.{digits}f}"
     return value
 
@@ -309,7 +313,7 @@ def commit(staged: list[tuple[Path, Path]]) -> None:
 def format_table(report: dict[str, Any]) -> str:
     default = report.get("selection", {}).get("default_variant", report["default_variant"])
     rows = [("variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", "vs eager", "MB", "peak RSS MB",
-             "accuracy", "cosine_min")]
+             "accuracy", "cosine_min", "batch inv.")]
     for r in report["results"]:
         rows.append((
             r["variant"] + (" *" if r["variant"] == default else ""),
@@ -321,6 +325,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['peak_rss_mb']:.0f}",
             f"{r['accuracy'] * 100:.2f}%" if r["accuracy"] is not None else "-",
             f"{r['cosine_min']:.5f}" if r["cosine_min"] is not None else "-",
+            f"{r['batch_invariance']:.6f}" if r.get("batch_invariance") is not None else "-",
         ))
     return align(rows)
 
@@ -328,7 +333,7 @@ def format_table(report: dict[str, Any]) -> str:
 def bench(folder: str | Path, settings: BenchSettings | None = None, *, select_default: bool = False,
           max_accuracy_drop: float | None = None, min_cosine: float | None = None,
           select_batch_size: int | None = None, progress: Progress = to_stderr,
-          verbose: bool = False) -> dict[str, Any]:
+          verbose: bool = False, min_batch_invariance: float | None = None) -> dict[str, Any]:
     """Measure, then write bench.json/csv/png (and, with `select_default`, the new default) in one go.
 
     Every budget is checked before anything is measured; outputs are staged beside their targets and renamed
@@ -336,9 +341,12 @@ def bench(folder: str | Path, settings: BenchSettings | None = None, *, select_d
     """
     settings = settings or BenchSettings()
     if not select_default and (max_accuracy_drop is not None or min_cosine is not None
-                               or select_batch_size is not None):
-        raise UsageError("--max-accuracy-drop, --min-cosine and --select-batch-size only apply with --select; "
-                         "add --select")
+                               or select_batch_size is not None or min_batch_invariance is not None):
+        raise UsageError("--max-accuracy-drop, --min-cosine, --min-batch-invariance and --select-batch-size only "
+                         "apply with --select; add --select")
+    if min_batch_invariance is not None and not -1.0 <= min_batch_invariance <= 1.0:
+        raise UsageError(f"--min-batch-invariance {min_batch_invariance} is a cosine and must lie in [-1, 1]; "
+                         "e.g. 0.999")
     if max_accuracy_drop is not None and not 0.0 <= max_accuracy_drop <= 100.0:
         raise UsageError(f"--max-accuracy-drop {max_accuracy_drop} is in percentage points and must lie in "
                          "[0, 100]; e.g. 0.5")
@@ -360,7 +368,7 @@ def bench(folder: str | Path, settings: BenchSettings | None = None, *, select_d
     scatter_batch = select_batch if select_default else max(report["settings"]["batch_sizes"])
     if select_default:
         report["selection"] = select.choose(read_manifest(folder), report, select_batch, max_accuracy_drop,
-                                            min_cosine)
+                                            min_cosine, min_batch_invariance)
     staged = stage_outputs(folder, report, scatter_batch)
     try:
         if select_default:

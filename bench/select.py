@@ -19,14 +19,19 @@ from kiln.core.manifest import EAGER, Manifest, fp32_default, read_manifest
 DEFAULT_SELECT_BATCH_SIZE = 16
 DEFAULT_MAX_ACCURACY_DROP = 0.5  # percentage points
 DEFAULT_MIN_COSINE = 0.99
+# The worst cosine allowed between an item's answer alone and inside a batch (the manifest's batch_invariance):
+# below it, served answers depend on concurrent traffic. fp32, bf16, static INT8 and per-token INT8 measure
+# 0.9999-1.0; ONNX Runtime's dynamic INT8 (one activation scale per batch) measured 0.9956 on MiniLM.
+DEFAULT_MIN_BATCH_INVARIANCE = 0.999
 
 
 def choose(manifest: Manifest, report: dict[str, Any], batch_size: int, max_accuracy_drop: float | None = None,
-           min_cosine: float | None = None) -> dict[str, Any]:
+           min_cosine: float | None = None, min_batch_invariance: float | None = None) -> dict[str, Any]:
     """The fastest measured variant whose manifest figures fit the budget, at `batch_size`.
 
     Classifiers (with a reference accuracy) are held to accuracy >= eager - drop; a min cosine is
-    applied too when given. Other tasks are held to cosine_min >= min_cosine (default 0.99).
+    applied too when given. Other tasks are held to cosine_min >= min_cosine (default 0.99). Every task is held
+    to batch_invariance >= min_batch_invariance (default 0.999) where the manifest measured it.
     """
     reference = manifest.reference_accuracy
     budget: dict = {}
@@ -38,6 +43,8 @@ def choose(manifest: Manifest, report: dict[str, Any], batch_size: int, max_accu
                          "does not apply; give a budget with --min-cosine, e.g. 0.99")
     if min_cosine is not None or reference is None:
         budget["min_cosine"] = DEFAULT_MIN_COSINE if min_cosine is None else min_cosine
+    budget["min_batch_invariance"] = (DEFAULT_MIN_BATCH_INVARIANCE if min_batch_invariance is None
+                                      else min_batch_invariance)
     rows = {r["variant"]: r for r in report["results"] if r["batch_size"] == batch_size}
     if not rows:
         raise UsageError(f"batch size {batch_size} was not measured; add it to --batch-sizes")
@@ -57,6 +64,10 @@ def choose(manifest: Manifest, report: dict[str, Any], batch_size: int, max_accu
                 why.append("no cosine_min figure in the manifest")
             elif row["cosine_min"] < budget["min_cosine"]:
                 why.append(f"cosine_min {row['cosine_min']:.5f} < {budget['min_cosine']}")
+        invariance = row.get("batch_invariance")
+        if invariance is not None and invariance < budget["min_batch_invariance"]:
+            why.append(f"batch_invariance {invariance:.6f} < {budget['min_batch_invariance']} (its answers depend on "
+                       "the requests batched with it)")
         if why:
             rejected[name] = "; ".join(why)
         else:
@@ -101,13 +112,13 @@ def apply_selection(folder: str | Path, selection: dict[str, Any], hashes: dict[
 
 def select_default(folder: str | Path, max_accuracy_drop: float | None = None, min_cosine: float | None = None,
                    batch_size: int = DEFAULT_SELECT_BATCH_SIZE, threads: int | None = None,
-                   progress: Progress = to_stderr) -> dict[str, Any]:
+                   progress: Progress = to_stderr, min_batch_invariance: float | None = None) -> dict[str, Any]:
     """Measure every variant at one batch size and make the fastest within budget the default (`export --select`)."""
     from kiln.bench.driver import BenchSettings, measure
 
     settings = BenchSettings(batch_sizes=(batch_size,), threads=threads)
     report = measure(folder, settings, progress)
-    selection = choose(read_manifest(folder), report, batch_size, max_accuracy_drop, min_cosine)
+    selection = choose(read_manifest(folder), report, batch_size, max_accuracy_drop, min_cosine, min_batch_invariance)
     apply_selection(folder, selection, report["hashes"])
     progress(f"[kiln] select: default variant {selection['default_variant']}: {selection['reason']}")
     return selection

@@ -13,6 +13,7 @@ failure it was: 2 for usage, 3 for an artifact that failed verification, 1 for t
     ├── ModelSourceError         the model cannot be found, built or loaded
     ├── DataError                calibration/evaluation data missing or wrong
     ├── ExportError              a step of the export failed
+    │   └── ToolchainMissing     a variant needs a tool this machine lacks (a C++ compiler)
     ├── VerificationError        an artifact is outside its tolerance (exit 3)
     ├── BenchmarkError           a measurement could not be taken
     ├── ManifestError            an artifact folder is missing, malformed or tampered with
@@ -49,6 +50,10 @@ class DataError(KilnError):
 
 class ExportError(KilnError):
     """A step of the export (emit, quantize, optimize) failed; nothing was published."""
+
+
+class ToolchainMissing(ExportError):
+    """A variant needs a tool this machine lacks (a C++ compiler for AOTInductor); the others can still export."""
 
 
 class VerificationError(KilnError):
@@ -94,6 +99,6 @@ def format_error(error: BaseException) -> str:
 
 __all__ = [
     "BenchmarkError", "DataError", "ExportError", "IntegrityError", "KilnError", "ManifestError",
-    "ModelSourceError", "RecipeError", "RuntimeUnavailable", "UsageError", "VerificationError",
+    "ModelSourceError", "RecipeError", "RuntimeUnavailable", "ToolchainMissing", "UsageError", "VerificationError",
     "format_error", "one_line",
 ]

@@ -69,7 +69,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def _split_known(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra", "folder"}
     return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
 
 
@@ -94,6 +94,8 @@ class VariantEntry:
     accuracy: float | None = None
     parity_reference: str | None = None
     evaluation_items: int | None = None
+    # How much an item's answer depends on its batch: {"cosine_min", "max_abs_diff", "items", "batch"}.
+    batch_invariance: dict[str, Any] | None = None
     build: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -116,7 +118,7 @@ class VariantEntry:
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         optional = ("max_rel_error", "parity_cosine_min", "top1_agreement", "accuracy", "parity_reference",
-                    "evaluation_items", "max_abs_error", "cosine_min")
+                    "evaluation_items", "max_abs_error", "cosine_min", "batch_invariance")
         data = {k: v for k, v in data.items() if not (k in optional and v is None)}
         return {**data, **self.extra}
 
@@ -145,6 +147,7 @@ class Manifest:
     created: str | None = None
     export_seconds: float | None = None
     selection: dict[str, Any] | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)  # recommended variants this machine could not build
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -214,12 +217,13 @@ class Manifest:
         }
         if self.selection is not None:
             data["selection"] = self.selection
+        if self.skipped:
+            data["skipped"] = self.skipped
         return {**{k: v for k, v in data.items() if v is not None}, **self.extra}
 
     @classmethod
     def from_dict(cls, folder: Path, data: dict[str, Any]) -> "Manifest":
         known, extra = _split_known(cls, data)
-        known.pop("folder", None)
         known["signature"] = Signature.from_dict(known["signature"])
         known["variants"] = [VariantEntry.from_dict(v) for v in known["variants"]]
         return cls(folder=Path(folder), **known, extra=extra)
@@ -264,6 +268,8 @@ def read_manifest(folder: str | Path) -> Manifest:
         lacking = [k for k in VariantEntry.REQUIRED if not isinstance(variant, dict) or k not in variant]
         if lacking:
             raise ManifestError(f"a variant in {path} lacks {', '.join(lacking)}; re-export the folder")
+        if not isinstance(variant["file"], str) or not isinstance(variant["name"], str):
+            raise ManifestError(f"a variant in {path} has a non-string name or file; re-export the folder")
         if Path(variant["file"]).is_absolute() or ".." in Path(variant["file"]).parts:
             raise ManifestError(f"variant {variant['name']!r} points outside its folder; re-export the folder")
     if not isinstance(data["preprocessing"], dict):

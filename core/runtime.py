@@ -16,7 +16,7 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -57,6 +57,9 @@ class RuntimeSpec:
     v2_platform: str  # the `platform` the V2 model metadata reports
     open: Callable[[Path, Signature, str, RuntimeOptions], Runtime]
     devices: tuple[str, ...] = ("cpu",)
+    # Whether this machine can run the artifact a manifest entry describes (e.g. the torch that compiled it);
+    # raises RuntimeUnavailable with what to do. None: any installed runtime can.
+    check: Callable[[Any], None] | None = None
 
     @property
     def installed(self) -> bool:
@@ -123,8 +126,19 @@ def load(folder: str | Path, variant: str | None = None, options: RuntimeOptions
 
     manifest = read_manifest(folder)
     entry = manifest.variant(variant)
-    path = manifest.verify_file(entry.name)
+    path = check_runnable(manifest, entry.name)
     return open_artifact(path, entry.runtime, manifest.signature, entry.name, options)
+
+
+def check_runnable(manifest: Any, variant: str | None = None) -> Path:
+    """Everything that can refuse a variant before loading it: its hash, its runtime being installed, and the
+    runtime's own check of the entry (e.g. the torch that compiled it). Returns the artifact's path."""
+    entry = manifest.variant(variant)
+    path: Path = manifest.verify_file(entry.name)
+    spec = require_installed(entry.runtime, entry.name)
+    if spec.check is not None:
+        spec.check(entry)
+    return path
 
 
 def run_batched(runtime: Runtime, inputs: Arrays, batch_size: int = 64) -> Arrays:

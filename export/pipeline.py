@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kiln.core.errors import ExportError, KilnError, VerificationError, one_line
+from kiln.core.console import Progress, to_stderr
+from kiln.core.errors import ExportError, KilnError, ToolchainMissing, VerificationError, one_line
 from kiln.core.manifest import Manifest, VariantEntry, fp32_default, library_versions, sha256_file
 from kiln.core.runtime import RuntimeOptions, open_artifact, runtime_spec
 from kiln.export import prune, verify
@@ -26,12 +25,6 @@ from kiln.export.publish import publish, staging_folder
 from kiln.export.recipe import Recipe
 from kiln.export.variants import VariantSpec
 from kiln.models.base import ModelBundle
-
-Progress = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def build_variant(spec: VariantSpec, bundle: ModelBundle, recipe: Recipe, sources: prune.Sources,
@@ -50,8 +43,10 @@ def build_variant(spec: VariantSpec, bundle: ModelBundle, recipe: Recipe, source
     figures = verify.measure(runtime, bundle, references[spec.pruning], references[None])
     failures = verify.check(spec.name, spec.precision, figures, reference_accuracy,
                             recipe.tolerances, bundle.task)
-    shown = {k: v for k, v in figures.items() if k != "evaluation_items"}
-    progress(f"[kiln] verify: {spec.name}: " + ", ".join(f"{k} {v:.5g}" for k, v in shown.items()))
+    shown = {k: v for k, v in figures.items() if isinstance(v, float)}
+    invariance = figures["batch_invariance"]
+    progress(f"[kiln] verify: {spec.name}: " + ", ".join(f"{k} {v:.5g}" for k, v in shown.items())
+             + f", batch invariance cosine {invariance['cosine_min']:.6f} (max abs diff {invariance['max_abs_diff']:.3g})")
     entry = VariantEntry(
         name=spec.name, file=target.name, format=spec.format, runtime=spec.runtime, precision=spec.precision,
         pruning=prune_report, quantization=result.quantization, bytes=target.stat().st_size,
@@ -63,7 +58,7 @@ def build_variant(spec: VariantSpec, bundle: ModelBundle, recipe: Recipe, source
 
 
 def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool = False,
-               progress: Progress = _stderr) -> Manifest:
+               progress: Progress = to_stderr) -> Manifest:
     import torch
 
     out = Path(out).absolute()
@@ -81,14 +76,24 @@ def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool
             sources = prune.prepare_sources(bundle, recipe.pruning_needed, recipe.prune.amount,
                                             recipe.prune.fine_tune_epochs, references[None], example_inputs(bundle),
                                             progress)
-            entries, failures, shared = [], [], {}
+            entries, failures, skipped, shared = [], [], [], {}
             for spec in recipe.specs:
-                entry, failed = build_variant(spec, bundle, recipe, sources, staging, shared, references, accuracy,
-                                              progress)
+                try:
+                    entry, failed = build_variant(spec, bundle, recipe, sources, staging, shared, references,
+                                                  accuracy, progress)
+                except ToolchainMissing as exc:  # collected: the variants that need no such tool still export
+                    if spec.name in recipe.optional_variants:
+                        progress(f"[kiln] skip: {spec.name}: {exc}")
+                        skipped.append({"variant": spec.name, "reason": one_line(exc)})
+                    else:
+                        failures.append(f"{spec.name}: {one_line(exc)}")
+                    continue
                 entries.append(entry)
                 failures += failed
             if failures:
                 raise VerificationError(failures)
+            if not entries:
+                raise ExportError("every variant was skipped (" + "; ".join(s["reason"] for s in skipped) + ")")
             shutil.rmtree(staging / ".scratch")
             files = []
             for target, source in bundle.extra_files.items():
@@ -103,7 +108,7 @@ def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool
                 default_variant=fp32_default(entries) or entries[0].name, source=bundle.source,
                 reference=reference, files=files, versions=library_versions(), recipe=recipe.to_dict(),
                 created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                export_seconds=round(time.perf_counter() - started, 1),
+                export_seconds=round(time.perf_counter() - started, 1), skipped=skipped,
             )
             manifest.save()
             publish(staging, out, force)

@@ -72,8 +72,12 @@ class Recipe:
     # within 0.5 accuracy points of eager, other tasks at cosine >= 0.99.
     max_accuracy_drop: float | None = None  # percentage points
     min_cosine: float | None = None
+    min_batch_invariance: float | None = None  # None: kiln.bench.select.DEFAULT_MIN_BATCH_INVARIANCE
     select_batch_size: int = 16
     seed: int = 0
+    # Variants the export may leave out when this machine lacks their toolchain (a C++ compiler for pt2): the
+    # model's recommended set, when the user named no variants. A variant the user names is never left out.
+    optional_variants: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -83,14 +87,17 @@ class Recipe:
             raise RecipeError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
         if len(set(self.variants)) != len(self.variants):
             raise RecipeError("a variant is named twice in --variants; name each once")
-        if not 14 <= self.opset <= 21:
-            raise RecipeError(f"opset {self.opset} is outside 14..21; kiln pins 17 by default")
-        if self.select_batch_size < 1:
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not 14 <= self.opset <= 21:
+            raise RecipeError(f"opset {self.opset!r} is outside 14..21 or not an integer; kiln pins 17 by default")
+        if isinstance(self.select_batch_size, bool) or not isinstance(self.select_batch_size, int) \
+                or self.select_batch_size < 1:
             raise RecipeError("select_batch_size must be a positive integer")
         if self.max_accuracy_drop is not None and not 0.0 <= self.max_accuracy_drop <= 100.0:
             raise RecipeError("max_accuracy_drop is in percentage points and must lie in [0, 100]")
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
             raise RecipeError("min_cosine must lie in [-1, 1]")
+        if self.min_batch_invariance is not None and not -1.0 <= self.min_batch_invariance <= 1.0:
+            raise RecipeError("min_batch_invariance is a cosine and must lie in [-1, 1]")
 
     @property
     def specs(self) -> list[VariantSpec]:
@@ -115,7 +122,11 @@ class Recipe:
                 data["prune"] = PruneConfig(**data["prune"])
             if "tolerances" in data:
                 data["tolerances"] = Tolerances(**data["tolerances"])
+            if "optional_variants" in data:
+                data["optional_variants"] = tuple(data["optional_variants"])
             if "variants" in data:
+                if isinstance(data["variants"], str) or not isinstance(data["variants"], (list, tuple)):
+                    raise RecipeError("recipe 'variants' must be a list of names, e.g. variants = [\"onnx-fp32\"]")
                 data["variants"] = tuple(data["variants"])
             return cls(**data)
         except TypeError as exc:
@@ -137,7 +148,8 @@ class Recipe:
 def build_recipe(recommended: tuple[str, ...], recipe_file: str | Path | None = None, *,
                  variants: list[str] | None = None, opset: int | None = None, select: bool = False,
                  max_accuracy_drop: float | None = None, min_cosine: float | None = None,
-                 prune: str | None = None, fine_tune_epochs: int | None = None) -> Recipe:
+                 min_batch_invariance: float | None = None, prune: str | None = None,
+                 fine_tune_epochs: int | None = None) -> Recipe:
     """The recipe a command line or an API call asks for: the model's recommended set, a TOML file's values over
     it, then each option given (None or False: not given) over those."""
     overrides: dict = {}
@@ -151,6 +163,8 @@ def build_recipe(recommended: tuple[str, ...], recipe_file: str | Path | None = 
         overrides["max_accuracy_drop"] = max_accuracy_drop
     if min_cosine is not None:
         overrides["min_cosine"] = min_cosine
+    if min_batch_invariance is not None:
+        overrides["min_batch_invariance"] = min_batch_invariance
     pruning: dict = {}
     if prune:
         method, _, amount = prune.partition(":")
@@ -162,6 +176,7 @@ def build_recipe(recommended: tuple[str, ...], recipe_file: str | Path | None = 
         pruning["fine_tune_epochs"] = fine_tune_epochs
     data = Recipe.from_toml(recipe_file).to_dict() if recipe_file else {"variants": list(recommended)}
     data.update(overrides)
+    data["optional_variants"] = [] if (variants or recipe_file) else list(recommended)
     if pruning:
         data["prune"] = {**data.get("prune", dataclasses.asdict(PruneConfig())), **pruning}
     return Recipe.from_dict(data)

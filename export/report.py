@@ -9,7 +9,8 @@ from kiln.core.manifest import Manifest
 
 
 def format_report(manifest: Manifest) -> str:
-    rows = [("variant", "format", "precision", "pruning", "MB", "accuracy", "cosine_min", "max_abs_err")]
+    rows = [("variant", "format", "precision", "pruning", "MB", "accuracy", "cosine_min", "max_abs_err",
+             "batch_invariance")]
     for v in manifest.variants:
         rows.append((
             v.name + (" *" if v.name == manifest.default_variant else ""),
@@ -18,11 +19,16 @@ def format_report(manifest: Manifest) -> str:
             f"{v.accuracy * 100:.2f}%" if v.accuracy is not None else "-",
             f"{v.cosine_min:.5f}" if v.cosine_min is not None else "-",
             f"{v.max_abs_error:.3g}" if v.max_abs_error is not None else "-",
+            f"{v.batch_invariance['cosine_min']:.6f}" if v.batch_invariance else "-",
         ))
     lines = [f"{manifest.model} -> {manifest.folder}  (* = default variant)", format_table(rows, len(rows[0]))]
     if manifest.reference_accuracy is not None:
         lines.append(f"eager fp32 accuracy: {manifest.reference_accuracy * 100:.2f}% on "
                      f"{manifest.reference['items']} held-out items")
+    lines.append("batch_invariance: the worst cosine between an item run alone and inside a batch of others "
+                 "(1.0: answers do not depend on the requests batched with them)")
+    for skipped in manifest.skipped:
+        lines.append(f"skipped: {skipped['variant']}: {skipped['reason']}")
     for v in manifest.variants:
         note = (v.pruning or {}).get("note")
         if note:

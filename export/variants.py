@@ -57,6 +57,7 @@ class VariantSpec:
 FORMATS: dict[str, FormatSpec] = {f.name: f for f in (
     FormatSpec("torchscript", runtime="torchscript", emitter="kiln.export.emit_torchscript"),
     FormatSpec("onnx", runtime="onnxruntime", emitter="kiln.export.emit_onnx"),
+    FormatSpec("pt2", runtime="aotinductor", emitter="kiln.export.emit_pt2"),
 )}
 
 VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
@@ -70,6 +71,11 @@ VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
     VariantSpec("onnx-int8-static", "onnx", "int8", quantization="static"),
     VariantSpec("pruned-torchscript-fp32", "torchscript", pruning="structured"),
     VariantSpec("sparse-onnx-fp32", "onnx", pruning="unstructured"),
+    VariantSpec("pt2-fp32", "pt2"),
+    VariantSpec("pt2-bf16", "pt2", "bf16"),
+    VariantSpec("pt2-int8", "pt2", "int8", quantization="dynamic"),
+    VariantSpec("pruned-pt2-fp32", "pt2", pruning="structured"),
+    VariantSpec("pruned-pt2-bf16", "pt2", "bf16", pruning="structured"),
 )}
 
 

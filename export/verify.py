@@ -41,7 +41,38 @@ def measure(runtime: Runtime, bundle: ModelBundle, parity_reference: np.ndarray,
     if "accuracy" in task:
         figures["accuracy"] = task["accuracy"]
     figures["evaluation_items"] = parity["items"]
+    figures["batch_invariance"] = batch_invariance(runtime, bundle.evaluation.inputs,
+                                                   bundle.signature.output_names[0])
     return figures
+
+
+INVARIANCE_ITEMS = 8
+INVARIANCE_BATCH = 17
+
+
+def batch_invariance(runtime: Runtime, inputs: dict[str, np.ndarray], output: str,
+                     items: int = INVARIANCE_ITEMS, batch: int = INVARIANCE_BATCH) -> dict:
+    """How much an item's answer depends on the items batched with it: each of `items` items run alone, and
+    again inside a batch of `batch` (itself first, then the items after it), compared by cosine and max abs diff.
+
+    A server batches concurrent requests, so a variant whose answers move with their neighbours (dynamic INT8 with
+    one activation scale per tensor, computed over the whole batch) answers the same request differently under
+    different traffic. Text inputs keep their dataset-wide padding, so only the batch's company differs.
+    """
+    count = len(next(iter(inputs.values())))
+    picked = range(min(items, count))
+    worst_cosine, worst_abs = 1.0, 0.0
+    for index in picked:
+        rows = [(index + k) % count for k in range(min(batch, count))]
+        alone = runtime.run({k: v[index:index + 1] for k, v in inputs.items()})[output]
+        together = runtime.run({k: v[rows] for k, v in inputs.items()})[output][:1]
+        a = alone.reshape(-1).astype(np.float64)
+        b = together.reshape(-1).astype(np.float64)
+        cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+        worst_cosine = min(worst_cosine, cosine)
+        worst_abs = max(worst_abs, float(np.abs(a - b).max()))
+    return {"cosine_min": worst_cosine, "max_abs_diff": worst_abs, "items": len(picked),
+            "batch": min(batch, count)}
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None, task: str) -> dict:

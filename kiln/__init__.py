@@ -44,7 +44,7 @@ def export_model(model: str, out: str | Path, *, variants: list[str] | None = No
     """`kiln export`: a zoo name or `package.module:factory` to a verified artifact folder; returns its manifest.
 
     `options` are the recipe's other flags (`opset`, `prune="structured:0.5"`, `fine_tune_epochs`,
-    `max_accuracy_drop`, `min_cosine`). With `select`, the fastest variant within budget becomes the default.
+    `max_accuracy_drop`, `min_cosine`, `min_batch_invariance`). With `select`, the fastest variant within budget becomes the default.
     """
     from kiln.core.console import to_stderr
     from kiln.core.manifest import read_manifest
@@ -60,7 +60,8 @@ def export_model(model: str, out: str | Path, *, variants: list[str] | None = No
         from kiln.bench.select import select_default
 
         select_default(manifest.folder, max_accuracy_drop=built.max_accuracy_drop, min_cosine=built.min_cosine,
-                       batch_size=built.select_batch_size, progress=progress)
+                       batch_size=built.select_batch_size, progress=progress,
+                       min_batch_invariance=built.min_batch_invariance)
         manifest = read_manifest(manifest.folder)
     return manifest
 
@@ -76,7 +77,8 @@ def load(folder: str | Path, variant: str | None = None, *, threads: int | None 
 
 def bench(folder: str | Path, *, select: bool = False, max_accuracy_drop: float | None = None,
           min_cosine: float | None = None, select_batch_size: int | None = None,
-          progress: "Progress | None" = None, **settings: Any) -> dict[str, Any]:
+          min_batch_invariance: float | None = None, progress: "Progress | None" = None,
+          **settings: Any) -> dict[str, Any]:
     """`kiln bench`: measure eager fp32 and every variant, write bench.json/csv/png; returns the report.
 
     `settings` are `kiln.bench.driver.BenchSettings` fields: `batch_sizes`, `seq_len`, `threads`, `variants`,
@@ -91,7 +93,8 @@ def bench(folder: str | Path, *, select: bool = False, max_accuracy_drop: float 
     if settings.get("variants") is not None:
         settings["variants"] = tuple(settings["variants"])
     return run_bench(folder, BenchSettings(**settings), select_default=select, max_accuracy_drop=max_accuracy_drop,
-                     min_cosine=min_cosine, select_batch_size=select_batch_size, progress=progress or to_stderr)
+                     min_cosine=min_cosine, select_batch_size=select_batch_size, progress=progress or to_stderr,
+                     min_batch_invariance=min_batch_invariance)
 
 
 def _version() -> str:

@@ -95,6 +95,8 @@ def add_export_parser(subparsers: Any) -> None:
                         help="benchmark the variants and make the fastest within budget the default")
     parser.add_argument("--max-accuracy-drop", type=float, help="budget for --select, percentage points (classifiers)")
     parser.add_argument("--min-cosine", type=float, help="budget for --select, minimum cosine (embeddings)")
+    parser.add_argument("--min-batch-invariance", type=float, metavar="COSINE",
+                        help="budget for --select: worst cosine of an item alone vs inside a batch (default 0.999)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
@@ -110,7 +112,8 @@ def run_export_command(args: argparse.Namespace) -> int:
         args.model, args.out, variants=variants, recipe=args.recipe, checkpoint=args.checkpoint,
         inputs=args.inputs, outputs=args.outputs, data=args.data, name=args.name, select=args.select,
         force=args.force, opset=args.opset, prune=args.prune, fine_tune_epochs=args.fine_tune_epochs,
-        max_accuracy_drop=args.max_accuracy_drop, min_cosine=args.min_cosine)
+        max_accuracy_drop=args.max_accuracy_drop, min_cosine=args.min_cosine,
+        min_batch_invariance=args.min_batch_invariance)
     print(format_report(manifest))
     return 0
 
@@ -153,6 +156,9 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--min-cosine", type=float,
                         help=f"budget for --select: minimum cosine to eager fp32 (embeddings; default "
                              f"{select.DEFAULT_MIN_COSINE}); on a classifier it is an extra condition")
+    parser.add_argument("--min-batch-invariance", type=float, metavar="COSINE",
+                        help=f"budget for --select: worst cosine between an item's answer alone and inside a batch, "
+                             f"as the export measured it (default {select.DEFAULT_MIN_BATCH_INVARIANCE})")
     parser.add_argument("--select-batch-size", type=int,
                         help=f"batch size at which --select compares speed, added to the sweep if absent "
                              f"(default {select.DEFAULT_SELECT_BATCH_SIZE})")
@@ -168,7 +174,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     )
     report = bench(args.folder, settings, select_default=args.select, max_accuracy_drop=args.max_accuracy_drop,
                    min_cosine=args.min_cosine, select_batch_size=args.select_batch_size,
-                   verbose=getattr(args, "verbose", False))
+                   verbose=getattr(args, "verbose", False), min_batch_invariance=args.min_batch_invariance)
     print(summary(report))
     return 0
 
@@ -280,6 +286,10 @@ def main_guard(handler: Callable[[argparse.Namespace], int], args: argparse.Name
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    # torchao, imported by transformers when installed, registers enums that torch warns about at every start.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     return main_guard(args.handler, args)
 

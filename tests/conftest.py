@@ -16,9 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger().setLevel(logging.ERROR)
 
 
-def run_kiln(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """The real `kiln` command in a subprocess, as a user runs it."""
-    env = {**os.environ, "PYTHONPATH": str(FIXTURES)}
+def run_kiln(*args: str, cwd: Path | None = None, timeout: float = 600,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real `kiln` command in a subprocess, as a user runs it (`env` adds to or overrides the environment)."""
+    env = {**os.environ, "PYTHONPATH": str(FIXTURES), **(env or {})}
     return subprocess.run([sys.executable, "-m", "kiln", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -83,5 +84,15 @@ def digits_server(digits_artifacts):
     from server_process import ServerProcess
 
     server = ServerProcess(digits_artifacts, "--threads", "1", "--max-batch-size", "8").wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def minilm_server(minilm_artifacts):
+    """A MiniLM server (onnx-fp32, one thread) per test module."""
+    from server_process import ServerProcess
+
+    server = ServerProcess(minilm_artifacts, "--variant", "onnx-fp32", "--threads", "1").wait_ready(180)
     yield server
     server.stop()

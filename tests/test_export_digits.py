@@ -63,18 +63,18 @@ def test_reduced_precision_keeps_accuracy(digits_artifacts, eager, variant):
     reference = float((logits.argmax(1) == bundle.evaluation.labels).mean())
     assert reference >= 0.99
     assert accuracy >= reference - 0.01
-    recorded = read_manifest(digits_artifacts).variant(variant)["accuracy"]
+    recorded = read_manifest(digits_artifacts).variant(variant).accuracy
     assert recorded == pytest.approx(accuracy, abs=1e-9)
 
 
 def test_pruned_int8_meets_the_target(digits_artifacts):
     v = read_manifest(digits_artifacts).variant("pruned-onnx-int8")
-    assert v["accuracy"] >= 0.99
+    assert v.accuracy >= 0.99
 
 
 def test_structured_pruning_really_removes_channels(digits_artifacts, eager):
     bundle, _ = eager
-    pruning = read_manifest(digits_artifacts).variant("pruned-onnx-int8")["pruning"]
+    pruning = read_manifest(digits_artifacts).variant("pruned-onnx-int8").pruning
     assert pruning["method"] == "structured"
     assert pruning["params_after"] < 0.5 * pruning["params_before"]
     assert pruning["macs_after"] < 0.5 * pruning["macs_before"]
@@ -105,7 +105,7 @@ def test_int8_artifacts_are_really_int8(digits_artifacts, variant):
     counts = int8_node_counts(digits_artifacts / f"{variant}.onnx")
     assert counts.get("QuantizeLinear", 0) >= 4 and counts.get("DequantizeLinear", 0) >= 4
     assert counts["int8_initializers"] >= 5
-    q = read_manifest(digits_artifacts).variant(variant)["quantization"]
+    q = read_manifest(digits_artifacts).variant(variant).quantization
     assert q["mode"] == "static" and "per-channel" in q["weights"]
 
 

@@ -39,6 +39,7 @@ def test_zoo_module_matches_sentence_transformers(reference):
 
 @pytest.mark.parametrize("variant,floor", [
     ("torchscript-fp32", 0.9999), ("onnx-fp32", 0.9999), ("torchscript-bf16", 0.999), ("onnx-int8", 0.99),
+    ("pt2-bf16", 0.999), ("pt2-int8", 0.99),
 ])
 def test_artifacts_keep_the_embedding(minilm_artifacts, reference, variant, floor):
     texts, expected = reference

@@ -1,0 +1,67 @@
+"""AOTInductor packages (`.pt2`): a model exported with torch.export and compiled ahead of time to C++.
+
+A package loads without the model's Python code, but AOTInductor promises no compatibility across torch
+versions, so the manifest records the torch version it was compiled with and `check` refuses a package built by
+another one with a clear RuntimeUnavailable instead of a crash inside the loader.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from kiln.core.errors import ManifestError, RuntimeUnavailable, one_line
+from kiln.core.runtime import Arrays, RuntimeOptions, RuntimeSpec, cast_inputs
+from kiln.core.signature import Signature
+
+
+def installed_torch() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return None
+
+
+def check(entry: Any) -> None:
+    """Refuse a package compiled by another torch: AOTInductor's C++ ABI is not stable across versions."""
+    built = (entry.build or {}).get("torch")
+    here = installed_torch()
+    if built and here and built.split("+")[0] != here.split("+")[0]:
+        raise RuntimeUnavailable(
+            f"variant {entry.name!r} is an AOTInductor package compiled with torch {built}, and this machine has "
+            f"torch {here}; AOTInductor packages load only under the torch that compiled them: install "
+            f"torch=={built.split('+')[0]}, re-export the folder here, or serve another variant (--variant)")
+
+
+class AOTInductorRuntime:
+    def __init__(self, path: Path, signature: Signature, variant: str, options: RuntimeOptions) -> None:
+        import torch
+
+        self.threads = options.resolved_threads
+        torch.set_num_threads(self.threads)  # the compiled kernels run on torch's OpenMP pool
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.module = torch._inductor.aoti_load_package(str(path))
+        except Exception as exc:
+            raise ManifestError(f"AOTInductor cannot load {path.name} ({one_line(exc, 200)}); re-export the folder "
+                                "with this torch") from exc
+        self.signature = signature
+        self.variant = variant
+
+    def run(self, inputs: Arrays) -> Arrays:
+        import torch
+
+        tensors = [torch.from_numpy(a) for a in cast_inputs(self.signature, inputs)]
+        with torch.inference_mode():
+            out = self.module(*tensors)
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        return {name: o.float().numpy() if o.is_floating_point() else o.numpy()
+                for name, o in zip(self.signature.output_names, outputs)}
+
+
+SPEC = RuntimeSpec(name="aotinductor", suffix=".pt2", requires="torch", v2_platform="pytorch_aotinductor",
+                   open=AOTInductorRuntime, check=check)
