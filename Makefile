@@ -1,5 +1,7 @@
 # Everything a fresh machine needs: `make run` serves the default model, `make test` runs the suite.
-# The Dockerfile repeats the install step (`pip install .` into a venv); tests/test_dockerfile.py keeps them in step.
+# A development install has both extras: `export` (torch and the exporters) and `test` (the tools). The Dockerfile
+# repeats the install step (a venv, then `pip install '.[export]'` to export, and the base install alone to serve);
+# tests/test_dockerfile.py keeps them in step.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +15,7 @@ PORT ?= 8000
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[export,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,12 +31,12 @@ run: $(ARTIFACTS)/manifest.json
 # mypy reads packages, and kiln's rooms live in top-level folders mapped onto kiln.*: it checks a link tree
 # laid out as the installed package is.
 TYPED := kiln kiln.cli kiln.serve.protocol kiln.serve.kinds kiln.models.base kiln.models.registry kiln.export.variants \
-	kiln.export.recipe kiln.export.emitter kiln.bench.select
+	kiln.export.recipe kiln.export.emitter kiln.bench.select kiln.deploy.common kiln.deploy.triton kiln.deploy.kserve
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	rm -rf build/typecheck && mkdir -p build/typecheck/kiln
 	cp -rs $(CURDIR)/kiln/. build/typecheck/kiln/
-	for room in core models export bench serve; do ln -s $(CURDIR)/$$room build/typecheck/kiln/$$room; done
+	for room in core models export bench serve deploy; do ln -s $(CURDIR)/$$room build/typecheck/kiln/$$room; done
 	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p kiln.core $(addprefix -m ,$(TYPED))
 
 test-fast: $(STAMP)

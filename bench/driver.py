@@ -21,23 +21,23 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.bench import select
+from kiln.bench import select, stats
 from kiln.core.console import Progress, to_stderr
 from kiln.core.console import format_table as align
-from kiln.core.errors import BenchmarkError, KilnError, UsageError
-from kiln.core.machine import ISA_FLAGS, default_threads, machine_info
+from kiln.core.errors import BenchmarkError, KilnError, UnstableMeasurement, UsageError, one_line
+from kiln.core.machine import ISA_FLAGS, bf16_native, default_threads, fingerprint, machine_info
 from kiln.core.manifest import EAGER, Manifest, library_versions, read_manifest
 from kiln.core.runtime import check_runnable, require_installed
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 DEFAULT_SEQ_LEN = 128
 CSV_COLUMNS = ("variant", "batch_size", "p50_ms", "p90_ms", "p99_ms", "items_per_s", "speedup_vs_eager", "bytes",
-               "peak_rss_mb", "accuracy", "cosine_min", "batch_invariance")
+               "peak_rss_mb", "accuracy", "cosine_min", "batch_invariance", "rounds", "p50_min_ms", "p50_max_ms",
+               "spread", "cv", "stable", "gflops_per_s", "pct_of_peak", "precision", "emulated")
 OUTPUT_NAMES = ("bench.json", "bench.csv", "bench.png")
 __all__ = ["CSV_COLUMNS", "EAGER", "ISA_FLAGS", "BenchSettings", "bench", "measure"]
 
@@ -49,11 +49,13 @@ class BenchSettings:
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
     seq_len: int = DEFAULT_SEQ_LEN  # used only for text models (preprocessing kind "text")
     threads: int | None = None  # None: the cores this process may run on
-    warmup: int = 5
+    warmup: int = 5  # untimed calls at least, the first time a cell is measured; then until the latency settles
     min_iters: int = 5
     max_iters: int = 10_000
-    max_seconds: float = 2.0
+    max_seconds: float = 1.0  # timed seconds per cell and round (and the warm-up's bound)
     variants: tuple[str, ...] | None = None  # None: every variant in the manifest
+    rounds: int = 3
+    max_spread: float = stats.DEFAULT_MAX_SPREAD
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
@@ -70,6 +72,10 @@ class BenchSettings:
                              "1 <= min <= max")
         if not self.max_seconds > 0:
             raise UsageError(f"--max-seconds {self.max_seconds} must be positive; e.g. --max-seconds 2")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or not 1 <= self.rounds <= 50:
+            raise UsageError(f"--rounds {self.rounds} must be an integer in 1..50; e.g. --rounds 3")
+        if not 0 < self.max_spread <= 10:
+            raise UsageError(f"--max-spread {self.max_spread} must be a positive fraction; e.g. 0.2 for 20%")
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -114,56 +120,89 @@ def preflight(folder: Path, settings: BenchSettings, writing: bool) -> tuple[Man
     return manifest, names
 
 
-def _raise_worker_error(variant: str, result: dict | None, rc: int, log: Path, verbose: bool) -> None:
-    from kiln.core import errors
+class Worker:
+    """One variant's measuring process, alive across rounds; asked for one cell at a time."""
 
-    if result and "error_type" in result:
-        cls = getattr(errors, result["error_type"], None)
-        if isinstance(cls, type) and issubclass(cls, KilnError) and cls is not errors.VerificationError:
-            raise cls(result["message"])
-        raise BenchmarkError(result["message"])
-    text = log.read_text(errors="replace") if log.exists() else ""
-    if verbose and text:
-        print(text, file=sys.stderr)
-    last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
-    how = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
-    hint = "; it may have run out of memory" if rc == -9 else ""
-    raise BenchmarkError(f"measuring {variant} failed ({how}: {last[:200]}){hint}; "
-                      "re-run with --verbose for its log, or leave the variant out with --variants")
+    def __init__(self, config: dict[str, Any], scratch: Path, verbose: bool) -> None:
+        self.name = config["variant"]
+        self.verbose = verbose
+        config_path = scratch / f"{self.name}.config.json"
+        config_path.write_text(json.dumps(config))
+        self.log = scratch / f"{self.name}.log"
+        threads = str(config["threads"])
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+        self._log_handle = open(self.log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "kiln.bench.worker", str(config_path)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log_handle,
+                                     text=True, env=env)
+        self.ready: dict[str, Any] = self._receive("ready")
 
+    def _receive(self, key: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a library printing to stdout
+            if isinstance(record, dict) and key in record:
+                return dict(record[key])
+            if isinstance(record, dict) and "error" in record:
+                self._fail(record)
+        self._fail(None)
+        raise AssertionError("unreachable")  # pragma: no cover
 
-def _run_worker(config: dict, scratch: Path, on_cell: Callable[[dict], None], verbose: bool) -> dict:
-    """One variant in a fresh interpreter; relays its per-cell lines; returns its result."""
-    stem = config["variant"]
-    config = {**config, "result": str(scratch / f"{stem}.result.json")}
-    config_path = scratch / f"{stem}.config.json"
-    config_path.write_text(json.dumps(config))
-    log = scratch / f"{stem}.log"
-    threads = str(config["threads"])
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
-    with open(log, "w") as log_handle:
-        proc = subprocess.Popen([sys.executable, "-m", "kiln.bench.worker", str(config_path)],
-                                stdout=subprocess.PIPE, stderr=log_handle, text=True, env=env)
+    def measure(self, batch_size: int, seconds: float) -> dict[str, Any]:
+        assert self.proc.stdin is not None
         try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a library printing to stdout
-                if isinstance(record, dict) and "batch_size" in record:
-                    on_cell(record)
-            rc = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-    result_path = Path(config["result"])
-    result = json.loads(result_path.read_text()) if result_path.exists() else None
-    if rc != 0 or result is None or "error" in result:
-        _raise_worker_error(stem, result, rc, log, verbose)
-    return result
+            self.proc.stdin.write(json.dumps({"measure": batch_size, "seconds": seconds}) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self._fail(None)
+        return self._receive("cell")
+
+    def _fail(self, result: dict[str, Any] | None) -> None:
+        from kiln.core import errors
+
+        rc = self.proc.wait()
+        self._log_handle.flush()
+        if result and "error_type" in result:
+            cls = getattr(errors, result["error_type"], None)
+            if isinstance(cls, type) and issubclass(cls, KilnError) and cls is not errors.VerificationError:
+                raise cls(result["message"])
+            raise BenchmarkError(result["message"])
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        if self.verbose and text:
+            print(text, file=sys.stderr)
+        last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
+        how = f"killed by signal {-rc}" if rc < 0 else f"exit {rc}"
+        hint = "; it may have run out of memory" if rc == -9 else ""
+        raise BenchmarkError(f"measuring {self.name} failed ({how}: {last[:200]}){hint}; "
+                             "re-run with --verbose for its log, or leave the variant out with --variants")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"exit": True}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._log_handle.close()
+
+
+def measure_peaks(threads: int, precisions: list[str]) -> dict[str, float]:
+    """This machine's GEMM peak per precision, in a fresh process with the bench's thread count."""
+    result = subprocess.run([sys.executable, "-m", "kiln.bench.peak", str(threads), ",".join(precisions)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if result.returncode != 0:
+        raise BenchmarkError(f"measuring this machine's peak failed ({one_line(result.stderr[-300:])}); "
+                             "re-run with --verbose")
+    peaks: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
+    return peaks
 
 
 def _figures(manifest: Manifest, name: str) -> dict[str, Any]:
@@ -188,66 +227,96 @@ def _figures(manifest: Manifest, name: str) -> dict[str, Any]:
 
 def measure(folder: str | Path, settings: BenchSettings, progress: Progress = to_stderr, writing: bool = True,
             verbose: bool = False) -> dict[str, Any]:
-    """Measure the baseline and the variants; return the report (nothing is written here)."""
+    """Measure the baseline and the variants in interleaved rounds; return the report (nothing is written here).
+
+    Every variant's process loads once and stays alive; in each round every (batch size, variant) cell is
+    measured once, the variants taking turns (in a rotated order each round), so slow drift of the machine
+    reaches all of them alike and shows up as spread instead of as a false ratio.
+    """
     folder = Path(folder).absolute()
     manifest, names = preflight(folder, settings, writing)
     threads = settings.threads or default_threads()
     seq_len = settings.seq_len if manifest.is_text else None
     batch_sizes = sorted(settings.batch_sizes)
     order = [EAGER, *names]
-    total = len(order) * len(batch_sizes)
+    total = len(order) * len(batch_sizes) * settings.rounds
     progress(f"[kiln] bench {manifest.model}: {len(order)} runtimes x batch sizes {batch_sizes}"
-             f"{f', seq_len {seq_len}' if seq_len else ''}, {threads} thread(s), "
+             f"{f', seq_len {seq_len}' if seq_len else ''}, {threads} thread(s), {settings.rounds} round(s) of "
              f"up to {settings.max_seconds:g} s per cell")
     scratch = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
-    results: dict[str, dict] = {}
-    eager_p50: dict[int, float] = {}
+    workers: dict[str, Worker] = {}
+    rounds: dict[tuple[str, int], list[dict[str, Any]]] = {}
     done = 0
     try:
         base = {
             "folder": str(folder), "threads": threads, "batch_sizes": batch_sizes, "seq_len": seq_len,
             "inputs": str(scratch / "inputs.npz"), "warmup": settings.warmup, "min_iters": settings.min_iters,
-            "max_iters": settings.max_iters, "max_seconds": settings.max_seconds,
+            "max_iters": settings.max_iters,
         }
-        for name in order:
-            def on_cell(cell: dict, name: str = name) -> None:
-                nonlocal done
-                done += 1
-                if name == EAGER:
-                    eager_p50[cell["batch_size"]] = cell["p50_ms"]
-                ratio = eager_p50.get(cell["batch_size"])
-                speed = f", {ratio / cell['p50_ms']:.2f}x eager" if ratio else ""
-                progress(f"[kiln] bench [{done}/{total}] {name} batch {cell['batch_size']}: "
-                         f"p50 {cell['p50_ms']:.3f} ms, p99 {cell['p99_ms']:.3f} ms, "
-                         f"{cell['items_per_s']:,.0f} items/s{speed} ({cell['iterations']} calls)")
-
-            results[name] = _run_worker({**base, "variant": name}, scratch, on_cell, verbose)
+        for name in order:  # the eager worker first: it writes the inputs every variant reads
+            workers[name] = Worker({**base, "variant": name}, scratch, verbose)
+        precisions = sorted({_figures(manifest, n)["precision"] for n in order})
+        peaks = measure_peaks(threads, precisions)
+        progress("[kiln] peak here: " + ", ".join(f"{p} {g:,.0f} GFLOP/s" for p, g in peaks.items()))
+        load_before = os.getloadavg()
+        cpu_before = _cpu_snapshot(workers.values())
+        for index in range(settings.rounds):
+            turn = order[index % len(order):] + order[:index % len(order)]
+            for batch in batch_sizes:
+                for name in turn:
+                    cell = workers[name].measure(batch, settings.max_seconds)
+                    rounds.setdefault((name, batch), []).append(cell)
+                    done += 1
+                    progress(f"[kiln] bench [{done}/{total}] round {index + 1} {name} batch {batch}: "
+                             f"p50 {cell['p50_ms']:.3f} ms, p99 {cell['p99_ms']:.3f} ms ({cell['iterations']} calls)")
+        load_after = os.getloadavg()
+        cpu_after = _cpu_snapshot(workers.values())
     finally:
+        for worker in workers.values():
+            worker.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
+    other = None
+    if cpu_before and cpu_after:
+        elapsed = cpu_after["wall"] - cpu_before["wall"]
+        ours = cpu_after["ours"] - cpu_before["ours"]
+        other = max(0.0, (cpu_after["machine"] - cpu_before["machine"] - ours) / elapsed) if elapsed > 0 else None
+    load = stats.load_summary(load_before, load_after, default_threads(), threads, other)
+    machine = machine_info()
+    machine["fingerprint"] = fingerprint(machine)
+    eager_info = workers[EAGER].ready
     rows = []
     for name in order:
         figures = _figures(manifest, name)
         if name == EAGER:
-            figures["bytes"] = results[name].get("module_bytes")
-        for cell in results[name]["cells"]:
-            baseline = eager_p50[cell["batch_size"]]
+            figures["bytes"] = eager_info.get("module_bytes")
+        for batch in batch_sizes:
+            per_round = rounds[(name, batch)]
+            cell = stats.combine_rounds(per_round, batch)
+            reasons = stats.unstable_reasons(cell, per_round, settings.max_spread, load)
             rows.append({
-                "variant": name,
-                **cell,
-                "speedup_vs_eager": baseline / cell["p50_ms"] if cell["p50_ms"] > 0 else None,
+                "variant": name, "batch_size": batch, **cell,
+                "peak_rss_mb": per_round[0]["peak_rss_mb"],  # sizes ascend in round 1: the peak up to this size
+                "stable": not reasons, "unstable_reasons": reasons,
                 **figures,
-                "load_seconds": results[name]["load_seconds"],
+                **roofline(eager_info.get("flops_per_item", {}).get(str(batch)), batch, cell["p50_ms"],
+                           figures["precision"], peaks, machine),
+                "load_seconds": workers[name].ready["load_seconds"],
             })
+    eager_p50 = {r["batch_size"]: r["p50_ms"] for r in rows if r["variant"] == EAGER}
+    for row in rows:
+        row["speedup_vs_eager"] = eager_p50[row["batch_size"]] / row["p50_ms"] if row["p50_ms"] > 0 else None
     return {
-        "kiln_bench": 1,
+        "kiln_bench": 2,
         "model": manifest.model,
         "task": manifest.task,
         "folder": str(folder),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "default_variant": manifest.default_variant,
         "reference": manifest.reference,
-        "machine": machine_info(),
+        "machine": {**machine, "load_average": load},
+        "peak_gflops": peaks,
+        "stable": all(r["stable"] for r in rows),
         "versions": library_versions(),
         "settings": {**asdict(settings), "batch_sizes": batch_sizes, "threads": threads, "seq_len": seq_len,
                      "variants": names},
@@ -256,16 +325,46 @@ def measure(folder: str | Path, settings: BenchSettings, progress: Progress = to
     }
 
 
+def _cpu_snapshot(workers: Any) -> dict[str, float] | None:
+    """Busy CPU seconds of the whole machine and of kiln's own processes (this one and its workers), to tell how
+    much CPU other processes took during the rounds. None where /proc is not there."""
+    import time
+
+    try:
+        ticks = float(os.sysconf("SC_CLK_TCK"))
+        machine = stats.machine_busy_seconds(Path("/proc/stat").read_text(), ticks)
+        ours = stats.process_cpu_seconds(Path("/proc/self/stat").read_text(), ticks)
+        for worker in workers:
+            ours += stats.process_cpu_seconds(Path(f"/proc/{worker.proc.pid}/stat").read_text(), ticks)
+    except (OSError, ValueError, IndexError):
+        return None
+    return {"machine": machine, "ours": ours, "wall": time.monotonic()}
+
+
+def roofline(flops_per_item: float | None, batch: int, p50_ms: float, precision: str, peaks: dict[str, float],
+             machine: dict[str, Any]) -> dict[str, Any]:
+    """GFLOP/s of a cell and its fraction of this machine's peak for its precision; BF16 without AVX-512 BF16 or
+    AMX is marked emulated (its 'peak' is then the emulation's, far below the fp32 one)."""
+    emulated = precision == "bf16" and not bf16_native(machine)
+    if not flops_per_item or p50_ms <= 0:
+        return {"gflops_per_s": None, "pct_of_peak": None, "emulated": emulated}
+    rate = flops_per_item * batch / (p50_ms / 1000.0) / 1e9
+    peak = peaks.get(precision)
+    return {"gflops_per_s": rate, "pct_of_peak": 100.0 * rate / peak if peak else None, "emulated": emulated}
+
+
 # --- outputs ------------------------------------------------------------------------------------------------
 
 
 def _csv_value(column: str, value):
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float):
-        digits = {"items_per_s": 1, "peak_rss_mb": 1, "speedup_vs_eager": 3}.get(column, 6 if column in
-                                                                                  ("accuracy", "cosine_min",
-                                                                                   "batch_invariance") else 4)
+        digits = {"items_per_s": 1, "peak_rss_mb": 1, "speedup_vs_eager": 3, "gflops_per_s": 2,
+                  "pct_of_peak": 2}.get(column, 6 if column in ("accuracy", "cosine_min", "batch_invariance",
+                                                                "spread", "cv") else 4)
         return f"{value:.{digits}f}"
     return value
 
@@ -312,13 +411,19 @@ def commit(staged: list[tuple[Path, Path]]) -> None:
 
 def format_table(report: dict[str, Any]) -> str:
     default = report.get("selection", {}).get("default_variant", report["default_variant"])
-    rows = [("variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", "vs eager", "MB", "peak RSS MB",
-             "accuracy", "cosine_min", "batch inv.")]
+    rows = [("variant", "batch", "p50 ms", "p50 range (rounds)", "cv", "p99 ms", "items/s", "vs eager", "MB",
+             "peak RSS MB", "accuracy", "cosine_min", "batch inv.", "GFLOP/s", "% of peak")]
     for r in report["results"]:
+        peak = "-"
+        if r.get("pct_of_peak") is not None:
+            peak = f"{r['pct_of_peak']:.1f}%" + (" (emulated)" if r.get("emulated") else "")
         rows.append((
-            r["variant"] + (" *" if r["variant"] == default else ""),
+            r["variant"] + (" *" if r["variant"] == default else "") + ("" if r.get("stable", True) else " !"),
             str(r["batch_size"]),
-            f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
+            f"{r['p50_ms']:.3f}",
+            f"{r['p50_min_ms']:.3f}-{r['p50_max_ms']:.3f}" if "p50_min_ms" in r else "-",
+            f"{r['cv']:.1%}" if "cv" in r else "-",
+            f"{r['p99_ms']:.3f}",
             f"{r['items_per_s']:,.0f}",
             f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-",
             f"{r['bytes'] / 1e6:.2f}" if r["bytes"] is not None else "-",
@@ -326,14 +431,23 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['accuracy'] * 100:.2f}%" if r["accuracy"] is not None else "-",
             f"{r['cosine_min']:.5f}" if r["cosine_min"] is not None else "-",
             f"{r['batch_invariance']:.6f}" if r.get("batch_invariance") is not None else "-",
+            f"{r['gflops_per_s']:,.1f}" if r.get("gflops_per_s") is not None else "-",
+            peak,
         ))
     return align(rows)
+
+
+def instability_notes(report: dict[str, Any]) -> list[str]:
+    """One line per unstable cell, naming the likely cause."""
+    return [f"unstable: {r['variant']} batch {r['batch_size']}: {'; '.join(r['unstable_reasons'])}"
+            for r in report["results"] if not r.get("stable", True)]
 
 
 def bench(folder: str | Path, settings: BenchSettings | None = None, *, select_default: bool = False,
           max_accuracy_drop: float | None = None, min_cosine: float | None = None,
           select_batch_size: int | None = None, progress: Progress = to_stderr,
-          verbose: bool = False, min_batch_invariance: float | None = None) -> dict[str, Any]:
+          verbose: bool = False, min_batch_invariance: float | None = None,
+          accept_unstable: bool = False) -> dict[str, Any]:
     """Measure, then write bench.json/csv/png (and, with `select_default`, the new default) in one go.
 
     Every budget is checked before anything is measured; outputs are staged beside their targets and renamed
@@ -366,9 +480,14 @@ def bench(folder: str | Path, settings: BenchSettings | None = None, *, select_d
     report = measure(folder, settings, progress, verbose=verbose)
     folder = Path(report["folder"])
     scatter_batch = select_batch if select_default else max(report["settings"]["batch_sizes"])
+    refused: UnstableMeasurement | None = None
     if select_default:
-        report["selection"] = select.choose(read_manifest(folder), report, select_batch, max_accuracy_drop,
-                                            min_cosine, min_batch_invariance)
+        try:
+            report["selection"] = select.choose(read_manifest(folder), report, select_batch, max_accuracy_drop,
+                                                min_cosine, min_batch_invariance, accept_unstable)
+        except UnstableMeasurement as exc:  # the run is still recorded (stable: false); the manifest is not touched
+            refused, select_default = exc, False
+            exc.report = report  # type: ignore[attr-defined]
     staged = stage_outputs(folder, report, scatter_batch)
     try:
         if select_default:
@@ -376,16 +495,26 @@ def bench(folder: str | Path, settings: BenchSettings | None = None, *, select_d
         commit(staged)
     finally:
         discard(staged)
+    if refused is not None:
+        raise refused
     return report
 
 
 def summary(report: dict[str, Any]) -> str:
     """What `kiln bench` prints: the machine, the table, the selection and the files written."""
     settings = report["settings"]
-    lines = [f"{report['model']} on {report['machine']['cpu_model']}, {settings['threads']} thread(s)"
+    isa = ", ".join(flag for flag, present in report["machine"]["isa"].items() if present) or "none of the listed"
+    lines = [f"{report['model']} on {report['machine']['cpu_model']} ({isa}), {settings['threads']} thread(s)"
              + (f", seq_len {settings['seq_len']}" if settings["seq_len"] else "")
-             + "  (* = default variant; vs eager = eager p50 / p50)",
+             + f", {settings['rounds']} round(s)  (* = default variant; ! = unstable; vs eager = eager p50 / p50; "
+               "p50 = median of the rounds' p50s)",
+             "peak here: " + ", ".join(f"{p} {g:,.0f} GFLOP/s" for p, g in report.get("peak_gflops", {}).items()),
              format_table(report)]
+    notes = instability_notes(report)
+    lines += notes
+    if notes:
+        lines.append(f"this run is unstable ({len(notes)} cell(s) over the --max-spread of "
+                     f"{settings['max_spread']:.0%}): its ratios are not to be trusted; re-run on a quiet machine")
     selection = report.get("selection")
     if selection:
         lines.append(f"select: {selection['reason']}")

@@ -45,7 +45,16 @@ def plot(report: dict, path: Path, scatter_batch: int) -> None:
     for name in variants:
         cells = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["batch_size"])
         style = {"color": "black", "linestyle": "--", "linewidth": 2} if name == "eager-fp32" else {}
-        left.plot([c["batch_size"] for c in cells], [c["p50_ms"] for c in cells], marker="o", label=name, **style)
+        p50 = [c["p50_ms"] for c in cells]
+        # Error bars: the min-max of the per-round p50s (the spread the table reports); a hollow marker: unstable.
+        low = [max(0.0, c["p50_ms"] - c.get("p50_min_ms", c["p50_ms"])) for c in cells]
+        high = [max(0.0, c.get("p50_max_ms", c["p50_ms"]) - c["p50_ms"]) for c in cells]
+        line = left.errorbar([c["batch_size"] for c in cells], p50, yerr=[low, high], marker="o", capsize=3,
+                             label=name, **style)
+        unstable = [c for c in cells if not c.get("stable", True)]
+        if unstable:
+            left.scatter([c["batch_size"] for c in unstable], [c["p50_ms"] for c in unstable], s=120,
+                         facecolors="none", edgecolors=line[0].get_color(), linewidths=2, zorder=4)
     batch_sizes = sorted({r["batch_size"] for r in rows})
     left.set_xscale("log", base=2)
     left.set_yscale("log")
@@ -82,6 +91,8 @@ def plot(report: dict, path: Path, scatter_batch: int) -> None:
     right.grid(True, alpha=0.3)
 
     seq = f", seq_len {settings['seq_len']}" if settings.get("seq_len") else ""
+    if not report.get("stable", True):
+        seq += "; UNSTABLE run (circled cells)"
     fig.suptitle(f"kiln bench: {report['model']} ({report['machine']['cpu_model']}, "
                  f"{settings['threads']} threads{seq})", fontsize=10)
     fig.tight_layout()

@@ -1,15 +1,17 @@
-"""The measuring half of `kiln bench`: one fresh process per variant (or the eager baseline).
+"""The measuring half of `kiln bench`: one long-lived process per variant (or the eager baseline).
 
 Why a process each: peak resident memory (ru_maxrss) is only the variant's own if nothing else was
 ever loaded in the process, and torch/ONNX Runtime thread pools, allocator caches and JIT state left
-by one runtime would otherwise bias the next. The parent (kiln.bench.driver) runs these one after
-another, never side by side, so they do not compete for the cores either.
+by one runtime would otherwise bias the next. The processes stay alive across rounds, and the parent
+(kiln.bench.driver) asks them for one cell at a time, in turn, so they never compete for the cores and
+drift on the machine reaches every variant alike.
 
-Protocol: `python -m kiln.bench.worker CONFIG.json`. The config names the folder, the
-variant, the thread count, the batch sizes and the iteration bounds, the .npz of inputs (shared by
-all variants, so every runtime sees identical arrays) and the result path. The eager worker runs
-first and also writes that .npz. Progress goes to stdout as one JSON line per measured cell; the
-result (or a KilnError as `ErrorName: message`) goes to the result file; stderr is the parent's log.
+Protocol: `python -m kiln.bench.worker CONFIG.json`. The config names the folder, the variant, the
+thread count, the batch sizes and the .npz of inputs (shared by all variants, so every runtime sees
+identical arrays; the eager worker, started first, writes it). The worker answers on stdout, one JSON
+line each: `{"ready": {...}}` once loaded, then one `{"cell": {...}}` per `{"measure": BATCH, ...}`
+line read on stdin, until `{"exit": true}`. A KilnError is answered as `{"error": ...}` and ends it;
+stderr is the parent's log.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.bench.stats import settled, summarize_calls
 from kiln.core.errors import KilnError, UsageError, format_error, one_line
 from kiln.core.manifest import EAGER
 
@@ -67,8 +70,8 @@ def _module_bytes(module) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
-def load_runtime(config: dict, emit) -> tuple[object, int | None]:
-    """The runtime to measure; the eager worker also writes the shared inputs."""
+def load_runtime(config: dict) -> tuple[object, dict]:
+    """The runtime to measure; the eager worker also writes the shared inputs and counts the FLOPs."""
     from kiln.core.manifest import read_manifest
     from kiln.core.runtime import RuntimeOptions, load
     from kiln.core.runtimes.torchscript import TorchRuntime
@@ -76,8 +79,7 @@ def load_runtime(config: dict, emit) -> tuple[object, int | None]:
     folder = Path(config["folder"])
     threads = int(config["threads"])
     if config["variant"] != EAGER:
-        runtime = load(folder, config["variant"], RuntimeOptions(threads))
-        return runtime, None
+        return load(folder, config["variant"], RuntimeOptions(threads)), {}
 
     import torch
 
@@ -86,12 +88,20 @@ def load_runtime(config: dict, emit) -> tuple[object, int | None]:
 
     manifest = read_manifest(folder)
     bundle = from_source(manifest.source)
+    if bundle.signature.input_names != manifest.signature.input_names:
+        raise UsageError(f"the model source {manifest.source} now builds a model with inputs "
+                         f"{bundle.signature.input_names}, but the folder was exported with "
+                         f"{manifest.signature.input_names}; re-export the folder with this kiln")
     bundle.module.eval()
     inputs = make_inputs(bundle, manifest.signature, config["batch_sizes"], config.get("seq_len"))
     flat = {_input_key(b, n): a for b, arrays in inputs.items() for n, a in arrays.items()}
     np.savez(config["inputs"], **flat)
+    from kiln.export.flops import count_flops
+
+    flops = {b: count_flops(bundle.module, arrays, manifest.signature.input_names) for b, arrays in inputs.items()}
     runtime = TorchRuntime(bundle.module, manifest.signature, EAGER, RuntimeOptions(threads))
-    return runtime, _module_bytes(bundle.module)
+    return runtime, {"module_bytes": _module_bytes(bundle.module),
+                     "flops_per_item": {str(b): f for b, f in flops.items()}}
 
 
 def read_inputs(path: str, batch_size: int, names: list[str]) -> dict[str, np.ndarray]:
@@ -99,19 +109,25 @@ def read_inputs(path: str, batch_size: int, names: list[str]) -> dict[str, np.nd
         return {n: data[_input_key(batch_size, n)] for n in names}
 
 
-def measure_cell(runtime, inputs: dict[str, np.ndarray], warmup: int, min_iters: int, max_iters: int,
-                 max_seconds: float) -> list[float]:
-    """Per-call latencies in ms: warm-up first, then until max_seconds (but at least min_iters) or max_iters.
-
-    Every call is timed on its own so that the percentiles are of calls, not of averages.
-    """
-    # Warm-up is bounded by max_seconds too (after two calls: TorchScript optimizes on its second run),
-    # so that a slow runtime at a large batch does not spend minutes warming up.
+def warm_up(runtime, inputs: dict[str, np.ndarray], min_calls: int, max_seconds: float) -> int:
+    """Untimed calls until the latency settles (caches, allocators and lazily built kernels stop changing it),
+    at least `min_calls`, and no longer than `max_seconds` after the first two (a slow runtime at a large batch
+    must not warm up for minutes)."""
+    latencies: list[float] = []
     started = time.perf_counter()
-    for done in range(warmup):
+    while True:
+        t0 = time.perf_counter_ns()
         runtime.run(inputs)
-        if done + 1 >= 2 and time.perf_counter() - started >= max_seconds:
-            break
+        latencies.append((time.perf_counter_ns() - t0) / 1e6)
+        if len(latencies) >= max(min_calls, 2) and (settled(latencies)
+                                                     or time.perf_counter() - started >= max_seconds):
+            return len(latencies)
+
+
+def time_calls(runtime, inputs: dict[str, np.ndarray], min_iters: int, max_iters: int,
+               max_seconds: float) -> list[float]:
+    """Per-call latencies in ms until max_seconds (but at least min_iters) or max_iters: every call timed on its own,
+    so the percentiles are of calls, not of averages."""
     latencies: list[float] = []
     started = time.perf_counter()
     while len(latencies) < max_iters:
@@ -123,55 +139,50 @@ def measure_cell(runtime, inputs: dict[str, np.ndarray], warmup: int, min_iters:
     return latencies
 
 
-def summarize(latencies: list[float], batch_size: int) -> dict:
-    values = np.asarray(latencies, dtype=np.float64)
-    p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {
-        "p50_ms": float(p50),
-        "p90_ms": float(p90),
-        "p99_ms": float(p99),
-        "mean_ms": float(values.mean()),
-        "min_ms": float(values.min()),
-        # Items over the time actually spent in calls: throughput of back-to-back batches.
-        "items_per_s": float(batch_size * len(values) / (values.sum() / 1e3)),
-        "iterations": len(values),
-    }
-
-
-def run(config: dict, emit) -> dict:
-    threads = int(config["threads"])
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = time.perf_counter()
-    runtime, module_bytes = load_runtime(config, emit)
-    load_s = time.perf_counter() - started
+def serve_requests(config: dict, runtime, emit, commands) -> None:
+    """Answer `measure` commands until `exit`: warm-up the first time a batch size is seen, then time the calls."""
     names = list(runtime.signature.input_names)
-    cells = []
-    for batch in sorted(config["batch_sizes"]):
-        inputs = read_inputs(config["inputs"], batch, names)
-        latencies = measure_cell(runtime, inputs, int(config["warmup"]), int(config["min_iters"]),
-                                 int(config["max_iters"]), float(config["max_seconds"]))
-        # Peak after this cell: sizes go up, so this is the peak to serve batches up to this size.
-        cell = {"batch_size": batch, **summarize(latencies, batch), "peak_rss_mb": _peak_rss_mb()}
-        cells.append(cell)
-        emit({"variant": config["variant"], **cell})
-    return {"variant": config["variant"], "threads": threads, "load_seconds": round(load_s, 3),
-            "module_bytes": module_bytes, "cells": cells}
+    inputs = {b: read_inputs(config["inputs"], b, names) for b in config["batch_sizes"]}
+    warmed: set[int] = set()
+    for line in commands:
+        command = json.loads(line)
+        if command.get("exit"):
+            return
+        batch = int(command["measure"])
+        seconds = float(command["seconds"])
+        warmups = warm_up(runtime, inputs[batch], int(config["warmup"]) if batch not in warmed else 2, seconds)
+        warmed.add(batch)
+        latencies = time_calls(runtime, inputs[batch], int(config["min_iters"]), int(config["max_iters"]), seconds)
+        emit({"cell": {"batch_size": batch, **summarize_calls(latencies, batch), "warmup_calls": warmups,
+                       "peak_rss_mb": _peak_rss_mb()}})
+
+
+def pin_cores(threads: int) -> list[int] | None:
+    """Pin this process to the first `threads` usable cores: no migration of its threads mid-measurement."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))[:threads]
+    os.sched_setaffinity(0, cores)
+    return cores
 
 
 def main(argv: list[str]) -> int:
     config = json.loads(Path(argv[0]).read_text())
-    result_path = Path(config["result"])
 
     def emit(record: dict) -> None:
         print(json.dumps(record), flush=True)
 
     try:
-        result = run(config, emit)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        cores = pin_cores(int(config["threads"]))
+        started = time.perf_counter()
+        runtime, info = load_runtime(config)
+        emit({"ready": {"load_seconds": round(time.perf_counter() - started, 3), "cores": cores, **info}})
+        serve_requests(config, runtime, emit, sys.stdin)
     except KilnError as exc:
-        result_path.write_text(json.dumps({"error": format_error(exc), "error_type": type(exc).__name__,
-                                           "message": one_line(exc), "exit_code": exc.exit_code}))
+        emit({"error": format_error(exc), "error_type": type(exc).__name__, "message": one_line(exc),
+              "exit_code": exc.exit_code})
         return 1
-    result_path.write_text(json.dumps(result))
     return 0
 
 

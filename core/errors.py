@@ -5,7 +5,8 @@ so that every room raises from the same tree.
 
 Every message names the thing that went wrong and the next step, so that the CLI can print
 `ErrorName: message` and exit without a traceback. The exit code tells scripts what kind of
-failure it was: 2 for usage, 3 for an artifact that failed verification, 1 for the rest.
+failure it was: 2 for usage, 3 for an artifact that failed verification, 4 for a measurement too unstable
+to choose from, 1 for the rest.
 
     KilnError
     ├── UsageError               bad flags, recipe values or signatures (exit 2)
@@ -16,6 +17,7 @@ failure it was: 2 for usage, 3 for an artifact that failed verification, 1 for t
     │   └── ToolchainMissing     a variant needs a tool this machine lacks (a C++ compiler)
     ├── VerificationError        an artifact is outside its tolerance (exit 3)
     ├── BenchmarkError           a measurement could not be taken
+    │   └── UnstableMeasurement  its rounds disagree: no choice is made from it (exit 4)
     ├── ManifestError            an artifact folder is missing, malformed or tampered with
     │   └── IntegrityError       a file's sha256 differs from the manifest
     └── RuntimeUnavailable       the runtime a variant needs is not installed
@@ -74,6 +76,12 @@ class BenchmarkError(KilnError):
     """A measurement could not be taken (a worker died, a runtime failed mid-run)."""
 
 
+class UnstableMeasurement(BenchmarkError):
+    """The rounds of a measurement disagree past the threshold; no choice is made from it (exit 4)."""
+
+    exit_code = 4
+
+
 class ManifestError(KilnError):
     """An artifact folder is missing, malformed, or written by an incompatible kiln."""
 
@@ -99,6 +107,6 @@ def format_error(error: BaseException) -> str:
 
 __all__ = [
     "BenchmarkError", "DataError", "ExportError", "IntegrityError", "KilnError", "ManifestError",
-    "ModelSourceError", "RecipeError", "RuntimeUnavailable", "ToolchainMissing", "UsageError", "VerificationError",
+    "ModelSourceError", "RecipeError", "RuntimeUnavailable", "ToolchainMissing", "UnstableMeasurement", "UsageError", "VerificationError",
     "format_error", "one_line",
 ]

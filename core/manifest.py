@@ -148,6 +148,7 @@ class Manifest:
     export_seconds: float | None = None
     selection: dict[str, Any] | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)  # recommended variants this machine could not build
+    flops: dict[str, Any] | None = None  # eager FLOPs per item and the shape counted at (kiln.export.flops)
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -219,6 +220,8 @@ class Manifest:
             data["selection"] = self.selection
         if self.skipped:
             data["skipped"] = self.skipped
+        if self.flops is not None:
+            data["flops"] = self.flops
         return {**{k: v for k, v in data.items() if v is not None}, **self.extra}
 
     @classmethod

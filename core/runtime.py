@@ -89,7 +89,8 @@ def runtime_spec(name: str, variant: str = "") -> RuntimeSpec:
     if spec is None:
         what = f"variant {variant!r} needs" if variant else "the manifest names"
         raise RuntimeUnavailable(f"{what} runtime {name!r}, which this kiln does not know "
-                                 f"(it knows {', '.join(registry())}); upgrade kiln or re-export the folder")
+                                 f"(it knows {', '.join(registry())}); upgrade kiln, re-export the folder, or leave "
+                                 "the variant out (kiln bench --variants, kiln serve --variant)")
     return spec
 
 
@@ -97,8 +98,10 @@ def require_installed(name: str, variant: str) -> RuntimeSpec:
     """The runtime's spec, or RuntimeUnavailable naming the package to install."""
     spec = runtime_spec(name, variant)
     if not spec.installed:
+        install = "'kiln[export]'" if spec.requires == "torch" else spec.requires
         raise RuntimeUnavailable(f"variant {variant!r} needs {spec.requires}, which is not installed; "
-                                 f"pip install {spec.requires}, or choose another variant")
+                                 f"pip install {install}, or leave the variant out (kiln bench --variants, "
+                                 "kiln serve --variant)")
     return spec
 
 

@@ -17,22 +17,24 @@ from kiln.core.errors import UsageError
 
 @dataclass(frozen=True)
 class DType:
-    """One dtype as every layer names it: the signature, numpy (None where numpy has no such type) and V2."""
+    """One dtype as every layer names it: the signature, numpy (None where numpy has no such type), V2 and Triton's
+    model configuration (`kiln deploy triton`; V2's BYTES is TYPE_STRING there, so it is a column, not a rule)."""
 
     name: str
     numpy: Any
     v2: str
+    triton: str
 
 
-# The one dtype table: the signature, the runtimes, the server's validation and the V2 wire all read it.
+# The one dtype table: the signature, the runtimes, the server's validation, the V2 wire and Triton's config read it.
 DTYPE_TABLE: dict[str, DType] = {d.name: d for d in (
-    DType("float32", np.float32, "FP32"),
-    DType("float16", np.float16, "FP16"),
-    DType("bfloat16", None, "BF16"),
-    DType("int64", np.int64, "INT64"),
-    DType("int32", np.int32, "INT32"),
-    DType("bool", np.bool_, "BOOL"),
-    DType("string", None, "BYTES"),
+    DType("float32", np.float32, "FP32", "TYPE_FP32"),
+    DType("float16", np.float16, "FP16", "TYPE_FP16"),
+    DType("bfloat16", None, "BF16", "TYPE_BF16"),
+    DType("int64", np.int64, "INT64", "TYPE_INT64"),
+    DType("int32", np.int32, "INT32", "TYPE_INT32"),
+    DType("bool", np.bool_, "BOOL", "TYPE_BOOL"),
+    DType("string", None, "BYTES", "TYPE_STRING"),
 )}
 DTYPES = tuple(DTYPE_TABLE)
 V2_DATATYPES = {name: d.v2 for name, d in DTYPE_TABLE.items()}
@@ -116,3 +118,22 @@ class Signature:
 
     def __str__(self) -> str:
         return f"inputs {', '.join(map(str, self.inputs))} -> outputs {', '.join(map(str, self.outputs))}"
+
+
+def generated_arrays(signature: Signature, items: int, seed: int = 0, symbolic_size: int = 16) -> dict[str, Any]:
+    """Inputs made from a signature alone: standard-normal floats, small non-negative integers (valid indices into
+    most embeddings), random booleans; a symbolic dimension other than the batch gets `symbolic_size`."""
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, Any] = {}
+    for spec in signature.inputs:
+        shape = [items if i == 0 else (dim if isinstance(dim, int) else symbolic_size)
+                 for i, dim in enumerate(spec.shape)]
+        if spec.dtype.startswith("float"):
+            arrays[spec.name] = rng.standard_normal(shape).astype(spec.numpy_dtype)
+        elif spec.dtype.startswith("int"):
+            arrays[spec.name] = rng.integers(0, 100, shape).astype(spec.numpy_dtype)
+        elif spec.dtype == "bool":
+            arrays[spec.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            raise UsageError(f"input {spec.name!r} ({spec.dtype}) cannot be generated; give real data")
+    return arrays

@@ -58,6 +58,14 @@ def dynamic_shapes(signature: Signature, sequence_max: int) -> tuple[dict[int, A
     return tuple(shapes)
 
 
+def takes_varargs(module: Any) -> bool:
+    """Whether forward is `forward(*inputs)` (kiln's wrappers), which torch.export wants dynamic shapes nested for."""
+    import inspect
+
+    parameters = inspect.signature(module.forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
+
+
 def int8_copy(module: Any) -> Any:
     """torchao's dynamic INT8: INT8 weights per channel, activations quantized per token (per row) at run time.
 
@@ -91,10 +99,11 @@ class Pt2Emitter:
             from kiln.export.emit_torchscript import bf16_copy
 
             module = bf16_copy(module)
-            shapes = (shapes,)  # the wrapper takes `*inputs`: one varargs entry holding every input's dims
         elif job.spec.precision == "int8":
             module = int8_copy(module)
         module = module.eval()
+        if takes_varargs(module):
+            shapes = (shapes,)  # `forward(*inputs)`: one varargs entry holding every input's dims
         examples = job.example_inputs(2)
         started = time.perf_counter()
         try:

@@ -21,6 +21,7 @@ from kiln.core.manifest import Manifest, VariantEntry, fp32_default, library_ver
 from kiln.core.runtime import RuntimeOptions, open_artifact, runtime_spec
 from kiln.export import prune, verify
 from kiln.export.emitter import EmitJob, example_inputs
+from kiln.export.flops import flops_record
 from kiln.export.publish import publish, staging_folder
 from kiln.export.recipe import Recipe
 from kiln.export.variants import VariantSpec
@@ -73,6 +74,8 @@ def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool
             if accuracy is not None:
                 progress(f"[kiln] {bundle.name}: eager fp32 accuracy {accuracy * 100:.2f}% "
                          f"on {len(bundle.evaluation)} held-out items")
+            flops = flops_record(bundle.module, bundle.examples(2), bundle.signature.input_names,
+                                 bundle.preprocessing.get("kind") == "text")
             sources = prune.prepare_sources(bundle, recipe.pruning_needed, recipe.prune.amount,
                                             recipe.prune.fine_tune_epochs, references[None], example_inputs(bundle),
                                             progress)
@@ -99,16 +102,18 @@ def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool
             for target, source in bundle.extra_files.items():
                 shutil.copyfile(source, staging / target)
                 files.append({"file": target, "sha256": sha256_file(staging / target)})
-            reference = {"variant": "eager-fp32", "items": len(bundle.evaluation)}
+            reference: dict[str, Any] = {"variant": "eager-fp32", "items": len(bundle.evaluation)}
             if accuracy is not None:
                 reference["accuracy"] = accuracy
+            if bundle.data_note:
+                reference["note"] = bundle.data_note
             manifest = Manifest(
                 folder=staging, model=bundle.name, task=bundle.task, signature=bundle.signature,
                 preprocessing=bundle.preprocessing, variants=entries,
                 default_variant=fp32_default(entries) or entries[0].name, source=bundle.source,
                 reference=reference, files=files, versions=library_versions(), recipe=recipe.to_dict(),
                 created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                export_seconds=round(time.perf_counter() - started, 1), skipped=skipped,
+                export_seconds=round(time.perf_counter() - started, 1), skipped=skipped, flops=flops,
             )
             manifest.save()
             publish(staging, out, force)

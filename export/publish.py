@@ -12,11 +12,11 @@ import fcntl
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from kiln.core.errors import UsageError
+from kiln.core.folders import swap_into_place
 
 
 def check_output_folder(out: Path, force: bool) -> None:
@@ -79,12 +79,6 @@ def publish(staging: Path, out: Path, force: bool) -> None:
         path.chmod(0o644)
     staging.chmod(0o755)  # mkdtemp makes it private; a server may run as another user
     with _folder_lock(out):
-        if out.exists():
-            if not force and any(out.iterdir()):
-                raise UsageError(f"--out {str(out)!r} appeared during the export; pass --force to replace it")
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
-            os.rename(out, old)
-            os.rename(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, out)
+        if out.exists() and not force and any(out.iterdir()):
+            raise UsageError(f"--out {str(out)!r} appeared during the export; pass --force to replace it")
+        swap_into_place(staging, out)

@@ -73,6 +73,7 @@ class Recipe:
     max_accuracy_drop: float | None = None  # percentage points
     min_cosine: float | None = None
     min_batch_invariance: float | None = None  # None: kiln.bench.select.DEFAULT_MIN_BATCH_INVARIANCE
+    accept_unstable: bool = False  # let --select choose from measurements whose rounds disagree
     select_batch_size: int = 16
     seed: int = 0
     # Variants the export may leave out when this machine lacks their toolchain (a C++ compiler for pt2): the
@@ -149,7 +150,7 @@ def build_recipe(recommended: tuple[str, ...], recipe_file: str | Path | None = 
                  variants: list[str] | None = None, opset: int | None = None, select: bool = False,
                  max_accuracy_drop: float | None = None, min_cosine: float | None = None,
                  min_batch_invariance: float | None = None, prune: str | None = None,
-                 fine_tune_epochs: int | None = None) -> Recipe:
+                 fine_tune_epochs: int | None = None, accept_unstable: bool = False) -> Recipe:
     """The recipe a command line or an API call asks for: the model's recommended set, a TOML file's values over
     it, then each option given (None or False: not given) over those."""
     overrides: dict = {}
@@ -165,6 +166,8 @@ def build_recipe(recommended: tuple[str, ...], recipe_file: str | Path | None = 
         overrides["min_cosine"] = min_cosine
     if min_batch_invariance is not None:
         overrides["min_batch_invariance"] = min_batch_invariance
+    if accept_unstable:
+        overrides["accept_unstable"] = True
     pruning: dict = {}
     if prune:
         method, _, amount = prune.partition(":")

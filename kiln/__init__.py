@@ -39,12 +39,13 @@ if TYPE_CHECKING:
 def export_model(model: str, out: str | Path, *, variants: list[str] | None = None,
                  recipe: str | Path | None = None, checkpoint: str | Path | None = None,
                  inputs: list[str] | None = None, outputs: list[str] | None = None, data: str | Path | None = None,
-                 name: str | None = None, select: bool = False, force: bool = False,
+                 name: str | None = None, task: str | None = None, select: bool = False, force: bool = False,
                  progress: "Progress | None" = None, **options: Any) -> "Manifest":
-    """`kiln export`: a zoo name or `package.module:factory` to a verified artifact folder; returns its manifest.
+    """`kiln export`: a zoo name, a Hugging Face model folder or `package.module:factory` to a verified artifact
+    folder; returns its manifest.
 
     `options` are the recipe's other flags (`opset`, `prune="structured:0.5"`, `fine_tune_epochs`,
-    `max_accuracy_drop`, `min_cosine`, `min_batch_invariance`). With `select`, the fastest variant within budget becomes the default.
+    `max_accuracy_drop`, `min_cosine`, `min_batch_invariance`, `accept_unstable`). With `select`, the fastest variant within budget becomes the default.
     """
     from kiln.core.console import to_stderr
     from kiln.core.manifest import read_manifest
@@ -53,7 +54,7 @@ def export_model(model: str, out: str | Path, *, variants: list[str] | None = No
     from kiln.models.registry import resolve
 
     progress = progress or to_stderr
-    bundle = resolve(model, checkpoint, inputs, outputs, data, name)
+    bundle = resolve(model, checkpoint, inputs, outputs, data, name, task)
     built = build_recipe(bundle.hints.recommended_variants, recipe, variants=variants, select=select, **options)
     manifest = run_export(bundle, built, out, force=force, progress=progress)
     if built.select:
@@ -61,28 +62,49 @@ def export_model(model: str, out: str | Path, *, variants: list[str] | None = No
 
         select_default(manifest.folder, max_accuracy_drop=built.max_accuracy_drop, min_cosine=built.min_cosine,
                        batch_size=built.select_batch_size, progress=progress,
-                       min_batch_invariance=built.min_batch_invariance)
+                       min_batch_invariance=built.min_batch_invariance, accept_unstable=built.accept_unstable)
         manifest = read_manifest(manifest.folder)
     return manifest
 
 
 def load(folder: str | Path, variant: str | None = None, *, threads: int | None = None,
          device: str = "cpu") -> "Runtime":
-    """A ready runtime for one variant of an artifact folder (default: the manifest's), its sha256 checked."""
+    """A ready runtime for one variant of an artifact folder (default: the manifest's), its sha256 checked.
+
+    Where the default was chosen (`--select`) on a machine whose speed-deciding CPU flags differ from this one's,
+    a warning on the `kiln` logger names both machines: the chosen variant may be slow here (bf16 emulated).
+    `variant="auto"` re-chooses on this machine (kiln.core.autoselect), with a cached choice when there is one.
+    """
+    import logging
+
+    from kiln.core.machine import speed_mismatch
+    from kiln.core.manifest import read_manifest
     from kiln.core.runtime import RuntimeOptions
     from kiln.core.runtime import load as load_runtime
 
+    if variant == "auto":
+        from kiln.core.autoselect import auto_variant
+
+        choice = auto_variant(folder, threads)
+        logging.getLogger("kiln").info("%s: --variant auto: %s (%s): %s", folder, choice.variant, choice.how,
+                                       choice.reason)
+        variant = choice.variant
+    elif variant is None:
+        selection = read_manifest(folder).selection or {}
+        warning = speed_mismatch(selection.get("machine"))
+        if warning:
+            logging.getLogger("kiln").warning("%s: %s", folder, warning)
     return load_runtime(folder, variant, RuntimeOptions(threads, device))
 
 
 def bench(folder: str | Path, *, select: bool = False, max_accuracy_drop: float | None = None,
           min_cosine: float | None = None, select_batch_size: int | None = None,
-          min_batch_invariance: float | None = None, progress: "Progress | None" = None,
-          **settings: Any) -> dict[str, Any]:
+          min_batch_invariance: float | None = None, accept_unstable: bool = False,
+          progress: "Progress | None" = None, **settings: Any) -> dict[str, Any]:
     """`kiln bench`: measure eager fp32 and every variant, write bench.json/csv/png; returns the report.
 
     `settings` are `kiln.bench.driver.BenchSettings` fields: `batch_sizes`, `seq_len`, `threads`, `variants`,
-    `warmup`, `min_iters`, `max_iters`, `max_seconds`.
+    `warmup`, `min_iters`, `max_iters`, `max_seconds`, `rounds`, `max_spread`.
     """
     from kiln.bench.driver import BenchSettings
     from kiln.bench.driver import bench as run_bench
@@ -94,7 +116,7 @@ def bench(folder: str | Path, *, select: bool = False, max_accuracy_drop: float 
         settings["variants"] = tuple(settings["variants"])
     return run_bench(folder, BenchSettings(**settings), select_default=select, max_accuracy_drop=max_accuracy_drop,
                      min_cosine=min_cosine, select_batch_size=select_batch_size, progress=progress or to_stderr,
-                     min_batch_invariance=min_batch_invariance)
+                     min_batch_invariance=min_batch_invariance, accept_unstable=accept_unstable)
 
 
 def _version() -> str:

@@ -19,6 +19,7 @@ EXAMPLE = """examples:
   kiln bench artifacts/digits --batch-sizes 1,16,64
   kiln serve artifacts/digits --port 8000
   kiln loadtest http://127.0.0.1:8000 --concurrency 1,8,32 --requests 2000
+  kiln deploy triton artifacts/digits --out model_repository
 
 Run `kiln SUBCOMMAND --help` for each subcommand's options and examples.
 """
@@ -28,6 +29,7 @@ EXPORT_EXAMPLE = """examples:
   kiln export minilm --out artifacts/minilm --variants onnx-fp32,onnx-int8,torchscript-bf16
   kiln export mypkg.nets:build --checkpoint net.pt --input x:float32[batch,3,32,32] \\
       --output logits --data data.npz --out artifacts/net
+  kiln export ./my-hf-classifier --data reviews.jsonl --out artifacts/classifier
   kiln export digits --out artifacts/digits --recipe recipe.toml --force
 """
 
@@ -77,14 +79,20 @@ def add_export_parser(subparsers: Any) -> None:
     parser = _subparser(subparsers, "export", "prune, quantize and emit verified TorchScript/ONNX artifacts",
                         "Export a model to a folder of verified artifacts with a manifest.json.", EXPORT_EXAMPLE,
                         run_export_command)
-    parser.add_argument("model", help="zoo name (digits, minilm) or package.module:factory")
+    parser.add_argument("model", help="zoo name (digits, minilm), a Hugging Face model folder (a path), or "
+                                      "package.module:factory")
     parser.add_argument("--out", required=True, type=Path, help="artifact folder to write (atomically)")
     parser.add_argument("--checkpoint", help="state_dict file for a factory model (loaded with weights_only=True)")
     parser.add_argument("--input", action="append", dest="inputs", metavar="NAME:DTYPE[DIMS]",
                         help="input signature of a factory model, e.g. x:float32[batch,3,32,32]; repeat per input")
     parser.add_argument("--output", action="append", dest="outputs", metavar="NAME",
                         help="output name(s) of a factory model (default: output)")
-    parser.add_argument("--data", type=Path, help=".npz with one array per input (+ optional 'labels') for a factory model")
+    parser.add_argument("--data", type=Path,
+                        help="real data to verify on: .npz with one array per input (+ optional 'labels') for a "
+                             "tensor model; .txt (one text a line) or .jsonl ({\"text\", \"label\"}) for a text "
+                             "model; without it parity is checked on generated inputs and accuracy is not measured")
+    parser.add_argument("--task", choices=("classification", "embedding", "token-classification"),
+                        help="a model folder's task, when the one read from the folder is not the one you want")
     parser.add_argument("--name", help="model name used in server routes (default: zoo name or module name)")
     parser.add_argument("--variants", help=f"comma-separated, from: {', '.join(VARIANTS)} (default: the model's set)")
     parser.add_argument("--prune", metavar="METHOD:AMOUNT", help="e.g. structured:0.5 (for pruned-* variants)")
@@ -97,6 +105,8 @@ def add_export_parser(subparsers: Any) -> None:
     parser.add_argument("--min-cosine", type=float, help="budget for --select, minimum cosine (embeddings)")
     parser.add_argument("--min-batch-invariance", type=float, metavar="COSINE",
                         help="budget for --select: worst cosine of an item alone vs inside a batch (default 0.999)")
+    parser.add_argument("--accept-unstable", action="store_true",
+                        help="let --select choose from measurements flagged unstable (otherwise exit 4)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
@@ -109,11 +119,11 @@ def run_export_command(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.ERROR)  # ONNX Runtime's quantizer logs advice at WARNING
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     manifest = kiln.export_model(
-        args.model, args.out, variants=variants, recipe=args.recipe, checkpoint=args.checkpoint,
+        args.model, args.out, variants=variants, recipe=args.recipe, checkpoint=args.checkpoint, task=args.task,
         inputs=args.inputs, outputs=args.outputs, data=args.data, name=args.name, select=args.select,
         force=args.force, opset=args.opset, prune=args.prune, fine_tune_epochs=args.fine_tune_epochs,
         max_accuracy_drop=args.max_accuracy_drop, min_cosine=args.min_cosine,
-        min_batch_invariance=args.min_batch_invariance)
+        min_batch_invariance=args.min_batch_invariance, accept_unstable=args.accept_unstable)
     print(format_report(manifest))
     return 0
 
@@ -147,9 +157,16 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--max-iters", type=int, default=BenchSettings.max_iters,
                         help="timed calls per cell at most (default: %(default)s)")
     parser.add_argument("--max-seconds", type=float, default=BenchSettings.max_seconds,
-                        help="timed seconds per cell, once --min-iters is reached (default: %(default)s)")
+                        help="timed seconds per cell and round, once --min-iters is reached (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=BenchSettings.rounds,
+                        help="interleaved rounds; each cell's figure is the median of its rounds (default: %(default)s)")
+    parser.add_argument("--max-spread", type=float, default=BenchSettings.max_spread, metavar="FRACTION",
+                        help="a cell whose per-round p50s differ by more than this fraction of their median is "
+                             "unstable (default: %(default)s)")
     parser.add_argument("--select", action="store_true",
                         help="make the fastest variant within the budget the manifest's default (kiln serve loads it)")
+    parser.add_argument("--accept-unstable", action="store_true",
+                        help="let --select choose from cells flagged unstable (otherwise it refuses, exit 4)")
     parser.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
                         help=f"budget for --select on classifiers, percentage points below eager fp32 "
                              f"(default {select.DEFAULT_MAX_ACCURACY_DROP})")
@@ -166,15 +183,24 @@ def add_bench_parser(subparsers: Any) -> None:
 
 def run_bench_command(args: argparse.Namespace) -> int:
     from kiln.bench.driver import BenchSettings, bench, parse_batch_sizes, parse_names, summary
+    from kiln.core.errors import UnstableMeasurement, UsageError
 
     settings = BenchSettings(
         batch_sizes=parse_batch_sizes(args.batch_sizes), seq_len=args.seq_len, threads=args.threads,
         warmup=args.warmup, min_iters=args.min_iters, max_iters=args.max_iters, max_seconds=args.max_seconds,
-        variants=parse_names(args.variants),
+        variants=parse_names(args.variants), rounds=args.rounds, max_spread=args.max_spread,
     )
-    report = bench(args.folder, settings, select_default=args.select, max_accuracy_drop=args.max_accuracy_drop,
-                   min_cosine=args.min_cosine, select_batch_size=args.select_batch_size,
-                   verbose=getattr(args, "verbose", False), min_batch_invariance=args.min_batch_invariance)
+    if args.accept_unstable and not args.select:
+        raise UsageError("--accept-unstable only applies with --select; add --select")
+    try:
+        report = bench(args.folder, settings, select_default=args.select, max_accuracy_drop=args.max_accuracy_drop,
+                       min_cosine=args.min_cosine, select_batch_size=args.select_batch_size,
+                       verbose=getattr(args, "verbose", False), min_batch_invariance=args.min_batch_invariance,
+                       accept_unstable=args.accept_unstable)
+    except UnstableMeasurement as exc:
+        if hasattr(exc, "report"):
+            print(summary(exc.report))
+        raise
     print(summary(report))
     return 0
 
@@ -209,6 +235,19 @@ def add_serve_parser(subparsers: Any) -> None:
                         help="items per request at most (default %(default)s)")
     parser.add_argument("--body-timeout", type=float, default=defaults["body_timeout_s"], dest="body_timeout_s",
                         help="seconds a request body may take to arrive (then 408)")
+    parser.add_argument("--max-batch-items", type=int, default=defaults["max_batch_items"],
+                        help="items per batch at most, all its requests together (default: 64 sequences for text "
+                             "models, 1024 items for tensor models); a larger request is refused 413")
+    parser.add_argument("--header-timeout", type=float, default=defaults["header_timeout_s"], dest="header_timeout_s",
+                        help="seconds a connection has to send a request's line and headers, from opening or from "
+                             "its last answer (default %(default)s; then 408, or closed if it sent nothing)")
+    parser.add_argument("--max-header-bytes", type=int, default=defaults["max_header_bytes"],
+                        help="bytes of request line and headers at most (default %(default)s; then 431)")
+    parser.add_argument("--max-headers", type=int, default=defaults["max_headers"],
+                        help="header fields per request at most (default %(default)s; then 431)")
+    parser.add_argument("--max-connections", type=int, default=defaults["max_connections"],
+                        help="requests handled at once, and open connections before idle ones are closed "
+                             "(default %(default)s; beyond it 503, except health, readiness and metrics probes)")
     parser.add_argument("--log-level", default=defaults["log_level"])
 
 
@@ -253,6 +292,180 @@ def run_loadtest_command(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# --- kiln deploy ------------------------------------------------------------------------------------------------
+
+DEPLOY_EXAMPLE = """examples:
+  kiln deploy triton artifacts/digits --out model_repository --threads 2
+  kiln deploy kserve artifacts/digits --image registry.example.com/kiln:0.1.0 \\
+      --storage-uri s3://models/digits --out deploy/digits --threads 2 --max-replicas 4
+"""
+
+TRITON_EXAMPLE = """examples:
+  kiln deploy triton artifacts/digits --out model_repository
+  kiln deploy triton artifacts/digits --out model_repository --variant onnx-int8 --instances 2 --threads 1
+  kiln deploy triton artifacts/minilm --out model_repository --variant onnx-fp32   (token ids only: see its README.md)
+
+Writes REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx (or model.pt), the artifact byte for byte.
+"""
+
+KSERVE_EXAMPLE = """examples:
+  kiln deploy kserve artifacts/digits --image registry.example.com/kiln:0.1.0 --storage-uri s3://models/digits \\
+      --out deploy/digits
+  kiln deploy kserve artifacts/minilm --image registry.example.com/kiln:0.1.0 --storage-uri gs://models/minilm \\
+      --variant onnx-int8 --threads 2 --min-replicas 1 --max-replicas 8 --api-key-secret kiln-api-key --out deploy/minilm
+
+Writes DIR/servingruntime.yaml and DIR/inferenceservice.yaml; `kubectl apply -f DIR` after uploading the artifact
+folder to --storage-uri.
+"""
+
+
+def add_deploy_parser(subparsers: Any) -> None:
+    from kiln.deploy import kserve, triton
+
+    parser = _subparser(subparsers, "deploy", "write a Triton model repository or KServe manifests for an artifact",
+                        "Write the files another serving stack needs for an artifact folder, from its manifest "
+                        "(and bench.json/loadtest.json when present).", DEPLOY_EXAMPLE, run_deploy_help)
+    targets = parser.add_subparsers(dest="target", metavar="TARGET", parser_class=_Parser)
+    # Numbers are read as text and checked by kiln.deploy, so a bad value is one `UsageError:` line.
+    tri = _subparser(targets, "triton", "a Triton model repository entry (config.pbtxt + the model file)",
+                     "Write REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx (or model.pt) for one variant.",
+                     TRITON_EXAMPLE, run_deploy_triton)
+    tri.add_argument("artifact_dir", metavar="ARTIFACT_DIR", help="a folder written by `kiln export`")
+    tri.add_argument("--out", required=True, metavar="REPO", help="model repository folder (other models are kept)")
+    tri.add_argument("--variant", help="variant to deploy (default: the manifest's default_variant)")
+    tri.add_argument("--name", help="Triton model name (default: the manifest's model name)")
+    tri.add_argument("--instances", default="1", metavar="N", help="model instances (KIND_CPU), default 1")
+    tri.add_argument("--max-batch-size", default=str(triton.DEFAULT_MAX_BATCH_SIZE), metavar="N",
+                     help="max_batch_size (default %(default)s, kiln serve's)")
+    tri.add_argument("--max-batch-delay-ms", default=f"{triton.DEFAULT_MAX_BATCH_DELAY_MS:g}", metavar="MS",
+                     help="dynamic batching queue delay (default %(default)s, kiln serve's)")
+    tri.add_argument("--threads", metavar="N", help="intra-op threads per instance (default: the backend's)")
+    tri.add_argument("--force", action="store_true", help="replace REPO/NAME if it exists")
+
+    ks = _subparser(targets, "kserve", "a KServe ServingRuntime + InferenceService running `kiln serve`",
+                    "Write a ServingRuntime (the kiln image running `kiln serve /mnt/models`) and an "
+                    "InferenceService for an artifact folder uploaded to --storage-uri.", KSERVE_EXAMPLE,
+                    run_deploy_kserve)
+    ks.add_argument("artifact_dir", metavar="ARTIFACT_DIR", help="a folder written by `kiln export`")
+    ks.add_argument("--image", required=True, help="the kiln serving image, e.g. registry.example.com/kiln:0.1.0")
+    ks.add_argument("--storage-uri", required=True, metavar="URI",
+                    help="where the artifact folder is uploaded (s3://, gs://, pvc://, https://, ...)")
+    ks.add_argument("--out", required=True, metavar="DIR", help="folder for the two YAML files (written atomically)")
+    ks.add_argument("--name", help="InferenceService name (default: the model name)")
+    ks.add_argument("--variant", help="variant to serve (default: the manifest's default_variant)")
+    ks.add_argument("--min-replicas", default=str(kserve.DEFAULT_MIN_REPLICAS), metavar="N",
+                    help="default %(default)s (0 scales to zero)")
+    ks.add_argument("--max-replicas", default=str(kserve.DEFAULT_MAX_REPLICAS), metavar="M",
+                    help="default %(default)s")
+    ks.add_argument("--target-concurrency", metavar="C",
+                    help="requests in flight per replica before scaling out (default: from loadtest.json, else "
+                         f"{kserve.DEFAULT_TARGET_CONCURRENCY})")
+    ks.add_argument("--loadtest", metavar="FILE",
+                    help="a `kiln loadtest` result (default: loadtest.json in ARTIFACT_DIR, if there)")
+    ks.add_argument("--p99-budget-ms", default=f"{kserve.DEFAULT_P99_BUDGET_MS:g}", metavar="MS",
+                    help="scaleTarget is the highest loadtest concurrency with p99 within this (default %(default)s)")
+    ks.add_argument("--threads", metavar="N",
+                    help=f"inference threads: kiln serve --threads and the CPU request (default: bench.json's, else "
+                         f"{kserve.DEFAULT_THREADS})")
+    ks.add_argument("--api-key-secret", metavar="NAME",
+                    help=f"Kubernetes Secret holding the API key: passed as ${kserve.API_KEY_ENV} and --api-key-env")
+    ks.add_argument("--api-key-secret-key", default="api-key", metavar="KEY",
+                    help="the key inside that Secret (default %(default)s)")
+    ks.add_argument("--force", action="store_true", help="replace DIR if it exists")
+
+
+def run_deploy_help(args: argparse.Namespace) -> int:
+    from kiln.core.errors import UsageError
+
+    raise UsageError("name a target: `kiln deploy triton ...` or `kiln deploy kserve ...`; see `kiln deploy --help`")
+
+
+def run_deploy_triton(args: argparse.Namespace) -> int:
+    from kiln.deploy.common import parse_float, parse_int
+    from kiln.deploy.triton import TritonOptions, write_triton
+
+    options = TritonOptions(
+        out=Path(args.out), variant=args.variant, name=args.name,
+        instances=parse_int("--instances", args.instances),
+        max_batch_size=parse_int("--max-batch-size", args.max_batch_size, example=32),
+        max_batch_delay_ms=parse_float("--max-batch-delay-ms", args.max_batch_delay_ms, example=2.0,
+                                       allow_zero=True),
+        threads=parse_int("--threads", args.threads, example=2) if args.threads is not None else None,
+        force=args.force)
+    plan = write_triton(args.artifact_dir, options)
+    target = Path(args.out) / plan.name
+    print(f"wrote {target / 'config.pbtxt'} and {target / '1' / plan.platform.file} ({plan.entry.name}, sha256 "
+          f"{plan.entry.sha256[:12]}..., the artifact byte for byte)"
+          + (f" and {target / 'README.md'} (NOT a complete deployment: no tokenizer step)" if plan.readme else ""))
+    return 0
+
+
+def run_deploy_kserve(args: argparse.Namespace) -> int:
+    from kiln.deploy.common import parse_float, parse_int
+    from kiln.deploy.kserve import INFERENCESERVICE_FILE, SERVINGRUNTIME_FILE, KServeOptions, write_kserve
+
+    options = KServeOptions(
+        out=Path(args.out), image=args.image, storage_uri=args.storage_uri, name=args.name, variant=args.variant,
+        min_replicas=parse_int("--min-replicas", args.min_replicas, minimum=0),
+        max_replicas=parse_int("--max-replicas", args.max_replicas, example=3),
+        target_concurrency=(parse_int("--target-concurrency", args.target_concurrency, example=8)
+                            if args.target_concurrency is not None else None),
+        p99_budget_ms=parse_float("--p99-budget-ms", args.p99_budget_ms, example=100),
+        loadtest=Path(args.loadtest) if args.loadtest else None,
+        threads=parse_int("--threads", args.threads, example=2) if args.threads is not None else None,
+        api_key_secret=args.api_key_secret, api_key_secret_key=args.api_key_secret_key, force=args.force)
+    plan = write_kserve(args.artifact_dir, options)
+    out = Path(args.out)
+    print(f"wrote {out / SERVINGRUNTIME_FILE} ({plan.runtime_name}) and {out / INFERENCESERVICE_FILE} ({plan.name}: "
+          f"{plan.entry.name}, {plan.threads} thread(s), {plan.memory_mib}Mi, scaleTarget {plan.scale_target}); "
+          f"upload {args.artifact_dir} to {args.storage_uri}, then kubectl apply -f {out}")
+    return 0
+
+
+# --- what a serve-only install lacks ----------------------------------------------------------------------------
+
+# `pip install kiln` serves ONNX variants and writes deploy files; the rest needs the export extra. Checked before a
+# subcommand starts, so it fails with the install line, not an ImportError halfway through.
+EXPORT_EXTRA_NEEDS = {
+    "export": ("torch", "onnx", "onnxscript", "sklearn", "torch_pruning"),
+    "bench": ("torch", "matplotlib"),
+    "loadtest": ("matplotlib",),
+}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_extras(args: argparse.Namespace) -> None:
+    """RuntimeUnavailable naming `pip install 'kiln[export]'` when a serve-only install runs what needs more."""
+    from kiln.core.errors import RuntimeUnavailable
+
+    command = str(getattr(args, "command", "") or "")
+    missing = [m for m in EXPORT_EXTRA_NEEDS.get(command, ()) if not _installed(m)]
+    if missing:
+        raise RuntimeUnavailable(f"`kiln {command}` needs {', '.join(missing)}, which this install lacks (the "
+                                 "serve-only base install serves ONNX variants and writes deploy files); "
+                                 "pip install 'kiln[export]'")
+    if command == "serve":
+        from kiln.core.manifest import read_manifest
+        from kiln.core.runtime import runtime_spec
+
+        manifest = read_manifest(args.artifact_dir)
+        entry = manifest.variant(args.variant)
+        spec = runtime_spec(entry.runtime, entry.name)
+        if spec.requires == "torch" and not _installed("torch"):
+            onnx = [v.name for v in manifest.variants if v.runtime == "onnxruntime"]
+            raise RuntimeUnavailable(
+                f"variant {entry.name!r} ({entry.format}) loads through torch, which this serve-only install lacks; "
+                "pip install 'kiln[export]'" + (f", or serve an ONNX variant: --variant {onnx[0]}" if onnx else ""))
+
+
 # --- the command ------------------------------------------------------------------------------------------------
 
 
@@ -262,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="print tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
-    for add in (add_export_parser, add_bench_parser, add_serve_parser, add_loadtest_parser):
+    for add in (add_export_parser, add_bench_parser, add_serve_parser, add_loadtest_parser, add_deploy_parser):
         add(subparsers)
     return parser
 
@@ -272,6 +485,7 @@ def main_guard(handler: Callable[[argparse.Namespace], int], args: argparse.Name
     from kiln.core.errors import KilnError, format_error
 
     try:
+        require_extras(args)
         return handler(args) or 0
     except KilnError as exc:
         if getattr(args, "verbose", False):

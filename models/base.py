@@ -79,6 +79,8 @@ class ModelBundle:
     example_batch: ExampleBatch | None = None  # real examples of a batch size (and sequence length), for tracing/bench
     # Trains a (pruned) module in place for some epochs on `training`; needed for structured pruning.
     fine_tune: Callable[[Any, int], None] | None = None
+    # Why a figure could not be measured, for the manifest and the report ("task accuracy: not measured ...").
+    data_note: str | None = None
 
     def examples(self, batch_size: int, seq_len: int | None = None) -> Arrays:
         if self.example_batch is not None:

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from kiln.core.errors import ModelSourceError
 from kiln.models.base import ModelBundle
+from kiln.models.hf_folder import HFFolderSource
 from kiln.models.user import FactorySource
 from kiln.models.zoo import ZOO, ZooSource, get_model
 
@@ -23,6 +24,7 @@ class SourceRequest:
     outputs: tuple[str, ...] = ()
     data: str | Path | None = None
     name: str | None = None
+    task: str | None = None  # overrides what a source detects (a Hugging Face folder's task)
 
 
 class ModelSource(Protocol):
@@ -35,19 +37,19 @@ class ModelSource(Protocol):
     def rebuild(self, recorded: dict[str, Any]) -> ModelBundle: ...
 
 
-SOURCES: tuple[ModelSource, ...] = (ZooSource(), FactorySource())
+SOURCES: tuple[ModelSource, ...] = (ZooSource(), HFFolderSource(), FactorySource())
 
 
 def resolve(model: str, checkpoint: str | Path | None = None, inputs: list[str] | None = None,
             outputs: list[str] | None = None, data: str | Path | None = None,
-            name: str | None = None) -> ModelBundle:
+            name: str | None = None, task: str | None = None) -> ModelBundle:
     """The first source that claims `model` loads it."""
-    request = SourceRequest(model, checkpoint, tuple(inputs or ()), tuple(outputs or ()), data, name)
+    request = SourceRequest(model, checkpoint, tuple(inputs or ()), tuple(outputs or ()), data, name, task)
     for source in SOURCES:
         if source.claims(model):
             return source.load(request)
-    raise ModelSourceError(f"no model source recognises {model!r}; name a zoo model ({', '.join(ZOO)}) "
-                           "or package.module:factory")
+    raise ModelSourceError(f"no model source recognises {model!r}; name a zoo model ({', '.join(ZOO)}), "
+                           "a Hugging Face model folder (a path), or package.module:factory")
 
 
 def from_source(recorded: dict[str, Any]) -> ModelBundle:

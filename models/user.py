@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kiln.core.errors import DataError, ModelSourceError, UsageError, one_line
-from kiln.core.signature import NUMPY_DTYPES, Signature, TensorSpec
+from kiln.core.signature import NUMPY_DTYPES, Signature, TensorSpec, generated_arrays
 from kiln.models.base import Dataset, ExportHints, ModelBundle
 
 if TYPE_CHECKING:
@@ -120,6 +120,17 @@ def load_data(path: str | Path, signature: Signature) -> Dataset:
     return Dataset(inputs, None if labels is None else np.asarray(labels).astype(np.int64))
 
 
+GENERATED_NOTE = ("task accuracy: not measured (no --data); parity checked on inputs generated from the signature; "
+                  "INT8 is dynamic (static INT8 needs real calibration data)")
+GENERATED_ITEMS = 64
+SYMBOLIC_SIZE = 16  # the size given to a symbolic dimension other than the batch
+
+
+def generated_data(signature: Signature, items: int = GENERATED_ITEMS, seed: int = 0) -> Dataset:
+    """Inputs made from the signature alone, as Optimum exports without data (kiln.core.signature)."""
+    return Dataset(generated_arrays(signature, items, seed, SYMBOLIC_SIZE), None)
+
+
 def check_signature(module, signature: Signature, data: Dataset) -> None:
     """Run the model on two items: a failure here means the signature does not fit the model."""
     import torch
@@ -148,14 +159,12 @@ def load(reference: str, checkpoint: str | Path | None, inputs: list[str], outpu
         raise UsageError(f"{reference!r} is neither a zoo name nor package.module:factory")
     if not inputs:
         raise UsageError("a user model needs its signature: --input name:dtype[dims] (e.g. x:float32[batch,3,32,32])")
-    if data is None:
-        raise UsageError("a user model needs real data to verify against: --data FILE.npz (one array per input, optional 'labels')")
     input_specs = tuple(TensorSpec.parse(s) for s in inputs)
     output_specs = tuple(TensorSpec.parse(s) if "[" in s else TensorSpec(s, "float32", ("batch",))
                          for s in (outputs or ["output"]))
     signature = Signature(input_specs, output_specs)
     module = build_module(reference, checkpoint)
-    dataset = load_data(data, signature)
+    dataset = load_data(data, signature) if data is not None else generated_data(signature)
     check_signature(module, signature, dataset)
     count = len(dataset)
     calib_count = min(MAX_CALIBRATION, max(1, count // 2)) if count > 1 else 1
@@ -172,13 +181,15 @@ def load(reference: str, checkpoint: str | Path | None, inputs: list[str], outpu
             "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
             "inputs": [str(s) for s in input_specs],
             "outputs": [str(s) for s in output_specs],
-            "data": str(Path(data).resolve()),
+            "data": None if data is None else str(Path(data).resolve()),
         },
         calibration=dataset.take(slice(0, calib_count)),
         evaluation=evaluation,
         training=None,
         preprocessing={"kind": "tensor"},
-        hints=ExportHints(),
+        # Static INT8 calibrates activation ranges on real data; generated inputs would calibrate the wrong ranges.
+        hints=ExportHints(int8_mode="static" if data is not None else "dynamic"),
+        data_note=None if data is not None else GENERATED_NOTE,
     )
 
 
@@ -191,6 +202,9 @@ class FactorySource:
         return is_factory_reference(reference)
 
     def load(self, request: "SourceRequest") -> ModelBundle:
+        if request.task:
+            raise UsageError("--task applies to a Hugging Face model folder; a factory model's task comes from its "
+                             "data (labels: classification)")
         return load(request.reference, request.checkpoint, list(request.inputs), list(request.outputs) or None,
                     request.data, name=request.name)
 

@@ -30,8 +30,9 @@ class ZooSource:
         return reference in ZOO
 
     def load(self, request: "SourceRequest") -> ModelBundle:
-        if request.checkpoint or request.inputs:
-            raise UsageError(f"{request.reference!r} is a zoo model: it takes no --checkpoint or --input")
+        if request.checkpoint or request.inputs or request.task or request.data:
+            raise UsageError(f"{request.reference!r} is a zoo model: it takes no --checkpoint, --input, --data or "
+                             "--task")
         bundle = get_model(request.reference)
         if request.name:
             bundle.name = request.name

@@ -11,6 +11,15 @@ often flat past a few items (digits, ONNX fp32, one thread: 1.2 ms per item at b
 there a wait only leaves the cores idle while requests queue. When every backlog batch waited
 2 ms, digits served 651-771 requests/s at concurrency 32; without the wait, 899-1,024.
 
+A batch is bounded twice: by requests (max_batch_size) and by items (max_batch_items, the sum of the
+requests' item counts: 32 requests of 64 sequences are 2,048 sequences, not 32). A request that would take a
+batch past the item cap is not dropped: it is carried over and opens the next batch. The HTTP process refuses
+any single request larger than the cap (413), so every request fits a batch of its own.
+
+Each request carries its deadline. The worker drops a request unrun (an expired Answer, 504 for its client)
+when it takes it off the channel past its deadline, and again just before the batch runs when the batch
+would, by the cost model's measure, finish past it: no runtime time goes to answers nobody waits for.
+
 Requests and answers travel on kiln's worker channel (serve.channel) rather than LitServe's Manager
 queues; `get_batch_requests` and `put_response` are the loop's extension points for that. On
 SIGTERM a worker keeps serving until the HTTP process has drained and closed the channel, so the
@@ -19,6 +28,7 @@ requests in flight during a graceful shutdown are answered.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -32,6 +42,7 @@ from kiln.serve.channel import Answer, Request, WorkerChannel
 
 IDLE_POLL_S = 0.5
 WAIT_GAIN = 0.10  # a fuller batch must be at least this much cheaper per item to hold requests for it
+EXPLORE_AFTER_S = 1.0  # with every request estimated late, still run one if nothing was measured for this long
 STOPPING = threading.Event()
 
 
@@ -67,8 +78,10 @@ class BatchCostModel:
 
     def __init__(self) -> None:
         self.per_item_s: dict[int, float] = {}
+        self.learned_at = 0.0  # time.monotonic() of the last batch measured
 
     def learn(self, items: int, seconds: float) -> None:
+        self.learned_at = time.monotonic()
         bucket = batch_bucket(items)
         previous = self.per_item_s.get(bucket)
         cost = seconds / items
@@ -77,16 +90,32 @@ class BatchCostModel:
     def worth_waiting(self, gathered: int) -> bool:
         return worth_waiting(self.per_item_s, gathered)
 
+    def estimate_s(self, items: int) -> float:
+        """Seconds a batch of `items` is expected to take: the cost per item of its size bucket, or of the nearest
+        bucket measured (on a CPU the cost per item changes slowly with the batch size); 0 before any batch ran."""
+        if not self.per_item_s:
+            return 0.0
+        bucket = batch_bucket(items)
+        cost = self.per_item_s.get(bucket)
+        if cost is None:
+            nearest = min(self.per_item_s, key=lambda size: abs(size.bit_length() - bucket.bit_length()))
+            cost = self.per_item_s[nearest]
+        return cost * items
+
     def reset(self) -> None:
         self.per_item_s.clear()
+        self.learned_at = 0.0
 
 
 class AdaptiveBatchedLoop(BatchedLoop):
-    def __init__(self, max_batch_delay_s: float = 0.002, channel_path: str | None = None) -> None:
+    def __init__(self, max_batch_delay_s: float = 0.002, channel_path: str | None = None,
+                 max_batch_items: int | None = None) -> None:
         super().__init__()
         self.max_batch_delay_s = max_batch_delay_s
         self.channel_path = channel_path
+        self.max_batch_items = max_batch_items
         self._channel: WorkerChannel | None = None
+        self._carried: Request | None = None  # taken off the channel but past the item cap: opens the next batch
 
     def _connected(self, request_queue) -> WorkerChannel | None:
         if self._channel is not None:
@@ -109,6 +138,12 @@ class AdaptiveBatchedLoop(BatchedLoop):
         if STOPPING.is_set() and self._channel is None:
             raise _StopLoopError()
 
+    def _lose_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = None
+        self._carried = None  # its HTTP process has already failed it (503)
+
     def put_response(self, transport, response_queue_id, uid, response_data, status, response_type) -> None:
         if status == LitAPIStatus.START or self._channel is None:
             return
@@ -125,47 +160,96 @@ class AdaptiveBatchedLoop(BatchedLoop):
         try:
             self._channel.flush()
         except OSError:  # the HTTP process is gone; its requests are lost with it
-            self._channel.close()
-            self._channel = None
+            self._lose_channel()
 
-    def _admit(self, item: Request, lit_api, payloads: list, timed_out: list) -> None:
-        # payloads and timed_out hold LitServe's own tuples: (queue id, uid, x_enc) and (queue id, uid)
-        timeout = lit_api.request_timeout
-        if timeout not in (-1, False, None) and time.monotonic() - item.enqueued > timeout:
-            timed_out.append((0, item.uid))  # LitServe's loop answers these 504 through put_response
-            return
-        payloads.append((0, item.uid, item.item))
+    def _expire(self, request: Request) -> None:
+        """Answers a request 504 without running it (LitServe's own timeout path would log an error line per
+        request, which under overload floods the log)."""
+        if self._channel is not None:
+            self._channel.queue(Answer(request.uid, None, 504, expired=True))
 
     def _receive(self, timeout: float):
         try:
             return self._channel.recv(timeout)
         except (ConnectionError, OSError):
-            self._channel.close()
-            self._channel = None
+            self._lose_channel()
             if STOPPING.is_set():
                 raise _StopLoopError() from None
             return None
 
+    def _shed(self, taken: list[Request], lit_api) -> list[Request]:
+        """The batch's requests that can still meet their deadline; the others are answered 504 unrun.
+
+        Past its deadline now: dropped. Otherwise requests join, those with the most time left first, while the
+        batch they form is expected (by the cost model) to finish before every member's deadline; the batch is
+        then run in arrival order. When none fits and no batch has been measured for EXPLORE_AFTER_S, the request
+        with the most time left runs anyway: an estimate that went stale (measured while the cores were busy
+        elsewhere) is measured again, rather than refusing every request on its word forever."""
+        if not taken:
+            return taken
+        now = time.monotonic()
+        cost_model = getattr(lit_api, "cost_model", None)
+        running: set[int] = set()
+        items = 0
+        earliest = math.inf
+        for request in sorted(taken, key=lambda r: r.deadline, reverse=True):
+            if request.deadline <= now:
+                continue
+            grown = items + request.item.count
+            finish = now + (cost_model.estimate_s(grown) if cost_model is not None else 0.0)
+            if min(earliest, request.deadline) > finish:
+                running.add(request.uid)
+                items = grown
+                earliest = min(earliest, request.deadline)
+        if not running and (cost_model is None or now - cost_model.learned_at >= EXPLORE_AFTER_S):
+            latest = max(taken, key=lambda r: r.deadline)
+            if latest.deadline > now:
+                running.add(latest.uid)
+        kept = []
+        for request in taken:
+            if request.uid in running:
+                kept.append(request)
+            else:
+                self._expire(request)
+        return kept
+
     def get_batch_requests(self, lit_api, request_queue, transport):
         """LitServe's extension point. `lit_api` is a serve.api.KilnAPI: its `cost_model` (a BatchCostModel, taught
-        by the batches it runs) decides whether a backlog batch waits for more requests."""
-        payloads: list = []
-        timed_out: list = []
+        by the batches it runs) decides whether a backlog batch waits for more requests.
+
+        Returns LitServe's tuples for the batch, (queue id, uid, item); requests past their deadline are answered
+        here, over the channel, so LitServe's timed-out list is always empty."""
         self._flush()
         if self._connected(request_queue) is None:
             return [], []
-        item = self._receive(IDLE_POLL_S)  # idle: block until the first request
+        item = self._carried
+        self._carried = None
+        if item is None:
+            item = self._receive(IDLE_POLL_S)  # idle: block until the first request
         if item is None:
             self._check_stop(request_queue)
             return [], []
-        self._admit(item, lit_api, payloads, timed_out)
+        cap = self.max_batch_items or math.inf
+        now = time.monotonic()
+        taken: list[Request] = []
+        items = 0
+
+        def take(request: Request) -> None:
+            nonlocal items
+            if request.deadline <= now:
+                self._expire(request)  # its client has had its 504 already
+            else:
+                taken.append(request)
+                items += request.item.count
+
+        take(item)
         deadline = None
-        while len(payloads) < lit_api.max_batch_size and self._channel is not None:
+        while len(taken) < lit_api.max_batch_size and items < cap and self._channel is not None:
             item = self._receive(0.0)  # what arrived while the last batch ran
             if item is None:
-                if len(payloads) < 2 or self.max_batch_delay_s <= 0 or self._channel is None:
+                if len(taken) < 2 or self.max_batch_delay_s <= 0 or self._channel is None:
                     break
-                if deadline is None and not lit_api.cost_model.worth_waiting(sum(p[2].count for p in payloads)):
+                if deadline is None and not lit_api.cost_model.worth_waiting(items):
                     break
                 if deadline is None:
                     deadline = time.monotonic() + self.max_batch_delay_s
@@ -175,6 +259,11 @@ class AdaptiveBatchedLoop(BatchedLoop):
                 item = self._receive(remaining)
                 if item is None:
                     break
-            self._admit(item, lit_api, payloads, timed_out)
-        return payloads, timed_out
-
+            now = time.monotonic()
+            if taken and items + item.item.count > cap and item.deadline > now:
+                self._carried = item  # the cap is reached: this one opens the next batch
+                break
+            take(item)
+        taken = self._shed(taken, lit_api)
+        self._flush()  # expired answers go out now, not after the batch has run
+        return [(0, request.uid, request.item) for request in taken], []

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import pickle
 import select
 import socket
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +50,11 @@ class Request:
     """HTTP process -> worker: one validated request to run."""
 
     uid: int  # unique within the HTTP process; the Answer names it
-    enqueued: float  # time.monotonic() when the HTTP process sent it (the worker times out stale ones)
+    enqueued: float  # time.monotonic() when the HTTP process queued it
     item: Any  # a serve.api.WorkItem
+    # time.monotonic() (one clock for every process on the machine) past which nobody waits for the answer: the
+    # worker drops the request unrun (an `expired` Answer) if it takes it off the channel later than this.
+    deadline: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +76,8 @@ class Answer:
 
     uid: int
     result: Result | None = None  # None: LitServe's loop failed the request before or while running it
-    status_code: int = 200  # a failure's HTTP status (504: it waited past the timeout in the worker's queue)
+    status_code: int = 200  # a failure's HTTP status (504: it reached its deadline unrun)
+    expired: bool = False  # the worker dropped it at its deadline without running it
 
 
 # --- framing -----------------------------------------------------------------------------------------------------
@@ -166,17 +172,21 @@ class WorkerChannel:
 
 # --- the HTTP process's end --------------------------------------------------------------------------------------
 
+SEND_AHEAD = 512 * 1024  # bytes of requests written to a worker's socket ahead of it; the rest wait in its outbox
+
+
 @dataclass
 class _Worker:
     name: str
     writer: asyncio.StreamWriter
     in_flight: dict[int, asyncio.Future] = field(default_factory=dict)  # uid -> the waiting request
-    pending: list[bytes] = field(default_factory=list)  # frames written together at the end of this loop turn
-
-    def flush(self) -> None:
-        if self.pending and not self.writer.is_closing():
-            self.writer.write(b"".join(self.pending))
-        self.pending.clear()
+    # Requests not yet written to the socket: their uids oldest first, and their frames. They leave only while the
+    # socket takes them (at most SEND_AHEAD bytes buffered ahead of the worker); a request whose deadline passes
+    # first is dropped here, frame freed at once, and never reaches the worker.
+    outbox: deque[int] = field(default_factory=deque)
+    frames: dict[int, bytes] = field(default_factory=dict)
+    scheduled: bool = False  # a send is due at the end of this loop turn (requests parsed together, one write)
+    draining: asyncio.Task | None = None  # waits for the worker to read, then sends the rest
 
 
 class WorkerLost(Exception):
@@ -190,6 +200,10 @@ class WorkerGateway:
     start (and again after LitServe restarts it); a request goes to the worker with the fewest in
     flight. When a worker's connection closes, its requests fail with 503 immediately, and the
     server reports not-ready until the restarted worker connects.
+
+    Each request has one deadline, `timeout_s` after it is submitted, that covers everything: waiting in the
+    worker's outbox here, the write to the socket, the worker's queue and the run. At the deadline its client is
+    answered 504, whatever stage it is in; the worker drops it unrun if it has not started it.
     """
 
     def __init__(self, channel_path: str, workers: int, timeout_s: float, metrics) -> None:
@@ -233,13 +247,7 @@ class WorkerGateway:
         try:
             while True:
                 answer: Answer = await read_frame(reader)
-                result = answer.result
-                if result is not None:  # every answer of a batch that ran, whether or not its client waited
-                    self.metrics.record_inference(result.queue_s, result.infer_s, result.batch_requests,
-                                                  result.batch_items, result.batch_id)
-                future = worker.in_flight.pop(answer.uid, None)
-                if future is not None and not future.done():
-                    future.set_result(answer)
+                self._answered(worker, answer)
         except (asyncio.IncompleteReadError, ConnectionError, EOFError):
             pass
         finally:
@@ -248,14 +256,68 @@ class WorkerGateway:
             self._lost(worker)
             writer.close()
 
+    def _answered(self, worker: _Worker, answer: Answer) -> None:
+        result = answer.result
+        if result is not None:  # every answer of a batch that ran, whether or not its client waited
+            self.metrics.record_inference(result.queue_s, result.infer_s, result.batch_requests,
+                                          result.batch_items, result.batch_id)
+        if answer.expired:
+            self.metrics.record_expired("worker")
+        future = worker.in_flight.pop(answer.uid, None)
+        if future is not None and not future.done():
+            future.set_result(answer)
+        elif result is not None:  # its client was answered 504 at the deadline while it ran
+            self.metrics.record_late()
+
     def _lost(self, worker: _Worker) -> None:
         for future in worker.in_flight.values():
             if not future.done():
                 future.set_exception(WorkerLost())
         worker.in_flight.clear()
+        worker.outbox.clear()
+        worker.frames.clear()
+
+    def _write(self, worker: _Worker) -> None:
+        """Writes queued requests to the worker's socket while it has room; those nobody waits for are skipped."""
+        writer = worker.writer
+        if writer.is_closing():
+            return
+        room = SEND_AHEAD - writer.transport.get_write_buffer_size()
+        frames = []
+        while worker.outbox and room > 0:
+            frame = worker.frames.pop(worker.outbox.popleft(), None)
+            if frame is not None:  # None: its client was answered at the deadline and the frame dropped
+                frames.append(frame)
+                room -= len(frame)
+        if frames:
+            writer.write(b"".join(frames))
+
+    def _send(self, worker: _Worker) -> None:
+        worker.scheduled = False
+        self._write(worker)
+        if worker.outbox and worker.draining is None and not worker.writer.is_closing():
+            worker.draining = asyncio.get_running_loop().create_task(self._drain(worker))
+
+    async def _drain(self, worker: _Worker) -> None:
+        """Sends the rest of the outbox as the worker reads, without ever holding up a client: each client waits
+        on its own deadline, not on this."""
+        try:
+            while worker.outbox and not worker.writer.is_closing():
+                await worker.writer.drain()  # returns once the worker has read most of what was written
+                if worker.writer.transport.get_write_buffer_size() >= SEND_AHEAD:
+                    await asyncio.sleep(0.005)  # drain() came back with the buffer still full: do not spin
+                self._write(worker)
+        except (ConnectionError, OSError):
+            pass  # the worker is gone: _serve_worker fails its requests
+        finally:
+            worker.draining = None
 
     async def submit(self, item) -> Result:
-        """Runs `item` (a serve.api.WorkItem) on the least busy worker: its Result, or a RequestError."""
+        """Runs `item` (a serve.api.WorkItem) on the least busy worker: its Result, or a RequestError.
+
+        The request's deadline starts now: by `timeout_s` from here its client has an answer, 504 at the latest."""
+        submitted = time.monotonic()
+        deadline = submitted + self.timeout_s
         if not self.workers:
             raise RequestError("the inference worker is not ready (starting or restarting); retry shortly", 503)
         worker = min(self.workers.values(), key=lambda w: len(w.in_flight))
@@ -263,13 +325,16 @@ class WorkerGateway:
         future = asyncio.get_running_loop().create_future()
         worker.in_flight[uid] = future
         try:
-            if not worker.pending:  # requests parsed in the same turn of the event loop go in one write
-                asyncio.get_running_loop().call_soon(worker.flush)
-            worker.pending.append(encode(Request(uid, time.monotonic(), item)))
-            if worker.writer.transport.get_write_buffer_size() > 8 << 20:
-                await worker.writer.drain()
-            answer: Answer = await asyncio.wait_for(future, self.timeout_s + 1.0)
+            worker.frames[uid] = encode(Request(uid, submitted, item, deadline))
+            worker.outbox.append(uid)
+            if not worker.scheduled and worker.draining is None:  # requests parsed in one loop turn: one write
+                worker.scheduled = True
+                asyncio.get_running_loop().call_soon(self._send, worker)
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                answer: Answer = await future
         except TimeoutError:
+            if worker.frames.pop(uid, None) is not None:  # still in the outbox: it never reaches the worker
+                self.metrics.record_expired("gateway")
             raise RequestError(f"no answer within {self.timeout_s:g}s; the server is overloaded or the request too "
                                "large, retry later or with fewer items", 504) from None
         except (WorkerLost, ConnectionError):
@@ -277,11 +342,12 @@ class WorkerGateway:
                                "retry shortly", 503) from None
         finally:
             worker.in_flight.pop(uid, None)
+            worker.frames.pop(uid, None)
         result = answer.result
         if result is None:
             if answer.status_code == 504:
-                raise RequestError(f"waited over {self.timeout_s:g}s in the queue; the server is overloaded, "
-                                   "retry later", 504)
+                raise RequestError(f"no answer within {self.timeout_s:g}s: the request reached its deadline before "
+                                   "the worker could run it; the server is overloaded, retry later", 504)
             raise RequestError("the inference worker failed on this request", 500)
         if result.error is not None:
             raise RequestError(result.error, 500)

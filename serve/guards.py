@@ -14,6 +14,7 @@ import json
 import time
 
 OPEN_PATHS = {"/health", "/metrics", "/v2/health/live", "/v2/health/ready"}
+AUTHORIZED = "kiln.authorized"  # scope key ApiKeyMiddleware sets when auth is on: whether the caller sent the key
 
 
 def merge_slashes(path: str) -> str:
@@ -50,9 +51,14 @@ class ApiKeyMiddleware:
         return given is not None and hmac.compare_digest(given, self.key)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or is_open(scope["path"]):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if not self._authorized(dict(scope["headers"])):
+        authorized = self._authorized(dict(scope["headers"]))
+        # Open routes answer anyone, but say less to a caller without the key (serve.routes.unknown_model).
+        scope[AUTHORIZED] = authorized
+        if is_open(scope["path"]):
+            return await self.app(scope, receive, send)
+        if not authorized:
             return await send_json(send, 401, {"error": "missing or wrong API key; send 'Authorization: Bearer KEY' "
                                                         "or 'X-API-Key: KEY'"},
                                    [(b"www-authenticate", b"Bearer")])

@@ -3,6 +3,11 @@
 All figures live in the HTTP process: the worker reports each request's queue time, inference
 time and batch size with its answer, so one registry sees everything and `/metrics` needs no
 cross-process aggregation. Average batch size = kiln_batch_size_sum / kiln_batch_size_count.
+
+Requests that reach the runtime = kiln_batch_size_sum; those dropped at their deadline before reaching it =
+kiln_requests_expired_total; those that ran but finished after their client had its 504 = kiln_answers_late_total.
+The connection layer (serve.connections) counts what it closes or refuses below the app in
+kiln_connections_closed_total, by reason.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import collections
 import threading
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class Histogram:
@@ -59,6 +64,10 @@ class Metrics:
                                      BATCH_BUCKETS)
         self._seen_batches: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.in_flight = 0
+        self.expired: dict[str, int] = {}  # where a request was dropped at its deadline -> count
+        self.late = 0
+        self.connections_open = 0
+        self.connections_closed: dict[str, int] = {}  # why the connection layer closed or refused -> count
 
     def record_request(self, route: str, method: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -80,6 +89,21 @@ class Metrics:
             self.batch_size.observe(batch_requests)
             self.batch_items.observe(batch_items)
 
+    def record_expired(self, stage: str) -> None:
+        """A request dropped at its deadline before it reached the runtime: in the HTTP process's queue for the
+        worker ("gateway") or when the worker took it from the channel ("worker")."""
+        with self._lock:
+            self.expired[stage] = self.expired.get(stage, 0) + 1
+
+    def record_late(self) -> None:
+        """An answer the runtime computed after its request's deadline: the client already had its 504."""
+        with self._lock:
+            self.late += 1
+
+    def record_closed(self, reason: str) -> None:
+        with self._lock:
+            self.connections_closed[reason] = self.connections_closed.get(reason, 0) + 1
+
     def render(self) -> str:
         with self._lock:
             lines = ["# HELP kiln_requests_total Requests answered, by route, method and status.",
@@ -93,4 +117,18 @@ class Metrics:
             lines += self.inference.render()
             lines += self.batch_size.render()
             lines += self.batch_items.render()
+            lines += ["# HELP kiln_requests_expired_total Requests dropped at their deadline before reaching the "
+                      "runtime, by where (gateway: the HTTP process's queue; worker: taken off the channel).",
+                      "# TYPE kiln_requests_expired_total counter"]
+            for stage in ("gateway", "worker"):
+                lines.append(f'kiln_requests_expired_total{{stage="{stage}"}} {self.expired.get(stage, 0)}')
+            lines += ["# HELP kiln_answers_late_total Requests the runtime ran that finished after their deadline "
+                      "(the client had already been answered 504).",
+                      "# TYPE kiln_answers_late_total counter", f"kiln_answers_late_total {self.late}"]
+            lines += ["# HELP kiln_connections_open Client connections open in the HTTP process.",
+                      "# TYPE kiln_connections_open gauge", f"kiln_connections_open {self.connections_open}"]
+            lines += ["# HELP kiln_connections_closed_total Connections the server closed or refused below the app, "
+                      "by reason.", "# TYPE kiln_connections_closed_total counter"]
+            for reason, count in sorted(self.connections_closed.items()):
+                lines.append(f'kiln_connections_closed_total{{reason="{reason}"}} {count}')
         return "\n".join(lines) + "\n"

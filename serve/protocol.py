@@ -43,9 +43,25 @@ class ServedModel:
     task: str
     signature: Signature
     text: bool
-    max_items: int
+    max_items: int  # items per request (--max-items)
     version: str = "1"
     platform: str = ""
+    max_batch_items: int | None = None  # items per batch (--max-batch-items): no larger request could ever run
+
+    @functools.cached_property
+    def request_limit(self) -> int:
+        """Items one request may hold: --max-items, or the batch cap where that is smaller."""
+        return min(self.max_items, self.max_batch_items or self.max_items)
+
+    def too_many(self, where: str, count: int, noun: str, expected: Any) -> RequestError:
+        limit = self.request_limit
+        if limit < self.max_items:
+            why = (f"a batch never exceeds {limit} items (--max-batch-items), so a larger request could never run; "
+                   "split it")
+        else:
+            why = "send the rest in further requests (--max-items)"
+        return RequestError(f"{where} holds {count} {noun}; at most {limit} per request: {why}", status=413,
+                            expected=expected)
 
     # Cached: the request path reads these on every request, and they never change.
     @functools.cached_property
@@ -69,20 +85,20 @@ class ServedModel:
 
     @functools.cached_property
     def expected_v2(self) -> dict:
-        return {"inputs": self.v2_inputs, "max_items": self.max_items}
+        return {"inputs": self.v2_inputs, "max_items": self.request_limit}
 
     @functools.cached_property
     def expected_predict(self) -> dict:
         if self.text:
-            return {"text": "a sentence", "or": {"texts": ["a sentence", "another"]}, "max_items": self.max_items}
+            return {"text": "a sentence", "or": {"texts": ["a sentence", "another"]}, "max_items": self.request_limit}
         if len(self.signature.inputs) == 1:
             spec = self.signature.inputs[0]
             one = list(spec.shape[1:])
             return {spec.name: f"{spec.dtype} array of shape {one}",
                     "or": {"inputs": {spec.name: f"{spec.dtype} array of shape [n, {', '.join(map(str, one))}]"}},
-                    "max_items": self.max_items}
+                    "max_items": self.request_limit}
         return {"inputs": {s.name: f"{s.dtype}{list(s.shape)}" for s in self.signature.inputs},
-                "max_items": self.max_items}
+                "max_items": self.request_limit}
 
 
 def _v2_tensor(spec: TensorSpec) -> dict:
@@ -131,7 +147,7 @@ def conform(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return array
 
 
-def check_shape(array: np.ndarray, spec: TensorSpec, where: str, max_items: int, expected: Any) -> None:
+def check_shape(array: np.ndarray, spec: TensorSpec, where: str, model: ServedModel, expected: Any) -> None:
     shape = list(array.shape)
     if len(shape) != len(spec.shape):
         raise RequestError(
@@ -142,17 +158,15 @@ def check_shape(array: np.ndarray, spec: TensorSpec, where: str, max_items: int,
             raise RequestError(f"{where} has shape {shape}; {spec.name!r} needs {list(spec.shape)}", expected=expected)
     if shape[0] < 1:
         raise RequestError(f"{where} holds no items; send at least one", expected=expected)
-    if shape[0] > max_items:
-        raise RequestError(f"{where} holds {shape[0]} items; at most {max_items} per request", status=413,
-                           expected=expected)
+    if shape[0] > model.request_limit:
+        raise model.too_many(where, shape[0], "items", expected)
 
 
 def check_texts(texts: Any, where: str, model: ServedModel, expected: Any) -> list[str]:
     if not isinstance(texts, list) or not texts:
         raise RequestError(f"{where} must be a non-empty list of strings", expected=expected)
-    if len(texts) > model.max_items:
-        raise RequestError(f"{where} holds {len(texts)} texts; at most {model.max_items} per request", status=413,
-                           expected=expected)
+    if len(texts) > model.request_limit:
+        raise model.too_many(where, len(texts), "texts", expected)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise RequestError(f"{where}[{i}] is {type(text).__name__}, not a string", expected=expected)
@@ -207,7 +221,7 @@ def parse_predict(body: Any, model: ServedModel) -> Request:
         if spec.name not in inputs:
             raise RequestError(f"input {spec.name!r} is missing", expected=expected)
         array = conform(_to_array(inputs[spec.name], spec, f"input {spec.name!r}", expected), spec)
-        check_shape(array, spec, f"input {spec.name!r}", model.max_items, expected)
+        check_shape(array, spec, f"input {spec.name!r}", model, expected)
         arrays[spec.name] = array
     counts = {len(a) for a in arrays.values()}
     if len(counts) != 1:
@@ -294,7 +308,7 @@ def parse_v2(body: Any, model: ServedModel) -> Request:
                 f"input {spec.name!r}: shape {shape} needs {math.prod(shape)} values but data has {len(flat)}",
                 expected=expected)
         array = _to_array(flat, spec, f"input {spec.name!r}", expected).reshape(shape)
-        check_shape(array, spec, f"input {spec.name!r}", model.max_items, expected)
+        check_shape(array, spec, f"input {spec.name!r}", model, expected)
         arrays[spec.name] = array
     counts = {len(a) for a in arrays.values()}
     if len(counts) != 1:

@@ -21,10 +21,13 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.serve.api import WorkItem
 from kiln.serve.channel import WorkerGateway
+from kiln.serve.guards import AUTHORIZED
 from kiln.serve.protocol import Request as ParsedRequest
 from kiln.serve.protocol import RequestError, ServedModel, parse_predict, parse_v2, predict_response, v2_response
 
@@ -57,9 +60,12 @@ def error_response(error: RequestError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-def unknown_model(model: ServedModel, name: str, version: str | None = None) -> RequestError | None:
+def unknown_model(model: ServedModel, name: str, version: str | None = None, reveal: bool = True) -> RequestError | None:
+    """404 for a name or version this server does not serve. `reveal` names the served model, which helps a client
+    that holds the API key; an unauthenticated caller of an open route (/v2/models/{name}/ready) is not told."""
     if name != model.name:
-        return RequestError(f"no model named {name!r}; this server serves {model.name!r}", 404)
+        served = f"; this server serves {model.name!r}" if reveal else ""
+        return RequestError(f"no model named {name!r}{served}", 404)
     if version is not None and version != model.version:
         return RequestError(f"model {name!r} has no version {version!r}", 404)
     return None
@@ -221,8 +227,37 @@ def _endpoint(route: InferenceRoute, inference: Inference):
     return endpoint
 
 
+ROUTER_ERRORS = {404: "no route matches this path (the routes are listed in /openapi.json)",
+                 405: "this route does not take the {method} method"}
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error the app answers is JSON {"error": ...}: FastAPI's and Starlette's own (404 for an unknown path,
+    405 for a wrong method, 422 for bad path parameters, 500 for a bug) included, which would otherwise be
+    {"detail": ...} or plain text."""
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        template = ROUTER_ERRORS.get(exc.status_code)
+        message = template.format(method=request.method) if template else str(exc.detail)
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    async def invalid(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
+        return JSONResponse({"error": f"invalid request ({problems})"}, status_code=422)
+
+    async def crashed(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": "internal server error"}, status_code=500)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(Exception, crashed)
+
+
 def add_routes(app: FastAPI, model: ServedModel, gateway: WorkerGateway, inference: Inference, version: str) -> None:
     """The FastAPI routes: the inference ones mostly serve the OpenAPI schema (InferenceFastPath answers first)."""
+    add_error_handlers(app)
 
     def metadata() -> dict:
         return {"name": model.name, "versions": [model.version], "platform": model.platform,
@@ -244,6 +279,11 @@ def add_routes(app: FastAPI, model: ServedModel, gateway: WorkerGateway, inferen
         ok = gateway.ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
+    @app.get("/health")  # LitServe's probe path (its own answered plain text "ok"): the same as /v2/health/ready
+    async def health():
+        ok = gateway.ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
     @app.get("/v2/models/{name}")
     async def model_metadata(name: str):
         error = unknown_model(model, name)
@@ -255,8 +295,8 @@ def add_routes(app: FastAPI, model: ServedModel, gateway: WorkerGateway, inferen
         return error_response(error) if error else metadata()
 
     @app.get("/v2/models/{name}/ready")
-    async def model_ready(name: str):
-        error = unknown_model(model, name)
+    async def model_ready(name: str, request: Request):
+        error = unknown_model(model, name, reveal=request.scope.get(AUTHORIZED, True))
         if error:
             return error_response(error)
         ok = gateway.ready()

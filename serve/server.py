@@ -3,6 +3,9 @@
 The manifest is read and the variant's hash checked before any process starts, so a bad folder
 fails fast with one line. The server binds 127.0.0.1 unless told otherwise; SIGTERM is a graceful
 stop (stop accepting, finish what is in flight, exit with the whole process group).
+
+uvicorn runs with kiln's own HTTP protocol class (serve.connections: head deadline, head size limits, connection
+cap, JSON errors below the app), passed through LitServer.run, which hands its keyword arguments to uvicorn.Config.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ class ServeConfig:
     max_items: int = 64
     body_timeout_s: float = 10.0
     log_level: str = "warning"
+    max_batch_items: int | None = None  # None: TEXT_BATCH_ITEMS for text models, TENSOR_BATCH_ITEMS for others
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_connections: int = 256
 
     def __post_init__(self) -> None:
         if self.host not in ("127.0.0.1", "0.0.0.0", "::", "localhost"):
@@ -54,9 +62,35 @@ class ServeConfig:
             raise UsageError("--body-timeout must be positive (seconds)")
         if self.max_body_bytes < 1024:
             raise UsageError("--max-body-bytes must be at least 1024")
+        if self.max_batch_items is not None and self.max_batch_items < 1:
+            raise UsageError("--max-batch-items must be a positive integer")
+        if self.header_timeout_s <= 0:
+            raise UsageError("--header-timeout must be positive (seconds)")
+        if self.max_header_bytes < 1024:
+            raise UsageError("--max-header-bytes must be at least 1024")
+        if self.max_headers < 8:
+            raise UsageError("--max-headers must be at least 8")
+        if self.max_connections < 1:
+            raise UsageError("--max-connections must be a positive integer")
+
+    def batch_items(self, text: bool) -> int:
+        """--max-batch-items, or its default for the model: sequences cost far more per item than tensors."""
+        if self.max_batch_items is not None:
+            return self.max_batch_items
+        return TEXT_BATCH_ITEMS if text else TENSOR_BATCH_ITEMS
+
+    def connection_limits(self):
+        from kiln.serve.connections import ConnectionLimits
+
+        return ConnectionLimits(self.header_timeout_s, self.max_header_bytes, self.max_headers, self.max_connections)
 
 
-def served_model(manifest, variant, max_items: int):
+# A batch's size in items, at most (the items of all its requests together), unless --max-batch-items says.
+TEXT_BATCH_ITEMS = 64  # sequences: a batch of 64 x 128 tokens already takes seconds on one CPU thread
+TENSOR_BATCH_ITEMS = 1024
+
+
+def served_model(manifest, variant, max_items: int, max_batch_items: int | None = None):
     from kiln.core.runtime import runtime_spec
     from kiln.serve.protocol import ServedModel
 
@@ -67,6 +101,7 @@ def served_model(manifest, variant, max_items: int):
         text=manifest.is_text,
         max_items=max_items,
         platform=runtime_spec(variant.runtime, variant.name).v2_platform,
+        max_batch_items=max_batch_items,
     )
 
 
@@ -89,11 +124,12 @@ def build_server(config: ServeConfig, state_dir: str):
     manifest = read_manifest(config.artifact_dir)
     variant = manifest.variant(config.variant)
     check_runnable(manifest, variant.name)  # refuse a tampered or foreign artifact before any process starts
-    model = served_model(manifest, variant, config.max_items)
+    batch_items = config.batch_items(manifest.is_text)
+    model = served_model(manifest, variant, config.max_items, batch_items)
     key = api_key(config)
     metrics = Metrics(model.name)
     channel_path = os.path.join(state_dir, "workers.sock")
-    loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path)
+    loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items)
     api = KilnAPI(os.path.abspath(config.artifact_dir), variant.name, config.threads, config.max_batch_size, loop)
     gateway = WorkerGateway(channel_path, config.workers, config.timeout_s, metrics)
     inference = Inference(model, gateway, metrics)
@@ -118,8 +154,9 @@ def build_server(config: ServeConfig, state_dir: str):
     server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
     # The worker's own LitServe route is internal: everything public goes through kiln's validated routes.
     # LitServe's /info (its configuration) and FastAPI's /docs and /redoc (which load scripts from a CDN) are not
-    # part of kiln's surface either; /openapi.json stays, for clients and fuzzers.
-    hidden = {INTERNAL_PATH, "/info", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    # part of kiln's surface either; /openapi.json stays, for clients and fuzzers. LitServe's "/" and "/health"
+    # answer plain text ("litserve running", "ok"): "/" goes, and kiln answers /health itself, in JSON.
+    hidden = {INTERNAL_PATH, "/info", "/docs", "/docs/oauth2-redirect", "/redoc", "/", "/health"}
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) not in hidden]
     litserve_lifespan = server.app.router.lifespan_context
 
@@ -136,13 +173,46 @@ def build_server(config: ServeConfig, state_dir: str):
     from importlib.metadata import version
 
     add_routes(server.app, model, gateway, inference, version("kiln"))
-    return server, model, variant
+    return server, model, variant, metrics
+
+
+def uvicorn_options(config: ServeConfig, metrics) -> dict:
+    """What kiln passes to uvicorn (through LitServer.run) for its connection layer (serve.connections)."""
+    from kiln.serve.connections import http_implementation, make_protocol
+
+    limits = config.connection_limits()
+    options: dict = {"ws": "none", "timeout_keep_alive": 5}
+    if http_implementation() == "httptools":
+        options["http"] = make_protocol(limits, metrics)
+    else:  # uvicorn's h11 path: its own limits only (text/plain answers, no head deadline, no probe exemption)
+        print("kiln: warning: httptools is not installed; uvicorn's h11 parser serves without kiln's head deadline, "
+              "JSON errors and probe exemption (pip install httptools)", flush=True)
+        options.update(http="h11", h11_max_incomplete_event_size=limits.max_header_bytes,
+                       limit_concurrency=limits.max_connections)
+    return options
+
+
+def raise_open_file_limit(config: ServeConfig) -> None:
+    """The HTTP process holds up to max_connections + headroom client sockets, plus its own files: raise the soft
+    RLIMIT_NOFILE toward that (children inherit it), and say so if the hard limit does not allow it."""
+    import resource
+
+    needed = config.connection_limits().max_open + 128
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        if soft < needed:
+            print(f"kiln: warning: --max-connections {config.max_connections} needs about {needed} open files; the "
+                  f"limit is {soft} (ulimit -n): lower --max-connections or raise the limit", flush=True)
 
 
 def serve(config: ServeConfig) -> None:
     state_dir = tempfile.mkdtemp(prefix="kiln-serve-")
     try:
-        server, model, variant = build_server(config, state_dir)
+        server, model, variant, metrics = build_server(config, state_dir)
 
         main_pid = os.getpid()
 
@@ -156,9 +226,10 @@ def serve(config: ServeConfig) -> None:
         signal.signal(signal.SIGTERM, stop)
         print(f"kiln: serving {model.name} ({variant.name}) on http://{config.host}:{config.port} "
               f"[/predict, /v2/models/{model.name}/infer, /metrics]", flush=True)
+        raise_open_file_limit(config)
         try:
             server.run(host=config.host, port=config.port, generate_client_file=False, num_api_servers=1,
-                       log_level=config.log_level)
+                       log_level=config.log_level, **uvicorn_options(config, metrics))  # metrics: the connection layer counts into it too
         except KeyboardInterrupt:
             pass
     finally:

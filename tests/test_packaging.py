@@ -8,8 +8,9 @@ from conftest import run_kiln
 
 def test_only_the_kiln_namespace_is_installed(tmp_path):
     script = (
-        "import importlib.util as u, kiln, kiln.core, kiln.models, kiln.export, kiln.bench, kiln.serve\n"
+        "import importlib.util as u, kiln, kiln.core, kiln.models, kiln.export, kiln.bench, kiln.serve, kiln.deploy\n"
         "assert u.find_spec('models') is None and u.find_spec('export') is None and u.find_spec('serve') is None\n"
+        "assert u.find_spec('deploy') is None\n"
         "assert all(u.find_spec(n) is None for n in ('core', 'bench'))\n"
         "try:\n    import models\nexcept ImportError:\n    print('ok')\n"
     )
@@ -18,8 +19,9 @@ def test_only_the_kiln_namespace_is_installed(tmp_path):
     assert result.stdout.strip() == "ok"
 
 
-# Imports point one way: core <- models <- export <- bench, serve <- kiln. A room may import the rooms below it.
-ROOMS = {"core": 0, "models": 1, "export": 2, "bench": 3, "serve": 3, "kiln": 4}
+# Imports point one way: core <- models <- export <- bench, serve <- deploy <- kiln. A room may import the rooms
+# below it. deploy reads serve's defaults (ServeConfig) and the manifest; it imports neither torch nor the server.
+ROOMS = {"core": 0, "models": 1, "export": 2, "bench": 3, "serve": 3, "deploy": 4, "kiln": 5}
 
 
 def _kiln_imports(path) -> set[str]:

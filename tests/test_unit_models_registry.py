@@ -40,17 +40,17 @@ def test_zoo_name_with_a_checkpoint_or_inputs_is_a_usage_error(kwargs):
         resolve("digits", **kwargs)
 
 
-def test_factory_reference_needs_a_signature_and_data():
+def test_factory_reference_needs_a_signature_but_not_data():
     with pytest.raises(UsageError, match="needs its signature"):
         resolve("pkg.mod:fn")
-    with pytest.raises(UsageError, match="--data"):
-        resolve("pkg.mod:fn", inputs=["x:float32[batch,4]"])
+    with pytest.raises(UsageError, match="--task applies to a Hugging Face model folder"):
+        resolve("pkg.mod:fn", inputs=["x:float32[batch,4]"], task="embedding")
     with pytest.raises(UsageError, match="not of the form"):
         resolve("pkg.mod:fn", inputs=["x:float32"], data="data.npz")
 
 
 def test_from_source_with_no_known_key():
-    with pytest.raises(ModelSourceError, match="zoo, factory"):
+    with pytest.raises(ModelSourceError, match="zoo, hf_folder, factory"):
         from_source({})
     with pytest.raises(ModelSourceError):
         from_source({"hub": "bert"})
@@ -65,14 +65,14 @@ def test_from_source_dispatches_on_the_recorded_key(monkeypatch):
 
 def test_sources_claim_their_references():
     zoo_source, factory_source = (next(s for s in SOURCES if isinstance(s, kind)) for kind in (ZooSource, FactorySource))
-    assert {s.key for s in SOURCES} == {"zoo", "factory"}
+    assert {s.key for s in SOURCES} == {"zoo", "hf_folder", "factory"}
     assert zoo_source.claims("digits") and zoo_source.claims("minilm")
     assert not zoo_source.claims("pkg.mod:fn") and not zoo_source.claims("nope")
     assert factory_source.claims("pkg.mod:fn") and factory_source.claims("mod:fn")
     assert not factory_source.claims("digits")
     # exactly one source claims each valid reference
-    for reference in ("digits", "minilm", "pkg.mod:fn"):
-        assert sum(s.claims(reference) for s in SOURCES) == 1
+    for reference in ("digits", "minilm", "pkg.mod:fn", "./my-model", "/models/bert"):
+        assert sum(s.claims(reference) for s in SOURCES) == 1, reference
 
 
 @pytest.mark.parametrize(("text", "claimed"), [

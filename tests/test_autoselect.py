@@ -1,0 +1,79 @@
+"""`--variant auto` in process: it measures here and caches, reuses the cache on the same machine, re-measures on
+another, never picks a precision this CPU emulates (flags injected through the probe, the runtimes real), ignores a
+corrupt cache, and falls back to fp32 when nothing fits the recorded budget."""
+
+import json
+import shutil
+
+import pytest
+
+import kiln
+from kiln.core.autoselect import CACHE_NAME, auto_variant
+from kiln.core.machine import machine_info
+from kiln.core.manifest import read_manifest
+
+pytestmark = pytest.mark.slow  # uses the session's exported digits artifacts
+
+
+@pytest.fixture()
+def folder(digits_artifacts, tmp_path):
+    target = tmp_path / "digits"
+    shutil.copytree(digits_artifacts, target)
+    return target
+
+
+def _machine(model: str, **isa: bool) -> dict:
+    here = machine_info()
+    return {**here, "cpu_model": model, "isa": {flag: False for flag in here["isa"]} | isa}
+
+
+AMX = {"avx2": True, "avx512f": True, "avx512_vnni": True, "avx512_bf16": True, "amx_tile": True, "amx_int8": True,
+       "amx_bf16": True}
+
+
+def test_measures_here_caches_and_reuses(folder):
+    manifest_before = (folder / "manifest.json").read_bytes()
+    first = auto_variant(folder, threads=1, seconds=0.05, probe=lambda: _machine("Test AMX", **AMX))
+    assert first.how == "chosen" and first.variant in read_manifest(folder).variant_names
+    assert set(first.measured_p50_ms) and "measured here" in first.reason
+    cache = json.loads((folder / CACHE_NAME).read_text())
+    assert first.fingerprint in cache["machines"]
+    second = auto_variant(folder, threads=1, seconds=0.05, probe=lambda: _machine("Test AMX", **AMX))
+    assert second.how == "cached" and second.variant == first.variant
+    assert (folder / "manifest.json").read_bytes() == manifest_before  # the manifest and its hashes are untouched
+    read_manifest(folder).verify_file()
+    other = auto_variant(folder, threads=1, seconds=0.05, probe=lambda: _machine("Another CPU", **AMX))
+    assert other.how == "chosen" and other.fingerprint != first.fingerprint
+    assert set(json.loads((folder / CACHE_NAME).read_text())["machines"]) == {first.fingerprint, other.fingerprint}
+
+
+def test_never_picks_a_precision_this_cpu_emulates(folder):
+    choice = auto_variant(folder, threads=1, seconds=0.05, use_cache=False,
+                          probe=lambda: _machine("AVX2 only", avx2=True))
+    bf16 = [v.name for v in read_manifest(folder).variants if v.precision == "bf16"]
+    assert bf16 and choice.variant not in bf16
+    for name in bf16:
+        assert "emulated" in choice.rejected[name] and name not in choice.measured_p50_ms
+
+
+def test_a_corrupt_or_foreign_cache_is_ignored_and_rewritten(folder):
+    (folder / CACHE_NAME).write_text("{ not json")
+    choice = auto_variant(folder, threads=1, seconds=0.05, probe=lambda: _machine("Test AMX", **AMX))
+    assert choice.how == "chosen"
+    data = json.loads((folder / CACHE_NAME).read_text())
+    data["machines"][choice.fingerprint]["choice"]["variant"] = "not-a-variant"  # foreign: names no variant here
+    (folder / CACHE_NAME).write_text(json.dumps(data))
+    assert auto_variant(folder, threads=1, seconds=0.05, probe=lambda: _machine("Test AMX", **AMX)).how == "chosen"
+
+
+def test_a_budget_nothing_meets_falls_back_to_fp32_with_the_reason(folder):
+    manifest = read_manifest(folder)
+    manifest.selection = {"budget": {"min_cosine": 1.5}}  # a cosine no variant can reach
+    manifest.save()
+    choice = auto_variant(folder, threads=1, seconds=0.05, use_cache=False, probe=lambda: _machine("X", **AMX))
+    assert choice.how == "fallback" and choice.variant == "onnx-fp32" and "fp32 default" in choice.reason
+
+
+def test_kiln_load_auto(folder):
+    runtime = kiln.load(folder, "auto", threads=1)
+    assert runtime.variant in read_manifest(folder).variant_names
