@@ -23,6 +23,17 @@ from kiln.core.console import format_table
 from kiln.core.errors import UsageError
 from kiln.core.manifest import write_json_atomic
 from kiln.core.secrets import api_key_from_env
+from kiln.models.text_data import builtin_texts
+
+
+def read_texts(path: str) -> list[str]:
+    try:
+        texts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--texts {path!r} cannot be read ({exc}); give a UTF-8 file, one text a line") from exc
+    if not texts:
+        raise UsageError(f"--texts {path!r} holds no text; give one text a line")
+    return texts
 
 
 def parse_levels(text: str) -> list[int]:
@@ -35,12 +46,11 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
-def sample_items(model: dict, count: int = 64) -> list:
-    """One-item inputs: real sentences for text models, real-looking random tensors otherwise."""
+def sample_items(model: dict, count: int = 64, texts_file: str | None = None) -> list:
+    """One-item inputs: texts for text models (`--texts FILE`, one a line, or kiln's built-in varied set),
+    real-looking random tensors otherwise."""
     if model["inputs"][0]["datatype"] == "BYTES":
-        from kiln.models.minilm import sentences
-
-        texts = sentences()
+        texts = read_texts(texts_file) if texts_file else builtin_texts()
         return [texts[i % len(texts)] for i in range(count)]
     rng = np.random.default_rng(0)
     items = []
@@ -282,7 +292,9 @@ def run_loadtest_command(args) -> int:
     if not name:
         raise UsageError("the server does not say its model name; pass --model NAME")
     model = httpx.get(f"{url}/v2/models/{name}", headers=headers, timeout=10).json()
-    items = sample_items(model)
+    if args.texts and model["inputs"][0]["datatype"] != "BYTES":
+        raise UsageError(f"--texts applies to text models; {name!r} takes tensors")
+    items = sample_items(model, texts_file=args.texts)
     bodies = [request_body(args.protocol, model, item) for item in items]
     results = []
     rounds = args.rounds if args.rounds else (3 if args.ceiling else 1)

@@ -216,7 +216,9 @@ def add_serve_parser(subparsers: Any) -> None:
                         "Serve an artifact folder with LitServe: adaptive batching, V2 protocol, metrics, auth.",
                         SERVE_EXAMPLE, run_serve_command)
     parser.add_argument("artifact_dir", help="folder written by `kiln export`")
-    parser.add_argument("--variant", help="variant to serve (default: the manifest's default_variant)")
+    parser.add_argument("--variant", help="variant to serve (default: the manifest's default_variant); 'auto' "
+                                           "re-chooses on this machine (a short bounded bench, cached beside the "
+                                           "manifest per machine)")
     parser.add_argument("--host", default=defaults["host"],
                         help="bind address (default %(default)s; 0.0.0.0 to expose)")
     parser.add_argument("--port", type=int, default=defaults["port"])
@@ -273,6 +275,8 @@ def add_loadtest_parser(subparsers: Any) -> None:
     parser.add_argument("--max-seconds", type=float, default=120.0, help="hard time bound per level")
     parser.add_argument("--protocol", choices=("v2", "predict"), default="v2")
     parser.add_argument("--model", help="model name (default: the one the server reports)")
+    parser.add_argument("--texts", metavar="FILE",
+                        help="texts to send to a text model, one a line (default: kiln's built-in varied set)")
     parser.add_argument("--ceiling", metavar="ARTIFACT_DIR", help="also measure the served variant in-process")
     parser.add_argument("--variant", help="variant for --ceiling (default: the manifest's default)")
     parser.add_argument("--threads", type=int, help="runtime threads for --ceiling (match the server's)")
@@ -457,7 +461,7 @@ def require_extras(args: argparse.Namespace) -> None:
         from kiln.core.runtime import runtime_spec
 
         manifest = read_manifest(args.artifact_dir)
-        entry = manifest.variant(args.variant)
+        entry = manifest.variant(None if args.variant == "auto" else args.variant)
         spec = runtime_spec(entry.runtime, entry.name)
         if spec.requires == "torch" and not _installed("torch"):
             onnx = [v.name for v in manifest.variants if v.runtime == "onnxruntime"]

@@ -102,9 +102,10 @@ class KilnAPI(ls.LitAPI):
         infer_s = time.time() - t0
         self.batches_run += 1
         batch_id = f"{os.getpid()}-{self.batches_run}"
+        tokens = _tokens_per_request(batch.inputs, batch.counts)
         return [Result(outputs, max(0.0, batch.started - item.enqueued), infer_s, len(batch.items),
-                       sum(batch.counts), batch_id, error)
-                for item, (outputs, error) in zip(batch.items, outcomes)]
+                       sum(batch.counts), batch_id, error, tokens[i] if tokens else None)
+                for i, (item, (outputs, error)) in enumerate(zip(batch.items, outcomes))]
 
     def unbatch(self, results: list[Result]) -> list[Result]:
         return results
@@ -116,3 +117,13 @@ class KilnAPI(ls.LitAPI):
 def _split(outputs: dict, counts: list[int]) -> list[dict]:
     bounds = np.cumsum([0, *counts])
     return [{k: v[bounds[i]:bounds[i + 1]] for k, v in outputs.items()} for i in range(len(counts))]
+
+
+def _tokens_per_request(inputs: dict, counts: list[int]) -> list[int] | None:
+    """Real (unpadded) tokens per request, from the attention mask, for text models."""
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return None
+    per_item = np.asarray(mask).sum(axis=1)
+    bounds = np.cumsum([0, *counts])
+    return [int(per_item[bounds[i]:bounds[i + 1]].sum()) for i in range(len(counts))]

@@ -68,6 +68,7 @@ class Result:
     batch_items: int
     batch_id: str
     error: str | None = None  # the runtime failed on this request alone (the rest of its batch was answered)
+    tokens: int | None = None  # text models: the tokens this request's texts encoded to (OpenAI `usage`)
 
 
 @dataclass(frozen=True, slots=True)

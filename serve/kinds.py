@@ -17,6 +17,14 @@ class ModelKind:
 
     task = ""
 
+    def v2_extra_specs(self) -> list[dict[str, Any]]:
+        """V2 outputs this kind adds to the model's own tensors (metadata)."""
+        return []
+
+    def v2_extra_outputs(self, outputs: dict[str, np.ndarray], output_names: list[str]) -> list[dict[str, Any]]:
+        """Those outputs' tensors for one answer."""
+        return []
+
     def predict_response(self, outputs: dict[str, np.ndarray], output_names: list[str], single: bool) -> dict:
         """`outputs` hold one row per item; `single` answers the one item a single-item request sent, unwrapped."""
         named = {k: np.ascontiguousarray(v) for k, v in outputs.items()}
@@ -34,6 +42,33 @@ class Classification(ModelKind):
         probs = softmax(outputs[output_names[0]])
         items: list[dict[str, Any]] = [{"class": int(p.argmax()), "probabilities": p} for p in probs]
         return items[0] if single else {"predictions": items}
+
+
+class TextClassification(Classification):
+    """A classifier with class names (a Hugging Face folder's id2label): the label, its probability and every
+    label's, per item; V2 answers add `label` (BYTES) and `probabilities` (FP32) beside the logits."""
+
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+
+    def predict_response(self, outputs: dict[str, np.ndarray], output_names: list[str], single: bool) -> dict:
+        probs = softmax(outputs[output_names[0]])
+        items: list[dict[str, Any]] = []
+        for p in probs:
+            best = int(p.argmax())
+            items.append({"label": self.labels[best], "score": float(p[best]),
+                          "scores": {label: float(value) for label, value in zip(self.labels, p, strict=True)}})
+        return items[0] if single else {"predictions": items}
+
+    def v2_extra_specs(self) -> list[dict[str, Any]]:
+        return [{"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.labels)]}]
+
+    def v2_extra_outputs(self, outputs: dict[str, np.ndarray], output_names: list[str]) -> list[dict[str, Any]]:
+        probs = softmax(outputs[output_names[0]])
+        labels = [self.labels[int(i)] for i in probs.argmax(1)]
+        return [{"name": "label", "datatype": "BYTES", "shape": [len(labels)], "data": labels},
+                {"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape), "data": probs.reshape(-1)}]
 
 
 class Embedding(ModelKind):
@@ -60,5 +95,7 @@ TENSORS = ModelKind()
 KINDS: dict[str, ModelKind] = {kind.task: kind for kind in (Classification(), Embedding())}
 
 
-def kind_for(task: str) -> ModelKind:
+def kind_for(task: str, labels: tuple[str, ...] = ()) -> ModelKind:
+    if task == "classification" and labels:
+        return TextClassification(labels)
     return KINDS.get(task, TENSORS)

@@ -48,8 +48,9 @@ class Histogram:
 
 
 class Metrics:
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, info: dict[str, str] | None = None) -> None:
         self.model = model
+        self.info = dict(info or {})  # kiln_info's labels: the model, the served variant and why
         self._lock = threading.Lock()
         self.requests: dict[tuple, int] = {}
         self.latency = Histogram("kiln_request_duration_seconds", "Time from request to response, by route.",
@@ -106,8 +107,13 @@ class Metrics:
 
     def render(self) -> str:
         with self._lock:
-            lines = ["# HELP kiln_requests_total Requests answered, by route, method and status.",
-                     "# TYPE kiln_requests_total counter"]
+            lines = []
+            if self.info:
+                labels = ",".join(f'{k}="{_label(v)}"' for k, v in sorted(self.info.items()))
+                lines += ["# HELP kiln_info The served model and variant, and how the variant was chosen.",
+                          "# TYPE kiln_info gauge", f"kiln_info{{{labels}}} 1"]
+            lines += ["# HELP kiln_requests_total Requests answered, by route, method and status.",
+                      "# TYPE kiln_requests_total counter"]
             for (route, method, status), count in sorted(self.requests.items()):
                 lines.append(f'kiln_requests_total{{route="{route}",method="{method}",status="{status}"}} {count}')
             lines += ["# HELP kiln_requests_in_flight Requests being handled now.",
@@ -132,3 +138,8 @@ class Metrics:
             for reason, count in sorted(self.connections_closed.items()):
                 lines.append(f'kiln_connections_closed_total{{reason="{reason}"}} {count}')
         return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslashes, quotes and newlines escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")

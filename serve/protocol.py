@@ -7,6 +7,7 @@ the expected signature), never an exception inside the runtime.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ class ServedModel:
     version: str = "1"
     platform: str = ""
     max_batch_items: int | None = None  # items per batch (--max-batch-items): no larger request could ever run
+    labels: tuple[str, ...] = ()  # a text classifier's class names (the manifest's preprocessing)
+    # Which variant is served and why (V2 metadata `parameters`, `kiln_info`): variant, how (default, forced,
+    # chosen, cached, fallback), reason.
+    served_variant: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def request_limit(self) -> int:
@@ -67,7 +72,7 @@ class ServedModel:
     @functools.cached_property
     def kind(self) -> ModelKind:
         """How `/predict` answers for this model's task (serve.kinds)."""
-        return kind_for(self.task)
+        return kind_for(self.task, self.labels)
 
     @functools.cached_property
     def v2_inputs(self) -> list[dict]:
@@ -81,7 +86,11 @@ class ServedModel:
 
     @functools.cached_property
     def v2_outputs(self) -> list[dict]:
-        return [_v2_tensor(spec) for spec in self.signature.outputs]
+        return [_v2_tensor(spec) for spec in self.signature.outputs] + self.kind.v2_extra_specs()
+
+    @functools.cached_property
+    def v2_output_names(self) -> list[str]:
+        return [t["name"] for t in self.v2_outputs]
 
     @functools.cached_property
     def expected_v2(self) -> dict:
@@ -188,6 +197,8 @@ class Request:
     single: bool  # answer with one item rather than a list
     requested_outputs: list[str] | None = None
     request_id: str | None = None
+    tokens: int | None = None  # set from the worker's Result for text models (OpenAI `usage`)
+    encoding: str = "float"  # OpenAI `encoding_format`: float or base64
 
 
 def parse_predict(body: Any, model: ServedModel) -> Request:
@@ -245,9 +256,9 @@ def parse_v2(body: Any, model: ServedModel) -> Request:
         if not isinstance(outs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outs):
             raise RequestError("'outputs' must be a list of {name}", expected=expected)
         requested = [o["name"] for o in outs]
-        unknown = sorted(set(requested) - set(model.signature.output_names))
+        unknown = sorted(set(requested) - set(model.v2_output_names))
         if unknown:
-            raise RequestError(f"unknown output(s) {unknown}; this model has {model.signature.output_names}",
+            raise RequestError(f"unknown output(s) {unknown}; this model has {model.v2_output_names}",
                                expected=expected)
     by_name: dict[str, dict] = {}
     for tensor in inputs:
@@ -339,6 +350,9 @@ def v2_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Req
         array = outputs[spec.name]
         tensors.append({"name": spec.name, "datatype": spec.v2_datatype, "shape": list(array.shape),
                         "data": np.ascontiguousarray(array).reshape(-1)})
+    for extra in model.kind.v2_extra_outputs(outputs, model.signature.output_names):
+        if extra["name"] in names or not request.requested_outputs:
+            tensors.append(extra)
     body = {"model_name": model.name, "model_version": model.version, "outputs": tensors}
     if request.request_id is not None:
         body["id"] = request.request_id

@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kiln.serve import openai_embeddings
 from kiln.serve.api import WorkItem
 from kiln.serve.channel import WorkerGateway
 from kiln.serve.guards import AUTHORIZED
@@ -79,10 +80,13 @@ class Wire:
     expected: Callable[[ServedModel], Any]  # the body shown to a client whose request is refused
     parse: Callable[[Any, ServedModel], ParsedRequest]
     respond: Callable[[ServedModel, dict, ParsedRequest], dict]
+    error_body: Callable[[RequestError], dict] = RequestError.body  # how a refusal is written on this protocol
 
 
 PREDICT = Wire("predict", lambda model: model.expected_predict, parse_predict, predict_response)
 V2 = Wire("v2", lambda model: model.expected_v2, parse_v2, v2_response)
+OPENAI_EMBEDDINGS = Wire("openai", openai_embeddings.expected, openai_embeddings.parse, openai_embeddings.respond,
+                         openai_embeddings.error_body)
 
 NAME_PARAM = "name"  # a route's template parameter that names the model
 VERSION_PARAM = "model_version"  # and the one that names its version
@@ -128,6 +132,7 @@ INFERENCE_ROUTES = (
     InferenceRoute("/predict", "predict", PREDICT),
     InferenceRoute("/v2/models/{name}/infer", "v2_infer", V2),
     InferenceRoute("/v2/models/{name}/versions/{model_version}/infer", "v2_infer_version", V2),
+    InferenceRoute("/v1/embeddings", "openai_embeddings", OPENAI_EMBEDDINGS),
 )
 
 
@@ -166,7 +171,8 @@ class Inference:
             parsed = wire.parse(body, model)
             result = await self.gateway.submit(WorkItem(parsed.arrays, parsed.texts, parsed.count, time.time()))
         except RequestError as error:
-            return error.status, error.body()
+            return error.status, wire.error_body(error)
+        parsed.tokens = result.tokens
         return 200, wire.respond(model, result.outputs, parsed)
 
 
@@ -261,6 +267,7 @@ def add_routes(app: FastAPI, model: ServedModel, gateway: WorkerGateway, inferen
 
     def metadata() -> dict:
         return {"name": model.name, "versions": [model.version], "platform": model.platform,
+                "parameters": dict(model.served_variant),
                 "inputs": model.v2_inputs, "outputs": model.v2_outputs}
 
     for route in INFERENCE_ROUTES:

@@ -90,7 +90,8 @@ TEXT_BATCH_ITEMS = 64  # sequences: a batch of 64 x 128 tokens already takes sec
 TENSOR_BATCH_ITEMS = 1024
 
 
-def served_model(manifest, variant, max_items: int, max_batch_items: int | None = None):
+def served_model(manifest, variant, max_items: int, max_batch_items: int | None = None,
+                 served: dict[str, str] | None = None):
     from kiln.core.runtime import runtime_spec
     from kiln.serve.protocol import ServedModel
 
@@ -102,7 +103,40 @@ def served_model(manifest, variant, max_items: int, max_batch_items: int | None 
         max_items=max_items,
         platform=runtime_spec(variant.runtime, variant.name).v2_platform,
         max_batch_items=max_batch_items,
+        labels=tuple(manifest.preprocessing.get("labels") or ()) if manifest.is_text else (),
+        served_variant=dict(served or {"variant": variant.name, "how": "forced", "reason": "named by the caller"}),
     )
+
+
+def choose_variant(config: ServeConfig, manifest) -> tuple:
+    """The variant to serve and why: `--variant NAME` (forced), `--variant auto` (chosen on this machine, or cached,
+    or the fp32 fallback), or the manifest's default, with a warning where it was chosen on a machine whose
+    speed-deciding CPU flags differ from this one's."""
+    import logging
+
+    from kiln.core.machine import speed_mismatch
+
+    log = logging.getLogger("kiln")
+    if config.variant == "auto":
+        from kiln.core.autoselect import auto_variant
+
+        max_batch = min(8, config.max_batch_size)
+        choice = auto_variant(config.artifact_dir, config.threads, batch_sizes=(1, max_batch))
+        served = {"variant": choice.variant, "how": choice.how, "reason": choice.reason}
+        print(f"kiln: --variant auto: {choice.variant} ({choice.how}, {choice.seconds:.1f} s): {choice.reason}",
+              flush=True)
+        return manifest.variant(choice.variant), served
+    if config.variant:
+        entry = manifest.variant(config.variant)
+        return entry, {"variant": entry.name, "how": "forced", "reason": "named with --variant"}
+    entry = manifest.variant(None)
+    selection = manifest.selection or {}
+    reason = selection.get("reason") or "the export's fp32 default (no --select was run)"
+    warning = speed_mismatch(selection.get("machine"))
+    if warning:
+        log.warning("kiln: %s", warning)
+        print(f"kiln: warning: {warning}", flush=True)
+    return entry, {"variant": entry.name, "how": "default", "reason": reason}
 
 
 def api_key(config: ServeConfig) -> str | None:
@@ -122,12 +156,12 @@ def build_server(config: ServeConfig, state_dir: str):
     from kiln.serve.routes import Inference, InferenceFastPath, add_routes
 
     manifest = read_manifest(config.artifact_dir)
-    variant = manifest.variant(config.variant)
+    variant, served = choose_variant(config, manifest)
     check_runnable(manifest, variant.name)  # refuse a tampered or foreign artifact before any process starts
     batch_items = config.batch_items(manifest.is_text)
-    model = served_model(manifest, variant, config.max_items, batch_items)
+    model = served_model(manifest, variant, config.max_items, batch_items, served)
     key = api_key(config)
-    metrics = Metrics(model.name)
+    metrics = Metrics(model.name, {"model": model.name, "variant": variant.name, "how": served["how"]})
     channel_path = os.path.join(state_dir, "workers.sock")
     loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items)
     api = KilnAPI(os.path.abspath(config.artifact_dir), variant.name, config.threads, config.max_batch_size, loop)
@@ -224,7 +258,8 @@ def serve(config: ServeConfig) -> None:
             raise SystemExit(0)
 
         signal.signal(signal.SIGTERM, stop)
-        print(f"kiln: serving {model.name} ({variant.name}) on http://{config.host}:{config.port} "
+        print(f"kiln: serving {model.name} ({variant.name}, {model.served_variant['how']}: "
+              f"{model.served_variant['reason']}) on http://{config.host}:{config.port} "
               f"[/predict, /v2/models/{model.name}/infer, /metrics]", flush=True)
         raise_open_file_limit(config)
         try:

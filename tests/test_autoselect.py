@@ -77,3 +77,30 @@ def test_a_budget_nothing_meets_falls_back_to_fp32_with_the_reason(folder):
 def test_kiln_load_auto(folder):
     runtime = kiln.load(folder, "auto", threads=1)
     assert runtime.variant in read_manifest(folder).variant_names
+
+
+def test_served_variant_and_why_are_reported(folder):
+    """`kiln serve --variant auto` says which variant it serves and why: in /v2/models/{name} parameters, in
+    kiln_info on /metrics and in its start-up line; a second start reuses the cached choice."""
+    import httpx
+    from server_process import ServerProcess
+
+    for expected_how in (("chosen", "fallback"), ("cached",)):
+        server = ServerProcess(folder, "--variant", "auto", "--threads", "1").wait_ready(180)
+        try:
+            meta = httpx.get(f"{server.url}/v2/models/digits", timeout=10).json()
+            parameters = meta["parameters"]
+            assert parameters["how"] in expected_how and parameters["variant"] in read_manifest(folder).variant_names
+            assert parameters["reason"]
+            metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+            assert f'kiln_info{{how="{parameters["how"]}",model="digits",variant="{parameters["variant"]}"}} 1' \
+                in metrics
+        finally:
+            server.stop()
+        assert "--variant auto" in server.log_path.read_text()
+    forced = ServerProcess(folder, "--variant", "onnx-fp32", "--threads", "1").wait_ready(180)
+    try:
+        parameters = httpx.get(f"{forced.url}/v2/models/digits", timeout=10).json()["parameters"]
+        assert parameters == {"variant": "onnx-fp32", "how": "forced", "reason": "named with --variant"}
+    finally:
+        forced.stop()

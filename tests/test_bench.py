@@ -82,9 +82,10 @@ def test_json_has_every_variant_and_batch_with_all_fields(benched):
     assert report["settings"]["seq_len"] is None  # digits is not a text model
     assert report["machine"]["cpu_model"] and set(report["machine"]["isa"]) == set(ISA_FLAGS)
     assert report["versions"]["torch"] and report["versions"]["onnxruntime"]
-    # The progress display: one line per measured cell, and a table on stdout.
+    # The progress display: one line per measured cell and round, and a table on stdout.
     stderr_cells = [line for line in benched["result"].stderr.splitlines() if line.startswith("[kiln] bench [")]
-    assert len(stderr_cells) == len(expected)
+    assert len(stderr_cells) == len(expected) * report["settings"]["rounds"]
+    assert all(r["rounds"] == report["settings"]["rounds"] for r in rows)
     assert all(name in benched["result"].stdout for name, _ in expected)
 
 

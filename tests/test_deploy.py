@@ -493,7 +493,8 @@ def test_triton_minilm_is_marked_incomplete(minilm_artifacts, tmp_path):
     result = run_kiln("deploy", "triton", str(minilm_artifacts), "--out", str(repo), "--variant", "onnx-fp32")
     assert result.returncode == 0, result.stderr
     config = check_triton_entry(repo, "minilm", minilm_artifacts, "onnx-fp32")
-    assert [list(t.dims) for t in config.input] == [[-1], [-1]]
+    assert [t.name for t in config.input] == ["input_ids", "attention_mask", "token_type_ids"]  # what BERT takes
+    assert [list(t.dims) for t in config.input] == [[-1], [-1], [-1]]
     assert "NOT a complete deployment" in (repo / "minilm" / "README.md").read_text()
     assert "NOT a complete deployment" in result.stderr
     pt2 = [v["name"] for v in json.loads((minilm_artifacts / "manifest.json").read_text())["variants"]

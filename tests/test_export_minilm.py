@@ -29,10 +29,10 @@ def test_zoo_module_matches_sentence_transformers(reference):
     import torch
 
     texts, expected = reference
-    module = minilm.build_module()
+    module = minilm.load().module  # the zoo's MiniLM is the Hugging Face folder path (kiln.models.hf_folder)
     inputs = minilm.tokenize(texts)
     with torch.inference_mode():
-        got = module(torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["attention_mask"])).numpy()
+        got = module(*(torch.from_numpy(inputs[n]) for n in minilm.SIGNATURE.input_names)).numpy()
     assert got.shape == (len(texts), 384)
     assert _cosine(got, expected).min() >= 0.9999
 

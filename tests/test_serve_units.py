@@ -166,10 +166,10 @@ def test_other_paths_do_not_match(path):
 
 def test_the_route_table_declares_each_route_once_with_its_parameters():
     paths = [route.path for route in INFERENCE_ROUTES]
-    assert len(set(paths)) == len(paths) == 3
+    assert len(set(paths)) == len(paths) == 4
     assert {route.path: route.params for route in INFERENCE_ROUTES} == {
         "/predict": (), "/v2/models/{name}/infer": ("name",),
-        "/v2/models/{name}/versions/{model_version}/infer": ("name", "model_version")}
+        "/v2/models/{name}/versions/{model_version}/infer": ("name", "model_version"), "/v1/embeddings": ()}
 
 
 def test_the_fastapi_routes_are_the_table_rows():
