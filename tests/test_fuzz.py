@@ -56,6 +56,11 @@ def check_answer(method: str, what: str, response: httpx.Response) -> None:
         if status in (404, 405) and set(body) == {"detail"}:
             # FastAPI's own answer for a path no route matches or a method the route lacks: {"detail": "Not Found"}.
             assert isinstance(body["detail"], str), f"{what} -> {status} {body!r}"
+        elif "v1" in what and "embeddings" in what and status != 401 and isinstance(body.get("error"), dict):
+            # The OpenAI route answers OpenAI's error shape: {"error": {"message", "type", "param", "code"}}.
+            error = body["error"]
+            assert isinstance(error.get("message"), str) and error["message"], f"{what} -> {status} {body!r}"
+            assert error.get("type") in ("invalid_request_error", "server_error"), f"{what} -> {status} {body!r}"
         else:
             assert isinstance(body.get("error"), str) and body["error"], f"{what} -> {status} {body!r}"
     elif status == 200 and response.headers.get("content-type", "").startswith("application/json"):
