@@ -107,14 +107,15 @@ def write_cache(folder: Path, choice: AutoChoice, digest: str) -> Path | None:
     return None
 
 
-def sample_inputs(manifest: Manifest, batch: int) -> dict[str, np.ndarray]:
+def sample_inputs(manifest: Manifest, batch_sizes: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
+    """The inputs every candidate is measured on, by batch size (the tokenizer loaded once)."""
     from kiln.core.preprocessing import text_preprocessor
     from kiln.core.signature import generated_arrays
 
     preprocess = text_preprocessor(manifest)
     if preprocess is not None:
-        return preprocess([SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)] for i in range(batch)])
-    return generated_arrays(manifest.signature, batch)
+        return {b: preprocess([SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)] for i in range(b)]) for b in batch_sizes}
+    return {b: generated_arrays(manifest.signature, b) for b in batch_sizes}
 
 
 def candidates(manifest: Manifest, machine: dict[str, Any]) -> tuple[list[VariantEntry], dict[str, str]]:
@@ -145,11 +146,11 @@ def _p50(runtime: Any, inputs: dict[str, np.ndarray], seconds: float) -> float:
     return float(np.median(times)) * 1000.0
 
 
-def _measure(manifest: Manifest, entry: VariantEntry, threads: int | None, batch_sizes: tuple[int, ...],
-             seconds: float) -> dict[str, float]:
+def _measure(manifest: Manifest, entry: VariantEntry, threads: int | None,
+             inputs: dict[int, dict[str, np.ndarray]], seconds: float) -> dict[str, float]:
     runtime = open_artifact(manifest.path_of(entry), entry.runtime, manifest.signature, entry.name,
                             RuntimeOptions(threads))
-    return {str(b): _p50(runtime, sample_inputs(manifest, b), seconds) for b in batch_sizes}
+    return {str(b): _p50(runtime, arrays, seconds) for b, arrays in inputs.items()}
 
 
 def measure_and_choose(folder: Path, manifest: Manifest, machine: dict[str, Any], threads: int | None,
@@ -157,10 +158,11 @@ def measure_and_choose(folder: Path, manifest: Manifest, machine: dict[str, Any]
     started = time.perf_counter()
     machine_key = machine.get("fingerprint") or fingerprint(machine)
     keep, left_out = candidates(manifest, machine)
+    inputs = sample_inputs(manifest, batch_sizes)
     rows, measured = [], {}
     for entry in keep:
         try:  # one runtime at a time: each is dropped before the next loads
-            cells = _measure(manifest, entry, threads, batch_sizes, seconds)
+            cells = _measure(manifest, entry, threads, inputs, seconds)
         except Exception as exc:  # a variant that cannot run here is left out, with the reason
             left_out[entry.name] = f"failed here: {one_line(exc, 160)}"
             continue

@@ -127,7 +127,11 @@ def load(folder: str | Path, variant: str | None = None, options: RuntimeOptions
     """Read the manifest, check the variant's hash, and return a ready runtime."""
     from kiln.core.manifest import read_manifest
 
-    manifest = read_manifest(folder)
+    return open_variant(read_manifest(folder), variant, options)
+
+
+def open_variant(manifest: Any, variant: str | None = None, options: RuntimeOptions | None = None) -> Runtime:
+    """A ready runtime for a variant of a manifest already read (default: its default variant)."""
     entry = manifest.variant(variant)
     path = check_runnable(manifest, entry.name)
     return open_artifact(path, entry.runtime, manifest.signature, entry.name, options)

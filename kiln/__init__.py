@@ -79,8 +79,7 @@ def load(folder: str | Path, variant: str | None = None, *, threads: int | None 
 
     from kiln.core.machine import speed_mismatch
     from kiln.core.manifest import read_manifest
-    from kiln.core.runtime import RuntimeOptions
-    from kiln.core.runtime import load as load_runtime
+    from kiln.core.runtime import RuntimeOptions, open_variant
 
     if variant == "auto":
         from kiln.core.autoselect import auto_variant
@@ -89,12 +88,12 @@ def load(folder: str | Path, variant: str | None = None, *, threads: int | None 
         logging.getLogger("kiln").info("%s: --variant auto: %s (%s): %s", folder, choice.variant, choice.how,
                                        choice.reason)
         variant = choice.variant
-    elif variant is None:
-        selection = read_manifest(folder).selection or {}
-        warning = speed_mismatch(selection.get("machine"))
+    manifest = read_manifest(folder)
+    if variant is None:
+        warning = speed_mismatch((manifest.selection or {}).get("machine"))
         if warning:
             logging.getLogger("kiln").warning("%s: %s", folder, warning)
-    return load_runtime(folder, variant, RuntimeOptions(threads, device))
+    return open_variant(manifest, variant, RuntimeOptions(threads, device))
 
 
 def bench(folder: str | Path, *, select: bool = False, max_accuracy_drop: float | None = None,

@@ -25,9 +25,7 @@ def expected(model: ServedModel) -> dict[str, Any]:
 
 
 def _error(message: str, status: int = 400, param: str | None = None, code: str | None = None) -> RequestError:
-    error = RequestError(message, status)
-    error.openai = {"param": param, "code": code}  # type: ignore[attr-defined]
-    return error
+    return RequestError(message, status, param=param, code=code)
 
 
 def parse(body: Any, model: ServedModel) -> Request:
@@ -76,6 +74,5 @@ def respond(model: ServedModel, outputs: dict[str, np.ndarray], request: Request
 
 
 def error_body(error: RequestError) -> dict[str, Any]:
-    extra = getattr(error, "openai", {})
     kind = "invalid_request_error" if error.status < 500 else "server_error"
-    return {"error": {"message": str(error), "type": kind, "param": extra.get("param"), "code": extra.get("code")}}
+    return {"error": {"message": str(error), "type": kind, "param": error.param, "code": error.code}}

@@ -24,10 +24,13 @@ MAX_TEXT_CHARS = 20_000
 class RequestError(Exception):
     """A client mistake: carries the HTTP status and a JSON-able body."""
 
-    def __init__(self, message: str, status: int = 422, expected: Any = None) -> None:
+    def __init__(self, message: str, status: int = 422, expected: Any = None, param: str | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.expected = expected
+        self.param = param  # the request field at fault, and a stable code: protocols that name them (OpenAI) do
+        self.code = code
 
     def body(self) -> dict:
         body: dict = {"error": str(self)}

@@ -112,11 +112,8 @@ def choose_variant(config: ServeConfig, manifest) -> tuple:
     """The variant to serve and why: `--variant NAME` (forced), `--variant auto` (chosen on this machine, or cached,
     or the fp32 fallback), or the manifest's default, with a warning where it was chosen on a machine whose
     speed-deciding CPU flags differ from this one's."""
-    import logging
-
     from kiln.core.machine import speed_mismatch
 
-    log = logging.getLogger("kiln")
     if config.variant == "auto":
         from kiln.core.autoselect import auto_variant
 
@@ -134,7 +131,6 @@ def choose_variant(config: ServeConfig, manifest) -> tuple:
     reason = selection.get("reason") or "the export's fp32 default (no --select was run)"
     warning = speed_mismatch(selection.get("machine"))
     if warning:
-        log.warning("kiln: %s", warning)
         print(f"kiln: warning: {warning}", flush=True)
     return entry, {"variant": entry.name, "how": "default", "reason": reason}
 
