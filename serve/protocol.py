@@ -202,6 +202,7 @@ class Request:
     request_id: str | None = None
     tokens: int | None = None  # set from the worker's Result for text models (OpenAI `usage`)
     encoding: str = "float"  # OpenAI `encoding_format`: float or base64
+    binary_outputs: frozenset[str] = frozenset()  # V2 outputs answered as raw bytes (the binary tensor extension)
 
 
 def parse_predict(body: Any, model: ServedModel) -> Request:
@@ -243,7 +244,22 @@ def parse_predict(body: Any, model: ServedModel) -> Request:
     return Request(arrays, None, counts.pop(), single)
 
 
-def parse_v2(body: Any, model: ServedModel) -> Request:
+def _binary_flag(parameters: Any, key: str, where: str, expected: Any) -> bool | None:
+    """A boolean V2 parameter (`binary_data`, `binary_data_output`), or None where it is not given."""
+    if parameters is None:
+        return None
+    if not isinstance(parameters, dict):
+        raise RequestError(f"{where}: 'parameters' must be an object", expected=expected)
+    value = parameters.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(f"{where}: parameters.{key} must be true or false", expected=expected)
+    return value
+
+
+def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
+    """A V2 inference request. `section` is the binary part of the body (serve.v2_binary.BinarySection) where the
+    request used the binary tensor extension: inputs with `parameters.binary_data_size` take their bytes from it,
+    in the order they are listed."""
     expected = model.expected_v2
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object with 'inputs'", expected=expected)
@@ -253,7 +269,9 @@ def parse_v2(body: Any, model: ServedModel) -> Request:
     request_id = body.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise RequestError("'id' must be a string", expected=expected)
+    all_binary = bool(_binary_flag(body.get("parameters"), "binary_data_output", "the request", expected))
     requested = None
+    binary_outputs: set[str] = set()
     if "outputs" in body:
         outs = body["outputs"]
         if not isinstance(outs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outs):
@@ -263,11 +281,21 @@ def parse_v2(body: Any, model: ServedModel) -> Request:
         if unknown:
             raise RequestError(f"unknown output(s) {unknown}; this model has {model.v2_output_names}",
                                expected=expected)
+        for out in outs:
+            flag = _binary_flag(out.get("parameters"), "binary_data", f"output {out['name']!r}", expected)
+            if flag or (flag is None and all_binary):
+                binary_outputs.add(out["name"])
+    elif all_binary:
+        binary_outputs = set(model.v2_output_names)
     by_name: dict[str, dict] = {}
+    chunks: dict[str, Any] = {}  # input name -> its bytes in the binary section
     for tensor in inputs:
         if not isinstance(tensor, dict):
             raise RequestError("each input must be an object {name, shape, datatype, data}", expected=expected)
-        missing = [k for k in ("name", "shape", "datatype", "data") if k not in tensor]
+        parameters = tensor.get("parameters")
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        needed = ("name", "shape", "datatype") if size is not None else ("name", "shape", "datatype", "data")
+        missing = [k for k in needed if k not in tensor]
         if missing:
             raise RequestError(f"an input lacks {missing}", expected=expected)
         name = tensor["name"]
@@ -275,7 +303,17 @@ def parse_v2(body: Any, model: ServedModel) -> Request:
             raise RequestError("an input's 'name' must be a string", expected=expected)
         if name in by_name:
             raise RequestError(f"input {name!r} is given twice", expected=expected)
+        if size is not None:
+            if "data" in tensor:
+                raise RequestError(f"input {name!r} has both 'data' and parameters.binary_data_size; send one",
+                                   400, expected)
+            if section is None:
+                raise RequestError(f"input {name!r}: binary_data_size is given but the request has no binary "
+                                   "section (send its JSON length in Inference-Header-Content-Length)", 400, expected)
+            chunks[name] = section.take(size, f"input {name!r}")  # in list order, as the bytes follow the JSON
         by_name[name] = tensor
+    if section is not None:
+        section.finish()
     wanted = model.v2_input_names
     unknown = sorted(set(by_name) - set(wanted))
     if unknown:
@@ -295,39 +333,57 @@ def parse_v2(body: Any, model: ServedModel) -> Request:
             raise RequestError(f"input {tensor['name']!r}: shape {shape} is too large", status=413, expected=expected)
         return shape
 
+    binary = frozenset(binary_outputs)
     if model.text:
         tensor = by_name["text"]
         if tensor["datatype"] != "BYTES":
             raise RequestError(f"input 'text' has datatype {tensor['datatype']!r}; it must be BYTES", expected=expected)
         shape = shape_of(tensor)
-        data = _flatten(tensor["data"], "input 'text'", expected)
+        if "text" in chunks:
+            if math.prod(shape) > model.request_limit:
+                raise model.too_many("input 'text'", math.prod(shape), "texts", expected)
+            data = section.strings(chunks["text"], math.prod(shape), "input 'text'")
+        else:
+            data = _flatten(tensor["data"], "input 'text'", expected)
         if len(data) != math.prod(shape):
             raise RequestError(f"input 'text': shape {shape} needs {math.prod(shape)} strings but data has {len(data)}",
                                expected=expected)
         texts = check_texts(data, "input 'text'", model, expected)
-        return Request(None, texts, len(texts), False, requested, request_id)
+        return Request(None, texts, len(texts), False, requested, request_id, binary_outputs=binary)
 
     arrays = {}
     for spec in model.signature.inputs:
         tensor = by_name[spec.name]
+        where = f"input {spec.name!r}"
         if tensor["datatype"] != spec.v2_datatype:
             raise RequestError(
                 f"input {spec.name!r} has datatype {tensor['datatype']!r}; it must be {spec.v2_datatype}",
                 expected=expected)
         shape = shape_of(tensor)
-        data = tensor["data"]
-        flat = _flatten(data, f"input {spec.name!r}", expected)
-        if len(flat) != math.prod(shape):
-            raise RequestError(
-                f"input {spec.name!r}: shape {shape} needs {math.prod(shape)} values but data has {len(flat)}",
-                expected=expected)
-        array = _to_array(flat, spec, f"input {spec.name!r}", expected).reshape(shape)
-        check_shape(array, spec, f"input {spec.name!r}", model, expected)
+        if spec.name in chunks:
+            array = _checked(section.array(chunks[spec.name], spec.v2_datatype, shape, where), spec, where, expected)
+        else:
+            flat = _flatten(tensor["data"], where, expected)
+            if len(flat) != math.prod(shape):
+                raise RequestError(f"{where}: shape {shape} needs {math.prod(shape)} values but data has {len(flat)}",
+                                   expected=expected)
+            array = _to_array(flat, spec, where, expected).reshape(shape)
+        check_shape(array, spec, where, model, expected)
         arrays[spec.name] = array
     counts = {len(a) for a in arrays.values()}
     if len(counts) != 1:
         raise RequestError("all inputs must hold the same number of items", expected=expected)
-    return Request(arrays, None, counts.pop(), False, requested, request_id)
+    return Request(arrays, None, counts.pop(), False, requested, request_id, binary_outputs=binary)
+
+
+def _checked(array: np.ndarray, spec: TensorSpec, where: str, expected: Any) -> np.ndarray:
+    """Binary data gets the checks JSON numbers get: finite floats, and the dtype the runtime takes."""
+    if array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
+        raise RequestError(f"{where} holds NaN or infinity, which {spec.name!r} does not allow", expected=expected)
+    target = NUMPY_DTYPES.get(spec.dtype)
+    if target is not None and array.dtype != target:
+        array = array.astype(target)
+    return array
 
 
 def _flatten(data: Any, where: str, expected: Any, depth: int = 0) -> list:
