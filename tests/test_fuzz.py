@@ -16,6 +16,7 @@ import json
 import math
 import select
 import socket
+import struct
 import time
 from collections import Counter
 from urllib.parse import quote
@@ -65,6 +66,11 @@ def check_answer(method: str, what: str, response: httpx.Response) -> None:
             assert isinstance(body.get("error"), str) and body["error"], f"{what} -> {status} {body!r}"
     elif status == 200 and response.headers.get("content-type", "").startswith("application/json"):
         response.json()
+    elif status == 200 and "inference-header-content-length" in response.headers:  # a binary V2 answer
+        length = int(response.headers["inference-header-content-length"])
+        header = json.loads(response.content[:length])
+        sizes = [o.get("parameters", {}).get("binary_data_size", 0) for o in header["outputs"]]
+        assert length + sum(sizes) == len(response.content), f"{what} -> binary sizes {sizes} do not add up"
 
 
 class Client:
@@ -282,6 +288,103 @@ def text_predict_body(draw):
     return body
 
 
+WIRE_SIZES = {"FP32": 4, "FP16": 2, "BF16": 2, "INT64": 8, "INT32": 4, "BOOL": 1, "FP64": 8, "INT8": 1}
+
+
+@st.composite
+def binary_elements(draw, lie: bool) -> tuple[bytes, int]:
+    """BYTES elements with their 4-byte lengths; where `lie`: past the end, 4 GiB, half a length, bad UTF-8, cut."""
+    texts = draw(st.lists(TEXTS, min_size=1, max_size=4))
+    out = b"".join(struct.pack("<I", len(raw)) + raw for raw in (t.encode("utf-8", "surrogatepass") for t in texts))
+    lie = draw(st.sampled_from(["past the end", "4 GiB", "half a length", "bad utf-8", "cut"])) if lie else "none"
+    if lie == "past the end":
+        out += struct.pack("<I", 1000) + b"short"
+    elif lie == "4 GiB":
+        out = struct.pack("<I", 2**32 - 1) + out
+    elif lie == "half a length":
+        out += b"\x01\x00"
+    elif lie == "bad utf-8":
+        out += struct.pack("<I", 2) + b"\xff\xfe"
+    elif lie == "cut" and out:
+        out = out[:draw(st.integers(0, len(out) - 1))]
+    return out, len(texts)
+
+
+BINARY_FAULTS = ["shape", "datatype", "name", "bytes", "values", "size", "data too", "inputs", "flags", "outputs",
+                 "trailing", "header length", "content type", "elements"]
+
+
+@st.composite
+def binary_v2_request(draw, kind: str) -> tuple[bytes, dict]:
+    """A V2 request in the binary tensor extension, right or wrong in one place (sometimes two): the body and
+    its headers."""
+    faults = set(draw(st.lists(st.sampled_from(["none"] * 12 + BINARY_FAULTS), min_size=1, max_size=2)))
+
+    def pick(fault: str, right, wrong: list):
+        return draw(st.sampled_from(wrong)) if fault in faults else right
+
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if kind == "image":
+        n = draw(st.sampled_from([1, 2, 32]))
+        shape = pick("shape", [n, 1, 8, 8], [[0, 1, 8, 8], [65, 1, 8, 8], [n, 64], [n, 1, 8, 8, 1], [-1, 1, 8, 8],
+                                             [2**40, 1, 8, 8], [], "1,1,8,8", [n, 1, 8, 8.0]])
+        datatype = pick("datatype", "FP32", list(WIRE_SIZES) + ["BYTES", "fp32", 4])
+        count = math.prod(shape) if valid_shape(shape) else 64
+        data = rng.uniform(-1, 16, count).astype(np.float32)
+        if count and "values" in faults:
+            data[draw(st.integers(0, count - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+        raw = data.tobytes()[:count * WIRE_SIZES.get(datatype, 4)] if isinstance(datatype, str) else data.tobytes()
+        raw = pick("bytes", raw, [draw(st.binary(max_size=600)), raw[:-1], raw + b"\x00"])
+        name = pick("name", "image", ["text", "", "IMAGE"])
+    else:
+        raw, count = draw(binary_elements(lie="elements" in faults))
+        shape = pick("shape", [count], [[count + 1], [max(count - 1, 0)], [-1], [2**40], [count, 1], [65]])
+        datatype = pick("datatype", "BYTES", ["FP32", "STRING"])
+        raw = pick("bytes", raw, [raw[:-1], raw + b"\x00", draw(st.binary(max_size=100))])
+        name = pick("name", "text", ["input_ids", ""])
+    size = pick("size", len(raw), [len(raw) - 1, len(raw) + 1, -1, 0, 2**31, 2**63, 2**64, 1.5, "8", True, None])
+    tensor = {"name": name, "shape": shape, "datatype": datatype, "parameters": {"binary_data_size": size}}
+    if "data too" in faults:
+        tensor["data"] = [0.0]
+    body: dict = {"inputs": pick("inputs", [tensor], [[tensor, tensor], []])}
+    flags = pick("flags", draw(st.sampled_from([None, {"binary_data_output": True}, {"binary_data_output": False}])),
+                 [{"binary_data_output": "yes"}, "x", {"binary_data_output": 1}])
+    if flags is not None:
+        body["parameters"] = flags
+    output = "logits" if kind == "image" else "sentence_embedding"
+    outputs = pick("outputs", draw(st.sampled_from([None, [{"name": output, "parameters": {"binary_data": True}}],
+                                                    [{"name": output, "parameters": {"binary_data": False}}]])),
+                   [[{"name": output, "parameters": {"binary_data": 1}}], [{"name": output, "parameters": []}],
+                    [{"name": "nope", "parameters": {"binary_data": True}}]])
+    if outputs is not None:
+        body["outputs"] = outputs
+    header = json.dumps(body).encode()
+    tail = raw * len(body["inputs"]) + pick("trailing", b"", [b"\x00", b"x" * 100])
+    payload = header + tail
+    length = pick("header length", str(len(header)), [
+        str(len(header) - 1), str(len(header) + 1), str(len(payload) + 1), "-1", "0", "", "1e3", "abc", "+5",
+        str(2**64), None])
+    headers = {"content-type": pick("content type", draw(st.sampled_from(["application/octet-stream", "application/json",
+                                                                          ""])), ["text/plain", "image/png"])}
+    if length is not None:
+        headers["inference-header-content-length"] = length
+    return payload, headers
+
+
+def fuzz_binary(client: Client, model: str, kind: str, examples: int) -> Counter:
+    """Binary V2 requests; the statuses they got."""
+    before = Counter(client.statuses)
+
+    @settings(max_examples=examples, **FUZZ)
+    @given(request=binary_v2_request(kind))
+    def binary(request):
+        payload, headers = request
+        client.send("POST", f"/v2/models/{model}/infer", payload, headers.pop("content-type"), headers)
+
+    binary()
+    return Counter(client.statuses) - before
+
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=20),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
@@ -406,6 +509,9 @@ def test_fuzz_every_route_of_the_digits_server(digits_server, digits_known_good)
         before = logits(client, digits_known_good)
         fuzz_routes(client, "digits", v2_body(image_tensor()), image_predict_body(),
                     {"routes": 450, "v2": 600, "predict": 400, "paths": 150})
+        binary = fuzz_binary(client, "digits", "image", 400)
+        print(f"digits binary fuzz: statuses {dict(sorted(binary.items()))}")
+        assert sum(binary.values()) == 400 and binary[200] > 20 and binary[400] > 50
         generated = client.sent
         print(f"digits fuzz: {generated} requests, statuses {dict(sorted(client.statuses.items()))}")
         assert generated >= 1000
@@ -635,6 +741,9 @@ def test_fuzz_the_minilm_server(minilm_server):
             assert client.send("POST", "/v2/models/minilm/infer", json.dumps(body).encode()).status_code == status
         fuzz_routes(client, "minilm", v2_body(text_tensor()), text_predict_body(),
                     {"routes": 80, "v2": 100, "predict": 100, "paths": 30})
+        binary = fuzz_binary(client, "minilm", "text", 150)
+        print(f"minilm binary fuzz: statuses {dict(sorted(binary.items()))}")
+        assert binary[200] > 10 and binary[400] > 10
         print(f"minilm fuzz: {client.sent} requests, statuses {dict(sorted(client.statuses.items()))}")
         assert client.sent >= 200 and not [s for s in client.statuses if s >= 500]
         assert client.http.get("/v2/health/ready").status_code == 200
