@@ -1,7 +1,8 @@
 """`kiln loadtest`: a bounded concurrency sweep against a running server, with an in-process ceiling.
 
-Each level runs N async clients that send one-item requests (V2 or /predict) until the request
-count or the time bound is reached. With `--ceiling ARTIFACT_DIR` the same variant is also run
+Each level runs N async clients that send requests of `--items` items each (V2 JSON, V2 with the binary tensor
+extension, or /predict) until the request count or the time bound is reached; throughput is reported in requests
+and in items per second. With `--ceiling ARTIFACT_DIR` the same variant is also run
 in-process (kiln.bench.ceiling), right after each round of load, at the batch size the server formed in
 that round (read off its /metrics), so the report says what fraction of the model's own speed the
 server delivers.
@@ -66,18 +67,49 @@ def sample_items(model: dict, count: int = 64, texts_file: str | None = None) ->
     return items
 
 
-def request_body(protocol: str, model: dict, item) -> tuple[str, dict]:
-    name = model["name"]
-    if isinstance(item, str):
+PROTOCOLS = ("v2", "v2-binary", "predict")
+
+
+def group_items(items: list, per_request: int) -> list:
+    """Requests of `per_request` items each, cycling through the one-item samples: texts as lists, tensors stacked
+    along the first axis."""
+    groups = []
+    for start in range(len(items)):
+        chosen = [items[(start + i) % len(items)] for i in range(per_request)]
+        if isinstance(chosen[0], str):
+            groups.append(chosen)
+        else:
+            groups.append({k: np.concatenate([c[k] for c in chosen]) for k in chosen[0]})
+    return groups
+
+
+def request_body(protocol: str, model: dict, group) -> tuple[str, bytes, dict[str, str]]:
+    """One request as (path, body bytes, headers): `group` is a list of texts or a dict of arrays (items first)."""
+    path = "/predict" if protocol == "predict" else f"/v2/models/{model['name']}/infer"
+    if isinstance(group, str):
+        group = [group]
+    if isinstance(group, list):
         if protocol == "predict":
-            return "/predict", {"text": item}
-        return f"/v2/models/{name}/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
-                                                         "data": [item]}]}
-    if protocol == "predict":
-        return "/predict", {"inputs": {k: v.tolist() for k, v in item.items()}}
-    tensors = [{"name": spec["name"], "shape": list(item[spec["name"]].shape), "datatype": spec["datatype"],
-                "data": item[spec["name"]].reshape(-1).tolist()} for spec in model["inputs"]]
-    return f"/v2/models/{name}/infer", {"inputs": tensors}
+            body: dict = {"text": group[0]} if len(group) == 1 else {"texts": group}
+            return path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+        tensors = [{"name": "text", "shape": [len(group)], "datatype": "BYTES", "data": group}]
+        raw = [b"".join(len(t.encode()).to_bytes(4, "little") + t.encode() for t in group)]
+    else:
+        if protocol == "predict":
+            return path, json.dumps({"inputs": {k: v.tolist() for k, v in group.items()}}).encode(), \
+                {"Content-Type": "application/json"}
+        tensors = [{"name": spec["name"], "shape": list(group[spec["name"]].shape), "datatype": spec["datatype"],
+                    "data": group[spec["name"]].reshape(-1).tolist()} for spec in model["inputs"]]
+        raw = [np.ascontiguousarray(group[spec["name"]]).astype(group[spec["name"]].dtype.newbyteorder("<")).tobytes()
+               for spec in model["inputs"]]
+    if protocol == "v2":
+        return path, json.dumps({"inputs": tensors}).encode(), {"Content-Type": "application/json"}
+    for tensor, data in zip(tensors, raw):  # v2-binary: binary in and out, as tritonclient sends by default
+        del tensor["data"]
+        tensor["parameters"] = {"binary_data_size": len(data)}
+    header = json.dumps({"inputs": tensors, "parameters": {"binary_data_output": True}}).encode()
+    return path, header + b"".join(raw), {"Content-Type": "application/octet-stream",
+                                          "Inference-Header-Content-Length": str(len(header))}
 
 
 class _Connection:
@@ -140,15 +172,15 @@ def run_async(coroutine):
 
 
 def encode_requests(url: str, bodies: list, headers: dict) -> list[bytes]:
-    """Each (path, json body) as the exact bytes of an HTTP/1.1 POST, encoded once before the clock starts."""
+    """Each (path, body bytes, its headers) as the exact bytes of an HTTP/1.1 POST, encoded once before the clock
+    starts."""
     from urllib.parse import urlsplit
 
     host = urlsplit(url).netloc
-    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     encoded = []
-    for path, body in bodies:
-        payload = json.dumps(body).encode()
-        encoded.append(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    for path, payload, own in bodies:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in {**own, **headers}.items())
+        encoded.append(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
                        f"Content-Length: {len(payload)}\r\n{extra}\r\n".encode() + payload)
     return encoded
 
@@ -244,12 +276,13 @@ def run_rounds(url: str, level: int, bodies: list, args, headers: dict, rounds: 
         if ceiling is not None and result["ok"]:
             measured = ceiling.measure(max(1, round(batch or 1)))
             ceilings.append(measured)
-            fractions.append(result["requests_per_s"] / measured["items_per_s"])
+            fractions.append(result["requests_per_s"] * args.items / measured["items_per_s"])
             deltas.append(result["p50_ms"] - measured["p50_ms"])
     level_result = {
         "concurrency": level, "rounds": rounds, "requests": sent, "ok": ok, "errors": errors,
         "error_count": sum(errors.values()), "seconds": round(seconds, 3), **latency_figures(latencies),
         "requests_per_s": ok / seconds if seconds else 0.0,
+        "items_per_request": args.items, "items_per_s": ok * args.items / seconds if seconds else 0.0,
         "mean_batch_items": float(np.mean(batches)) if batches else None,
     }
     if ceilings:
@@ -261,7 +294,8 @@ def run_rounds(url: str, level: int, bodies: list, args, headers: dict, rounds: 
         level_result["fraction_of_ceiling"] = float(np.median(fractions))
         level_result["fraction_of_ceiling_by_round"] = [round(f, 4) for f in fractions]
         level_result["p50_minus_in_process_ms"] = float(np.median(deltas))
-    print(f"[kiln] concurrency {level}: {level_result['requests_per_s']:.0f} req/s, p50 {level_result['p50_ms']:.2f} ms"
+    print(f"[kiln] concurrency {level}: {level_result['requests_per_s']:.0f} req/s "
+          f"({level_result['items_per_s']:.0f} items/s), p50 {level_result['p50_ms']:.2f} ms"
           f", errors {level_result['error_count']}" + (f", {level_result['fraction_of_ceiling']:.2f} of the in-process "
                                                        f"ceiling (median of {rounds} rounds)" if ceilings else ""),
           file=sys.stderr, flush=True)
@@ -274,8 +308,8 @@ def run_loadtest_command(args) -> int:
     levels = parse_levels(args.concurrency)
     if args.requests < 1:
         raise UsageError("--requests must be a positive integer")
-    if args.workers < 1 or (args.rounds is not None and args.rounds < 1):
-        raise UsageError("--workers and --rounds must be positive integers")
+    if args.workers < 1 or args.items < 1 or (args.rounds is not None and args.rounds < 1):
+        raise UsageError("--workers, --items and --rounds must be positive integers")
     url = args.url.rstrip("/")
     headers = {}
     key = api_key_from_env(args.api_key_env)
@@ -295,7 +329,7 @@ def run_loadtest_command(args) -> int:
     if args.texts and model["inputs"][0]["datatype"] != "BYTES":
         raise UsageError(f"--texts applies to text models; {name!r} takes tensors")
     items = sample_items(model, texts_file=args.texts)
-    bodies = [request_body(args.protocol, model, item) for item in items]
+    bodies = [request_body(args.protocol, model, group) for group in group_items(items, args.items)]
     results = []
     rounds = args.rounds if args.rounds else (3 if args.ceiling else 1)
     ceiling = None
@@ -309,7 +343,8 @@ def run_loadtest_command(args) -> int:
     finally:
         if ceiling is not None:
             ceiling.close()
-    report = {"url": url, "model": name, "protocol": args.protocol, "levels": results}
+    report = {"url": url, "model": name, "protocol": args.protocol, "items_per_request": args.items,
+              "levels": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "loadtest.json", report)
@@ -320,12 +355,13 @@ def run_loadtest_command(args) -> int:
 
 
 def print_table(results: list[dict]) -> None:
-    header = ["concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "mean batch", "ceiling/s", "fraction",
+    header = ["concurrency", "req/s", "items/s", "p50 ms", "p90 ms", "p99 ms", "errors", "mean batch", "ceiling/s", "fraction",
               "p50 - in-process ms"]
     rows = [header]
     for r in results:
         c = r.get("ceiling")
-        rows.append([str(r["concurrency"]), f"{r['requests_per_s']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
+        rows.append([str(r["concurrency"]), f"{r['requests_per_s']:.0f}", f"{r.get('items_per_s', 0):.0f}",
+                     f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
                      f"{r['p99_ms']:.2f}", str(r["error_count"]),
                      f"{r['mean_batch_items']:.1f}" if r.get("mean_batch_items") else "-",
                      f"{c['items_per_s']:.0f}" if c else "-",
@@ -342,12 +378,12 @@ def plot(results: list[dict], path: Path, name: str) -> None:
 
     levels = [r["concurrency"] for r in results]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(levels, [r["requests_per_s"] for r in results], "o-", label="server")
+    left.plot(levels, [r.get("items_per_s", r["requests_per_s"]) for r in results], "o-", label="server")
     if all("ceiling" in r for r in results):
         left.plot(levels, [r["ceiling"]["items_per_s"] for r in results], "s--", label="in-process ceiling")
     left.set_xscale("log", base=2)
     left.set_xlabel("concurrency")
-    left.set_ylabel("requests/s")
+    left.set_ylabel("items/s")
     left.legend()
     for key in ("p50_ms", "p90_ms", "p99_ms"):
         right.plot(levels, [r[key] for r in results], "o-", label=key.replace("_ms", ""))

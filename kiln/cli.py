@@ -273,7 +273,10 @@ def add_loadtest_parser(subparsers: Any) -> None:
     parser.add_argument("--requests", type=int, default=1000, help="requests per level (default 1000)")
     parser.add_argument("--duration", type=float, help="seconds per level (then --requests is an upper bound)")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="hard time bound per level")
-    parser.add_argument("--protocol", choices=("v2", "predict"), default="v2")
+    parser.add_argument("--protocol", choices=("v2", "v2-binary", "predict"), default="v2",
+                        help="v2 (JSON), v2-binary (the binary tensor extension, in and out, as tritonclient sends "
+                             "by default) or predict (default %(default)s)")
+    parser.add_argument("--items", type=int, default=1, help="items per request (default %(default)s)")
     parser.add_argument("--model", help="model name (default: the one the server reports)")
     parser.add_argument("--texts", metavar="FILE",
                         help="texts to send to a text model, one a line (default: kiln's built-in varied set)")

@@ -258,3 +258,22 @@ def test_a_compressed_body_is_refused_415_not_misread(digits_server):
     answer = httpx.post(f"{digits_server.url}/v2/models/digits/infer", content=GOOD,
                         headers={"inference-header-content-length": str(len(HEADER)), "content-encoding": "gzip"})
     assert answer.status_code == 415 and "Content-Encoding" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("protocol", ["v2", "v2-binary"])
+def test_loadtest_requests_of_many_items_parse_on_the_server_as_sent(protocol):
+    from kiln.bench.loadtest import group_items, request_body
+
+    metadata = {"name": "digits", "inputs": IMAGE_MODEL.v2_inputs}
+    items = [{"image": np.full((1, 1, 8, 8), i, np.float32)} for i in range(5)]
+    groups = group_items(items, 32)
+    path, body, headers = request_body(protocol, metadata, groups[1])
+    decoded, section = decode_v2_body({k.lower(): v for k, v in headers.items()}, body, None)
+    parsed = parse_v2(decoded, IMAGE_MODEL, section)
+    assert path == "/v2/models/digits/infer" and parsed.count == 32
+    assert parsed.arrays["image"][:, 0, 0, 0].tolist() == [(1 + i) % 5 for i in range(32)]
+    assert parsed.binary_outputs == (frozenset({"logits"}) if protocol == "v2-binary" else frozenset())
+    texts = group_items(["a", "中文 🙂", "c"], 4)[2]
+    path, body, headers = request_body(protocol, {"name": "minilm", "inputs": TEXT_MODEL.v2_inputs}, texts)
+    decoded, section = decode_v2_body({k.lower(): v for k, v in headers.items()}, body, None)
+    assert parse_v2(decoded, TEXT_MODEL, section).texts == ["c", "a", "中文 🙂", "c"]
