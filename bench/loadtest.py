@@ -237,18 +237,19 @@ def latency_figures(latencies: list[float]) -> dict:
     return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)}
 
 
-def scrape(url: str, headers: dict) -> dict[str, float]:
+def scrape(url: str, headers: dict, model: str) -> dict[str, float]:
+    """The model's batch figures from the server's /metrics."""
     import httpx
 
     text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
     values = {}
     for name in ("kiln_batch_items_sum", "kiln_batch_items_count"):
-        match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+        match = re.search(rf'^{name}{{model="{re.escape(model)}"}} ([0-9.e+-]+)$', text, re.M)
         values[name] = float(match.group(1)) if match else 0.0
     return values
 
 
-def run_rounds(url: str, level: int, bodies: list, args, headers: dict, rounds: int, ceiling) -> dict:
+def run_rounds(url: str, level: int, bodies: list, args, headers: dict, rounds: int, ceiling, model: str) -> dict:
     """One concurrency level in `rounds` rounds; with a ceiling, each round is followed by the in-process run at
     the batch size that round formed, and the ratios are taken round by round (then the median), so slow drift of
     the machine's speed cancels out of them."""
@@ -260,10 +261,10 @@ def run_rounds(url: str, level: int, bodies: list, args, headers: dict, rounds: 
     seconds = 0.0
     fractions, deltas, ceilings, batches = [], [], [], []
     for _ in range(rounds):
-        before = scrape(url, headers)
+        before = scrape(url, headers, model)
         result = run_async(run_level(url, level, bodies, per_round, duration, args.max_seconds / rounds,
                                        args.timeout, headers, latencies))
-        after = scrape(url, headers)
+        after = scrape(url, headers, model)
         count = after["kiln_batch_items_count"] - before["kiln_batch_items_count"]
         batch = (after["kiln_batch_items_sum"] - before["kiln_batch_items_sum"]) / count if count else None
         ok += result["ok"]
@@ -339,7 +340,7 @@ def run_loadtest_command(args) -> int:
         ceiling = Ceiling(args.ceiling, args.variant, args.threads, args.workers, items)
     try:
         for level in levels:
-            results.append(run_rounds(url, level, bodies, args, headers, rounds, ceiling))
+            results.append(run_rounds(url, level, bodies, args, headers, rounds, ceiling, name))
     finally:
         if ceiling is not None:
             ceiling.close()

@@ -23,7 +23,7 @@ from kiln.core.signature import DTYPE_TABLE, TensorSpec
 from kiln.deploy.common import copy_verified, preferred_batch_sizes, read_bench, resolve_variant, staged_folder
 from kiln.serve.server import ServeConfig
 
-_SERVE_DEFAULTS = ServeConfig(artifact_dir=".")  # kiln serve's defaults: Triton batches as kiln serve would
+_SERVE_DEFAULTS = ServeConfig(artifact_dirs=(".",))  # kiln serve's defaults: Triton batches as kiln serve would
 DEFAULT_MAX_BATCH_SIZE = _SERVE_DEFAULTS.max_batch_size
 DEFAULT_MAX_BATCH_DELAY_MS = _SERVE_DEFAULTS.max_batch_delay_ms
 VERSION = "1"

@@ -215,10 +215,13 @@ def add_serve_parser(subparsers: Any) -> None:
     parser = _subparser(subparsers, "serve", "serve an artifact folder over HTTP (/predict, KServe V2, /metrics)",
                         "Serve an artifact folder with LitServe: adaptive batching, V2 protocol, metrics, auth.",
                         SERVE_EXAMPLE, run_serve_command)
-    parser.add_argument("artifact_dir", help="folder written by `kiln export`")
-    parser.add_argument("--variant", help="variant to serve (default: the manifest's default_variant); 'auto' "
-                                           "re-chooses on this machine (a short bounded bench, cached beside the "
-                                           "manifest per machine)")
+    parser.add_argument("artifact_dirs", nargs="+", metavar="DIR",
+                        help="artifact folder(s) written by `kiln export`, or a repository: a folder of them (each "
+                             "model is served under its manifest's name)")
+    parser.add_argument("--variant", action="append",
+                        help="variant to serve (default: the manifest's default_variant); 'auto' re-chooses on this "
+                             "machine (a short bounded bench, cached beside the manifest per machine); NAME for "
+                             "every model or model=NAME for one, comma-separated or repeated")
     parser.add_argument("--host", default=defaults["host"],
                         help="bind address (default %(default)s; 0.0.0.0 to expose)")
     parser.add_argument("--port", type=int, default=defaults["port"])
@@ -226,9 +229,12 @@ def add_serve_parser(subparsers: Any) -> None:
                         help="requests per batch at most (default %(default)s)")
     parser.add_argument("--max-batch-delay-ms", type=float, default=defaults["max_batch_delay_ms"],
                         help="under load, how long to wait for a fuller batch (an idle server never waits)")
-    parser.add_argument("--workers", type=int, default=defaults["workers"],
-                        help="inference worker processes (each loads the model)")
-    parser.add_argument("--threads", type=int, help="runtime threads per worker (default: all cores)")
+    parser.add_argument("--workers", action="append",
+                        help="inference worker processes per model, each loading it (default 1): N for every model "
+                             "or model=N for one, comma-separated or repeated")
+    parser.add_argument("--threads", action="append",
+                        help="runtime threads per worker (default: all cores for one model; with several, the cores "
+                             "shared equally among all workers): N for every model or model=N for one")
     parser.add_argument("--api-key-env", help="environment variable holding the API key; enables auth")
     parser.add_argument("--timeout", type=float, default=defaults["timeout_s"], dest="timeout_s",
                         help="seconds before a request is answered 504 (default %(default)s)")
@@ -257,7 +263,8 @@ def run_serve_command(args: argparse.Namespace) -> int:
     from kiln.serve.server import ServeConfig, serve
 
     names = {f.name for f in dataclasses.fields(ServeConfig)}
-    serve(ServeConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    options = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    serve(ServeConfig(**{**options, "artifact_dirs": tuple(args.artifact_dirs)}))
     return 0
 
 
@@ -459,18 +466,6 @@ def require_extras(args: argparse.Namespace) -> None:
         raise RuntimeUnavailable(f"`kiln {command}` needs {', '.join(missing)}, which this install lacks (the "
                                  "serve-only base install serves ONNX variants and writes deploy files); "
                                  "pip install 'kiln[export]'")
-    if command == "serve":
-        from kiln.core.manifest import read_manifest
-        from kiln.core.runtime import runtime_spec
-
-        manifest = read_manifest(args.artifact_dir)
-        entry = manifest.variant(None if args.variant == "auto" else args.variant)
-        spec = runtime_spec(entry.runtime, entry.name)
-        if spec.requires == "torch" and not _installed("torch"):
-            onnx = [v.name for v in manifest.variants if v.runtime == "onnxruntime"]
-            raise RuntimeUnavailable(
-                f"variant {entry.name!r} ({entry.format}) loads through torch, which this serve-only install lacks; "
-                "pip install 'kiln[export]'" + (f", or serve an ONNX variant: --variant {onnx[0]}" if onnx else ""))
 
 
 # --- the command ------------------------------------------------------------------------------------------------

@@ -40,9 +40,10 @@ MAX_FRAME = 1 << 30
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """The first message on a worker's connection: which worker this is (LitServe's worker id)."""
+    """The first message on a worker's connection: which worker this is (LitServe's worker id) and its process."""
 
     worker: str
+    pid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +122,7 @@ class WorkerChannel:
         self.sock = sock
         self.buffer.clear()
         self.outgoing.clear()
-        self.send(Hello(self.worker_id))
+        self.send(Hello(self.worker_id, os.getpid()))
         return True
 
     def close(self) -> None:
@@ -207,14 +208,17 @@ class WorkerGateway:
     answered 504, whatever stage it is in; the worker drops it unrun if it has not started it.
     """
 
-    def __init__(self, channel_path: str, workers: int, timeout_s: float, metrics) -> None:
+    def __init__(self, channel_path: str, workers: int, timeout_s: float, metrics, name: str = "") -> None:
+        self.name = name  # the model this gateway serves (log lines)
         self.channel_path = channel_path
         self.expected = workers
         self.timeout_s = timeout_s
         self.metrics = metrics
         self.uids = itertools.count()  # unique within this HTTP process, which is all a worker answers to
         self.workers: dict[str, _Worker] = {}
+        self.pids: dict[str, int] = {}  # worker name -> its process id, as the worker said in its Hello
         self._server = None
+        self._stopping = False
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -223,10 +227,16 @@ class WorkerGateway:
         os.chmod(self.channel_path, 0o600)
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._server is not None:
             self._server.close()
         for worker in list(self.workers.values()):
             worker.writer.close()
+
+    @property
+    def connected(self) -> int:
+        """Workers connected now (a crashed one is gone until LitServe's restart connects again)."""
+        return len(self.workers)
 
     def ready(self) -> bool:
         return len(self.workers) >= self.expected
@@ -245,6 +255,9 @@ class WorkerGateway:
         if previous is not None:
             self._lost(previous)
         self.workers[worker.name] = worker
+        self.pids[worker.name] = hello.pid
+        print(f"kiln: {self.name or 'model'} worker {worker.name} ready (pid {hello.pid}; "
+              f"{len(self.workers)} of {self.expected})", flush=True)
         try:
             while True:
                 answer: Answer = await read_frame(reader)
@@ -254,6 +267,10 @@ class WorkerGateway:
         finally:
             if self.workers.get(worker.name) is worker:
                 del self.workers[worker.name]
+                self.pids.pop(worker.name, None)
+                if not self._stopping:
+                        print(f"kiln: {self.name or 'model'} worker {worker.name} lost (pid {hello.pid}); its requests "
+                          "were answered 503, LitServe restarts it", flush=True)
             self._lost(worker)
             writer.close()
 

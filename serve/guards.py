@@ -15,6 +15,7 @@ import time
 
 OPEN_PATHS = {"/health", "/metrics", "/v2/health/live", "/v2/health/ready"}
 AUTHORIZED = "kiln.authorized"  # scope key ApiKeyMiddleware sets when auth is on: whether the caller sent the key
+MODEL = "kiln.model"  # scope key the inference path sets: the served model a request went to (a metrics label)
 
 
 def merge_slashes(path: str) -> str:
@@ -174,7 +175,7 @@ class MetricsMiddleware:
         finally:
             self.metrics.in_flight -= 1
             self.metrics.record_request(_route_label(scope), scope.get("method", ""), status,
-                                        time.perf_counter() - start)
+                                        time.perf_counter() - start, scope.get(MODEL, ""))
 
 
 def _route_label(scope) -> str:

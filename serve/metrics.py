@@ -48,13 +48,15 @@ class Histogram:
 
 
 class Metrics:
-    def __init__(self, model: str, info: dict[str, str] | None = None) -> None:
-        self.model = model
-        self.info = dict(info or {})  # kiln_info's labels: the model, the served variant and why
+    """Every figure of one server. Per-model series carry a `model` label: a server may serve several models, and
+    each model's batches, queue and drops are its own (ModelMetrics records into them)."""
+
+    def __init__(self, info: dict[str, dict[str, str]] | None = None) -> None:
+        self.info = {model: dict(labels) for model, labels in (info or {}).items()}  # model -> kiln_info's labels
         self._lock = threading.Lock()
         self.requests: dict[tuple, int] = {}
-        self.latency = Histogram("kiln_request_duration_seconds", "Time from request to response, by route.",
-                                 LATENCY_BUCKETS)
+        self.latency = Histogram("kiln_request_duration_seconds", "Time from request to response, by route and "
+                                 "model.", LATENCY_BUCKETS)
         self.queue = Histogram("kiln_queue_duration_seconds", "Time a request waited for the inference worker.",
                                LATENCY_BUCKETS)
         self.inference = Histogram("kiln_inference_duration_seconds", "Runtime time per batch.",
@@ -63,43 +65,53 @@ class Metrics:
                                     BATCH_BUCKETS)
         self.batch_items = Histogram("kiln_batch_items", "Items per batch the worker ran, observed once per batch.",
                                      BATCH_BUCKETS)
-        self._seen_batches: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._seen_batches: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self.in_flight = 0
-        self.expired: dict[str, int] = {}  # where a request was dropped at its deadline -> count
-        self.late = 0
+        self.expired: dict[tuple[str, str], int] = {}  # (model, where a request was dropped at its deadline) -> count
+        self.late: dict[str, int] = {}  # model -> answers computed after their deadline
         self.connections_open = 0
         self.connections_closed: dict[str, int] = {}  # why the connection layer closed or refused -> count
 
-    def record_request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def model(self, name: str) -> ModelMetrics:
+        """The recorder one model's gateway writes into."""
         with self._lock:
-            key = (route, method, str(status))
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.latency.observe(seconds, (route,))
+            for stage in ("gateway", "worker"):
+                self.expired.setdefault((name, stage), 0)
+            self.late.setdefault(name, 0)
+        return ModelMetrics(self, name)
 
-    def record_inference(self, queue_s: float, infer_s: float, batch_requests: int, batch_items: int,
+    def record_request(self, route: str, method: str, status: int, seconds: float, model: str = "") -> None:
+        """`model`: the served model the request named (empty where it named none: health, metrics, unknown)."""
+        with self._lock:
+            key = (route, method, str(status), model)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            self.latency.observe(seconds, (route, model))
+
+    def record_inference(self, model: str, queue_s: float, infer_s: float, batch_requests: int, batch_items: int,
                          batch_id: str) -> None:
         """Queue time per request; inference time and batch sizes once per batch (its first answer)."""
         with self._lock:
-            self.queue.observe(queue_s)
-            if batch_id in self._seen_batches:
+            self.queue.observe(queue_s, (model,))
+            key = (model, batch_id)
+            if key in self._seen_batches:
                 return
-            self._seen_batches[batch_id] = None
+            self._seen_batches[key] = None
             if len(self._seen_batches) > 4096:
                 self._seen_batches.popitem(last=False)
-            self.inference.observe(infer_s)
-            self.batch_size.observe(batch_requests)
-            self.batch_items.observe(batch_items)
+            self.inference.observe(infer_s, (model,))
+            self.batch_size.observe(batch_requests, (model,))
+            self.batch_items.observe(batch_items, (model,))
 
-    def record_expired(self, stage: str) -> None:
+    def record_expired(self, model: str, stage: str) -> None:
         """A request dropped at its deadline before it reached the runtime: in the HTTP process's queue for the
         worker ("gateway") or when the worker took it from the channel ("worker")."""
         with self._lock:
-            self.expired[stage] = self.expired.get(stage, 0) + 1
+            self.expired[(model, stage)] = self.expired.get((model, stage), 0) + 1
 
-    def record_late(self) -> None:
+    def record_late(self, model: str) -> None:
         """An answer the runtime computed after its request's deadline: the client already had its 504."""
         with self._lock:
-            self.late += 1
+            self.late[model] = self.late.get(model, 0) + 1
 
     def record_closed(self, reason: str) -> None:
         with self._lock:
@@ -109,28 +121,33 @@ class Metrics:
         with self._lock:
             lines = []
             if self.info:
-                labels = ",".join(f'{k}="{_label(v)}"' for k, v in sorted(self.info.items()))
-                lines += ["# HELP kiln_info The served model and variant, and how the variant was chosen.",
-                          "# TYPE kiln_info gauge", f"kiln_info{{{labels}}} 1"]
-            lines += ["# HELP kiln_requests_total Requests answered, by route, method and status.",
+                lines += ["# HELP kiln_info Each served model and variant, and how the variant was chosen.",
+                          "# TYPE kiln_info gauge"]
+                for labels in self.info.values():
+                    text = ",".join(f'{k}="{_label(v)}"' for k, v in sorted(labels.items()))
+                    lines.append(f"kiln_info{{{text}}} 1")
+            lines += ["# HELP kiln_requests_total Requests answered, by route, method, status and model.",
                       "# TYPE kiln_requests_total counter"]
-            for (route, method, status), count in sorted(self.requests.items()):
-                lines.append(f'kiln_requests_total{{route="{route}",method="{method}",status="{status}"}} {count}')
+            for (route, method, status, model), count in sorted(self.requests.items()):
+                lines.append(f'kiln_requests_total{{route="{route}",method="{method}",status="{status}",'
+                             f'model="{_label(model)}"}} {count}')
             lines += ["# HELP kiln_requests_in_flight Requests being handled now.",
                       "# TYPE kiln_requests_in_flight gauge", f"kiln_requests_in_flight {self.in_flight}"]
-            lines += self.latency.render(("route",))
-            lines += self.queue.render()
-            lines += self.inference.render()
-            lines += self.batch_size.render()
-            lines += self.batch_items.render()
+            lines += self.latency.render(("route", "model"))
+            lines += self.queue.render(("model",))
+            lines += self.inference.render(("model",))
+            lines += self.batch_size.render(("model",))
+            lines += self.batch_items.render(("model",))
             lines += ["# HELP kiln_requests_expired_total Requests dropped at their deadline before reaching the "
-                      "runtime, by where (gateway: the HTTP process's queue; worker: taken off the channel).",
+                      "runtime, by model and where (gateway: the HTTP process's queue; worker: taken off the channel).",
                       "# TYPE kiln_requests_expired_total counter"]
-            for stage in ("gateway", "worker"):
-                lines.append(f'kiln_requests_expired_total{{stage="{stage}"}} {self.expired.get(stage, 0)}')
+            for (model, stage), count in sorted(self.expired.items()):
+                lines.append(f'kiln_requests_expired_total{{model="{_label(model)}",stage="{stage}"}} {count}')
             lines += ["# HELP kiln_answers_late_total Requests the runtime ran that finished after their deadline "
-                      "(the client had already been answered 504).",
-                      "# TYPE kiln_answers_late_total counter", f"kiln_answers_late_total {self.late}"]
+                      "(the client had already been answered 504), by model.",
+                      "# TYPE kiln_answers_late_total counter"]
+            for model, count in sorted(self.late.items()):
+                lines.append(f'kiln_answers_late_total{{model="{_label(model)}"}} {count}')
             lines += ["# HELP kiln_connections_open Client connections open in the HTTP process.",
                       "# TYPE kiln_connections_open gauge", f"kiln_connections_open {self.connections_open}"]
             lines += ["# HELP kiln_connections_closed_total Connections the server closed or refused below the app, "
@@ -138,6 +155,24 @@ class Metrics:
             for reason, count in sorted(self.connections_closed.items()):
                 lines.append(f'kiln_connections_closed_total{{reason="{reason}"}} {count}')
         return "\n".join(lines) + "\n"
+
+
+class ModelMetrics:
+    """One model's view of the server's Metrics: what its WorkerGateway records, labelled with the model."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.metrics = metrics
+        self.name = model
+
+    def record_inference(self, queue_s: float, infer_s: float, batch_requests: int, batch_items: int,
+                         batch_id: str) -> None:
+        self.metrics.record_inference(self.name, queue_s, infer_s, batch_requests, batch_items, batch_id)
+
+    def record_expired(self, stage: str) -> None:
+        self.metrics.record_expired(self.name, stage)
+
+    def record_late(self) -> None:
+        self.metrics.record_late(self.name)
 
 
 def _label(value: str) -> str:

@@ -28,6 +28,12 @@ def _error(message: str, status: int = 400, param: str | None = None, code: str 
     return RequestError(message, status, param=param, code=code)
 
 
+def model_named(body: Any) -> str | None:
+    """The served model a request names in `model` (the server picks the model by it), or None."""
+    name = body.get("model") if isinstance(body, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def parse(body: Any, model: ServedModel) -> Request:
     if model.task != "embedding" or not model.text:
         raise _error(f"model {model.name!r} is not a text embedding model; /v1/embeddings serves those only",

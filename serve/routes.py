@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kiln.serve import openai_embeddings, v2_binary
 from kiln.serve.api import WorkItem
 from kiln.serve.channel import WorkerGateway
-from kiln.serve.guards import AUTHORIZED
+from kiln.serve.guards import AUTHORIZED, MODEL
 from kiln.serve.protocol import Request as ParsedRequest
 from kiln.serve.protocol import RequestError, ServedModel, parse_predict, parse_v2, predict_response, v2_response
 
@@ -55,24 +55,15 @@ def error_response(error: RequestError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-def unknown_model(model: ServedModel, name: str, version: str | None = None, reveal: bool = True) -> RequestError | None:
-    """404 for a name or version this server does not serve. `reveal` names the served model, which helps a client
-    that holds the API key; an unauthenticated caller of an open route (/v2/models/{name}/ready) is not told."""
-    if name != model.name:
-        served = f"; this server serves {model.name!r}" if reveal else ""
-        return RequestError(f"no model named {name!r}{served}", 404)
-    if version is not None and version != model.version:
-        return RequestError(f"model {name!r} has no version {version!r}", 404)
-    return None
-
-
 @dataclass(frozen=True)
 class Reply:
-    """What an inference route answers: status, the encoded body, and its headers."""
+    """What an inference route answers: status, the encoded body, and its headers; `model`, the served model it
+    went to (None where it reached none), labels the request in /metrics."""
 
     status: int
     payload: bytes
     headers: tuple[tuple[bytes, bytes], ...] = ((b"content-type", b"application/json"),)
+    model: str | None = None
 
 
 def decode_body(headers: dict[str, str], raw: bytes, expected: Any) -> tuple[Any, Any]:
@@ -118,12 +109,14 @@ class Wire:
     error_body: Callable[[RequestError], dict] = RequestError.body  # how a refusal is written on this protocol
     decode: Callable[[dict[str, str], bytes, Any], tuple[Any, Any]] = decode_body
     encode: Callable[[dict, ParsedRequest | None], Reply] = encode_json
+    # Where the body, not the path, names the model (OpenAI's `model`): the name, or None where it does not say.
+    model_in_body: Callable[[Any], str | None] | None = None
 
 
 PREDICT = Wire("predict", lambda model: model.expected_predict, parse_predict, predict_response)
 V2 = Wire("v2", lambda model: model.expected_v2, parse_v2, v2_response, decode=decode_v2_body, encode=encode_v2)
 OPENAI_EMBEDDINGS = Wire("openai", openai_embeddings.expected, openai_embeddings.parse, openai_embeddings.respond,
-                         openai_embeddings.error_body)
+                         openai_embeddings.error_body, model_in_body=openai_embeddings.model_named)
 
 NAME_PARAM = "name"  # a route's template parameter that names the model
 VERSION_PARAM = "model_version"  # and the one that names its version
@@ -166,7 +159,8 @@ class InferenceRoute:
 
 
 INFERENCE_ROUTES = (
-    InferenceRoute("/predict", "predict", PREDICT),
+    InferenceRoute("/predict", "predict", PREDICT),  # the one model, where the server serves one
+    InferenceRoute("/v2/models/{name}/predict", "model_predict", PREDICT),
     InferenceRoute("/v2/models/{name}/infer", "v2_infer", V2),
     InferenceRoute("/v2/models/{name}/versions/{model_version}/infer", "v2_infer_version", V2),
     InferenceRoute("/v1/embeddings", "openai_embeddings", OPENAI_EMBEDDINGS),
@@ -189,34 +183,70 @@ def match_inference(path: str, routes: tuple[InferenceRoute, ...] = INFERENCE_RO
     return None
 
 
-class Inference:
-    """The inference path itself, shared by the FastAPI routes and the ASGI fast path below."""
+@dataclass(frozen=True)
+class Endpoint:
+    """One served model in the HTTP process: what it takes and answers, and the gateway to its workers."""
 
-    def __init__(self, model: ServedModel, gateway: WorkerGateway, metrics) -> None:
-        self.model = model
-        self.gateway = gateway
-        self.metrics = metrics
+    model: ServedModel
+    gateway: WorkerGateway
+    plan: Any = None  # its serve.repository.ModelPlan
+
+
+class Inference:
+    """The inference path itself, shared by the FastAPI routes and the ASGI fast path below: finds the model a
+    request names, decodes and validates the request against it, and sends it to that model's workers."""
+
+    def __init__(self, endpoints: dict[str, Endpoint]) -> None:
+        self.endpoints = endpoints
+
+    def lookup(self, name: str | None, version: str | None = None, reveal: bool = True) -> Endpoint:
+        """The model a route names; `name` None: the one model of a single-model server. A 404 names the served
+        models where `reveal` (the caller holds the API key, or there is none); an unauthenticated caller of an open
+        route (/v2/models/{name}/ready) is not told them."""
+        if name is None:
+            if len(self.endpoints) == 1:
+                return next(iter(self.endpoints.values()))
+            raise RequestError(f"this server serves {len(self.endpoints)} models ({', '.join(self.endpoints)}); "
+                               "name one: POST /v2/models/{name}/predict or /v2/models/{name}/infer", 404)
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            served = f"; this server serves {', '.join(repr(n) for n in self.endpoints)}" if reveal else ""
+            raise RequestError(f"no model named {name!r}{served}", 404, param="model", code="model_not_found")
+        if version is not None and version != endpoint.model.version:
+            raise RequestError(f"model {name!r} has no version {version!r}", 404)
+        return endpoint
 
     async def answer(self, wire: Wire, name: str | None, version: str | None, headers: dict[str, str],
                      raw: bytes) -> Reply:
         """`headers`: the request's headers named in READ_HEADERS, lower-case names."""
-        model = self.model
+        model_name = None
         try:
-            error = None if name is None else unknown_model(model, name, version)
-            if error is not None:
-                raise error
+            body: Any = None
+            section = None
+            if name is None and wire.model_in_body is not None and len(self.endpoints) > 1:
+                # The body names the model (OpenAI): decode first, against the first model's expectations.
+                body, section = wire.decode(headers, raw, None)
+                name = wire.model_in_body(body)
+                if name is None:
+                    raise RequestError("'model' is required and must be a string", 400, param="model")
+            endpoint = self.lookup(name, version)
+            model = endpoint.model
+            model_name = model.name
             expected = wire.expected(model)
             encoding = headers.get("content-encoding", "identity").strip().lower()
             if encoding not in ("identity", ""):
                 raise RequestError(f"Content-Encoding {encoding[:40]!r} is not supported; send the body "
                                    "uncompressed", 415, expected)
-            body, section = wire.decode(headers, raw, expected)
+            if body is None:
+                body, section = wire.decode(headers, raw, expected)
             parsed = wire.parse(body, model, section) if section is not None else wire.parse(body, model)
-            result = await self.gateway.submit(WorkItem(parsed.arrays, parsed.texts, parsed.count, time.time()))
+            result = await endpoint.gateway.submit(WorkItem(parsed.arrays, parsed.texts, parsed.count, time.time()))
         except RequestError as error:
-            return Reply(error.status, orjson.dumps(wire.error_body(error), option=orjson.OPT_SERIALIZE_NUMPY))
+            return Reply(error.status, orjson.dumps(wire.error_body(error), option=orjson.OPT_SERIALIZE_NUMPY),
+                         model=model_name)
         parsed.tokens = result.tokens
-        return wire.encode(wire.respond(model, result.outputs, parsed), parsed)
+        reply = wire.encode(wire.respond(model, result.outputs, parsed), parsed)
+        return Reply(reply.status, reply.payload, reply.headers, model_name)
 
 
 class InferenceFastPath:
@@ -248,6 +278,8 @@ class InferenceFastPath:
                 break
         headers = {key.decode(): value.decode("latin-1") for key, value in scope["headers"] if key in READ_HEADERS}
         reply = await self.inference.answer(match.route.wire, match.name, match.version, headers, b"".join(chunks))
+        if reply.model is not None:
+            scope[MODEL] = reply.model  # MetricsMiddleware labels the request with the model
         await send({"type": "http.response.start", "status": reply.status,
                     "headers": [*reply.headers, (b"content-length", str(len(reply.payload)).encode())]})
         await send({"type": "http.response.body", "body": reply.payload})
@@ -301,54 +333,91 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, crashed)
 
 
-def add_routes(app: FastAPI, model: ServedModel, gateway: WorkerGateway, inference: Inference, version: str) -> None:
+def add_routes(app: FastAPI, inference: Inference, metrics, version: str) -> None:
     """The FastAPI routes: the inference ones mostly serve the OpenAPI schema (InferenceFastPath answers first)."""
     add_error_handlers(app)
+    endpoints = inference.endpoints
 
-    def metadata() -> dict:
+    def metadata(endpoint: Endpoint) -> dict:
+        model = endpoint.model
         return {"name": model.name, "versions": [model.version], "platform": model.platform,
                 "parameters": dict(model.served_variant),
                 "inputs": model.v2_inputs, "outputs": model.v2_outputs}
+
+    def ready_models() -> bool:
+        return all(endpoint.gateway.ready() for endpoint in endpoints.values())
+
+    def found(name: str, model_version: str | None = None, reveal: bool = True) -> Endpoint | Response:
+        try:
+            return inference.lookup(name, model_version, reveal)
+        except RequestError as error:
+            return error_response(error)
 
     for route in INFERENCE_ROUTES:
         app.add_api_route(route.path, _endpoint(route, inference), methods=["POST"], name=route.endpoint)
 
     @app.get("/v2")
     async def server_metadata():
-        return {"name": "kiln", "version": version, "extensions": ["binary_tensor_data"], "models": [model.name]}
+        return {"name": "kiln", "version": version, "extensions": ["binary_tensor_data", "model_repository"],
+                "models": list(endpoints)}
 
     @app.get("/v2/health/live")
     async def live():
         return {"live": True}
 
-    @app.get("/v2/health/ready")
+    @app.get("/v2/health/ready")  # ready when every model is: a load balancer sends any model's requests here
     async def ready():
-        ok = gateway.ready()
+        ok = ready_models()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @app.get("/health")  # LitServe's probe path (its own answered plain text "ok"): the same as /v2/health/ready
     async def health():
-        ok = gateway.ready()
+        ok = ready_models()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @app.get("/v2/models/{name}")
     async def model_metadata(name: str):
-        error = unknown_model(model, name)
-        return error_response(error) if error else metadata()
+        endpoint = found(name)
+        return endpoint if isinstance(endpoint, Response) else metadata(endpoint)
 
     @app.get("/v2/models/{name}/versions/{model_version}")
     async def model_version_metadata(name: str, model_version: str):
-        error = unknown_model(model, name, model_version)
-        return error_response(error) if error else metadata()
+        endpoint = found(name, model_version)
+        return endpoint if isinstance(endpoint, Response) else metadata(endpoint)
 
     @app.get("/v2/models/{name}/ready")
     async def model_ready(name: str, request: Request):
-        error = unknown_model(model, name, reveal=request.scope.get(AUTHORIZED, True))
-        if error:
+        endpoint = found(name, reveal=request.scope.get(AUTHORIZED, True))
+        if isinstance(endpoint, Response):
+            return endpoint
+        ok = endpoint.gateway.ready()
+        return JSONResponse({"name": endpoint.model.name, "ready": ok}, status_code=200 if ok else 503)
+
+    @app.post("/v2/repository/index")
+    async def repository_index(request: Request):
+        """Triton's model repository extension: every model with its state. `{"ready": true}` lists only the
+        ready ones."""
+        raw = await request.body()
+        try:
+            body = decode_json(request.headers.get("content-type", ""), raw, None) if raw.strip() else {}
+        except RequestError as error:
             return error_response(error)
-        ok = gateway.ready()
-        return JSONResponse({"name": model.name, "ready": ok}, status_code=200 if ok else 503)
+        if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
+            return error_response(RequestError("the body must be empty or {\"ready\": true|false}", 400))
+        index = []
+        for endpoint in endpoints.values():
+            gateway = endpoint.gateway
+            ok = gateway.ready()
+            if body.get("ready") and not ok:
+                continue
+            entry = {"name": endpoint.model.name, "version": endpoint.model.version,
+                     "state": "READY" if ok else "UNAVAILABLE"}
+            if not ok:
+                entry["reason"] = (f"{gateway.connected} of {gateway.expected} inference workers connected "
+                                   "(starting, or restarting after a crash)")
+            index.append(entry)
+        return JSONResponse(index)
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(inference.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,7 +1,9 @@
-"""Builds the LitServer for an artifact folder and runs it.
+"""Builds the LitServer for one or more artifact folders and runs it.
 
-The manifest is read and the variant's hash checked before any process starts, so a bad folder
-fails fast with one line. The server binds 127.0.0.1 unless told otherwise; SIGTERM is a graceful
+Every manifest is read and every variant's hash checked before any process starts (serve.repository), so a bad
+folder fails fast with one line. Each model is its own LitAPI with its own inference workers, worker channel and
+batching, so one model's crash or overload fails only that model's requests; they share the HTTP process, its
+routes, auth and metrics. The server binds 127.0.0.1 unless told otherwise; SIGTERM is a graceful
 stop (stop accepting, finish what is in flight, exit with the whole process group).
 
 uvicorn runs with kiln's own HTTP protocol class (serve.connections: head deadline, head size limits, connection
@@ -20,19 +22,21 @@ from dataclasses import dataclass
 from kiln.core.errors import UsageError
 from kiln.core.secrets import MIN_KEY_LENGTH, api_key_from_env
 
-INTERNAL_PATH = "/_kiln/worker"
+INTERNAL_PATH = "/_kiln/worker"  # + /<index>: each model's LitServe route, internal (kiln's routes are the public ones)
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    artifact_dir: str
-    variant: str | None = None
+    """`variant`, `workers` and `threads` take one value for every model or `name=value` forms (serve.repository)."""
+
+    artifact_dirs: tuple[str, ...]
+    variant: str | list[str] | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_size: int = 32
     max_batch_delay_ms: float = 2.0
-    workers: int = 1
-    threads: int | None = None
+    workers: int | list[str] = 1
+    threads: int | list[str] | None = None
     api_key_env: str | None = None
     timeout_s: float = 30.0
     max_body_bytes: int = 8 * 1024 * 1024
@@ -46,13 +50,17 @@ class ServeConfig:
     max_connections: int = 256
 
     def __post_init__(self) -> None:
+        if isinstance(self.artifact_dirs, str):
+            object.__setattr__(self, "artifact_dirs", (self.artifact_dirs,))
+        if not self.artifact_dirs:
+            raise UsageError("name at least one artifact folder (or a repository of them) to serve")
         if self.host not in ("127.0.0.1", "0.0.0.0", "::", "localhost"):
             raise UsageError(f"--host {self.host!r} is not supported; use 127.0.0.1 (default) or 0.0.0.0")
         if not 1024 <= self.port <= 65535:
             raise UsageError(f"--port {self.port} must be in 1024..65535")
-        if self.max_batch_size < 1 or self.workers < 1 or self.max_items < 1:
+        if self.max_batch_size < 1 or self.max_items < 1 or (isinstance(self.workers, int) and self.workers < 1):
             raise UsageError("--max-batch-size, --workers and --max-items must be positive integers")
-        if self.threads is not None and self.threads < 1:
+        if isinstance(self.threads, int) and self.threads < 1:
             raise UsageError("--threads must be a positive integer")
         if not 0 <= self.max_batch_delay_ms <= 1000:
             raise UsageError("--max-batch-delay-ms must lie in 0..1000")
@@ -108,33 +116,6 @@ def served_model(manifest, variant, max_items: int, max_batch_items: int | None 
     )
 
 
-def choose_variant(config: ServeConfig, manifest) -> tuple:
-    """The variant to serve and why: `--variant NAME` (forced), `--variant auto` (chosen on this machine, or cached,
-    or the fp32 fallback), or the manifest's default, with a warning where it was chosen on a machine whose
-    speed-deciding CPU flags differ from this one's."""
-    from kiln.core.machine import speed_mismatch
-
-    if config.variant == "auto":
-        from kiln.core.autoselect import auto_variant
-
-        max_batch = min(8, config.max_batch_size)
-        choice = auto_variant(config.artifact_dir, config.threads, batch_sizes=(1, max_batch))
-        served = {"variant": choice.variant, "how": choice.how, "reason": choice.reason}
-        print(f"kiln: --variant auto: {choice.variant} ({choice.how}, {choice.seconds:.1f} s): {choice.reason}",
-              flush=True)
-        return manifest.variant(choice.variant), served
-    if config.variant:
-        entry = manifest.variant(config.variant)
-        return entry, {"variant": entry.name, "how": "forced", "reason": "named with --variant"}
-    entry = manifest.variant(None)
-    selection = manifest.selection or {}
-    reason = selection.get("reason") or "the export's fp32 default (no --select was run)"
-    warning = speed_mismatch(selection.get("machine"))
-    if warning:
-        print(f"kiln: warning: {warning}", flush=True)
-    return entry, {"variant": entry.name, "how": "default", "reason": reason}
-
-
 def api_key(config: ServeConfig) -> str | None:
     return api_key_from_env(config.api_key_env, min_length=MIN_KEY_LENGTH)
 
@@ -142,27 +123,31 @@ def api_key(config: ServeConfig) -> str | None:
 def build_server(config: ServeConfig, state_dir: str):
     import litserve as ls
 
-    from kiln.core.manifest import read_manifest
-    from kiln.core.runtime import check_runnable
     from kiln.serve.api import KilnAPI
     from kiln.serve.batching import AdaptiveBatchedLoop
     from kiln.serve.channel import WorkerGateway
     from kiln.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, PathNormalizer
     from kiln.serve.metrics import Metrics
-    from kiln.serve.routes import Inference, InferenceFastPath, add_routes
+    from kiln.serve.repository import plan_models
+    from kiln.serve.routes import Endpoint, Inference, InferenceFastPath, add_routes
 
-    manifest = read_manifest(config.artifact_dir)
-    variant, served = choose_variant(config, manifest)
-    check_runnable(manifest, variant.name)  # refuse a tampered or foreign artifact before any process starts
-    batch_items = config.batch_items(manifest.is_text)
-    model = served_model(manifest, variant, config.max_items, batch_items, served)
+    plans = plan_models(config)
     key = api_key(config)
-    metrics = Metrics(model.name, {"model": model.name, "variant": variant.name, "how": served["how"]})
-    channel_path = os.path.join(state_dir, "workers.sock")
-    loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items)
-    api = KilnAPI(os.path.abspath(config.artifact_dir), variant.name, config.threads, config.max_batch_size, loop)
-    gateway = WorkerGateway(channel_path, config.workers, config.timeout_s, metrics)
-    inference = Inference(model, gateway, metrics)
+    metrics = Metrics({plan.name: {"model": plan.name, "variant": plan.variant.name, "how": plan.served["how"]}
+                       for plan in plans})
+    endpoints = {}
+    apis = []
+    for plan in plans:
+        batch_items = config.batch_items(plan.manifest.is_text)
+        model = served_model(plan.manifest, plan.variant, config.max_items, batch_items, plan.served)
+        channel_path = os.path.join(state_dir, f"worker-{plan.index}.sock")
+        loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items)
+        api = KilnAPI(plan.folder, plan.variant.name, plan.threads, config.max_batch_size, loop)
+        api.api_path = f"{INTERNAL_PATH}/{plan.index}"  # each model's own LitServe route and request queue
+        gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name)
+        endpoints[plan.name] = Endpoint(model, gateway, plan)
+        apis.append(api)
+    inference = Inference(endpoints)
     middlewares = [(InferenceFastPath, {"inference": inference}),  # innermost: after auth, limits and metrics
                    (BodyLimitMiddleware, {"max_bytes": config.max_body_bytes, "read_timeout_s": config.body_timeout_s})]
     if key:
@@ -170,9 +155,9 @@ def build_server(config: ServeConfig, state_dir: str):
     middlewares.append((MetricsMiddleware, {"metrics": metrics}))  # counts 401s and 413s too
     middlewares.append(PathNormalizer)  # outermost: auth and routing see one spelling of each path
     server = ls.LitServer(
-        api,
+        apis,
         accelerator="cpu",
-        workers_per_device=config.workers,
+        workers_per_device={api.api_path: plan.workers for api, plan in zip(apis, plans)},
         timeout=config.timeout_s,
         middlewares=middlewares,
         restart_workers=True,
@@ -182,28 +167,30 @@ def build_server(config: ServeConfig, state_dir: str):
     from starlette.middleware.gzip import GZipMiddleware
 
     server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
-    # The worker's own LitServe route is internal: everything public goes through kiln's validated routes.
+    # The workers' own LitServe routes are internal: everything public goes through kiln's validated routes.
     # LitServe's /info (its configuration) and FastAPI's /docs and /redoc (which load scripts from a CDN) are not
     # part of kiln's surface either; /openapi.json stays, for clients and fuzzers. LitServe's "/" and "/health"
     # answer plain text ("litserve running", "ok"): "/" goes, and kiln answers /health itself, in JSON.
-    hidden = {INTERNAL_PATH, "/info", "/docs", "/docs/oauth2-redirect", "/redoc", "/", "/health"}
+    hidden = {api.api_path for api in apis} | {"/info", "/docs", "/docs/oauth2-redirect", "/redoc", "/", "/health"}
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) not in hidden]
     litserve_lifespan = server.app.router.lifespan_context
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):  # the gateway lives in the HTTP process, started with it
-        await gateway.start()
+    async def lifespan(app):  # the gateways live in the HTTP process, started with it
+        for endpoint in endpoints.values():
+            await endpoint.gateway.start()
         try:
             async with litserve_lifespan(app):
                 yield
         finally:
-            await gateway.stop()
+            for endpoint in endpoints.values():
+                await endpoint.gateway.stop()
 
     server.app.router.lifespan_context = lifespan
     from importlib.metadata import version
 
-    add_routes(server.app, model, gateway, inference, version("kiln"))
-    return server, model, variant, metrics
+    add_routes(server.app, inference, metrics, version("kiln"))
+    return server, plans, metrics
 
 
 def uvicorn_options(config: ServeConfig, metrics) -> dict:
@@ -242,7 +229,7 @@ def raise_open_file_limit(config: ServeConfig) -> None:
 def serve(config: ServeConfig) -> None:
     state_dir = tempfile.mkdtemp(prefix="kiln-serve-")
     try:
-        server, model, variant, metrics = build_server(config, state_dir)
+        server, plans, metrics = build_server(config, state_dir)
 
         main_pid = os.getpid()
 
@@ -254,9 +241,13 @@ def serve(config: ServeConfig) -> None:
             raise SystemExit(0)
 
         signal.signal(signal.SIGTERM, stop)
-        print(f"kiln: serving {model.name} ({variant.name}, {model.served_variant['how']}: "
-              f"{model.served_variant['reason']}) on http://{config.host}:{config.port} "
-              f"[/predict, /v2/models/{model.name}/infer, /metrics]", flush=True)
+        for plan in plans:
+            print(f"kiln: serving {plan.name} ({plan.variant.name}, {plan.served['how']}: {plan.served['reason']}; "
+                  f"{plan.workers} worker(s), {plan.threads or 'all'} thread(s) each) at "
+                  f"http://{config.host}:{config.port}/v2/models/{plan.name}/infer", flush=True)
+        single = "/predict, " if len(plans) == 1 else ""
+        print(f"kiln: {len(plans)} model(s) on http://{config.host}:{config.port} [{single}/v2/models/{{name}}/infer, "
+              "/v2/models/{name}/predict, /v2/repository/index, /metrics]", flush=True)
         raise_open_file_limit(config)
         try:
             server.run(host=config.host, port=config.port, generate_client_file=False, num_api_servers=1,

@@ -86,10 +86,10 @@ def test_entrypoint_takes_the_kserve_container_arguments():
     from kiln.cli import build_parser
 
     parsed = build_parser().parse_args([*args, "--api-key-env", "KILN_API_KEY"])  # the parser takes them as given
-    assert (parsed.command, parsed.artifact_dir, parsed.port, parsed.threads) == ("serve", "/mnt/models", 8080, 1)
+    assert (parsed.command, parsed.artifact_dirs, parsed.port, parsed.threads) == ("serve", ["/mnt/models"], 8080, ["1"])
 
 
 def test_cli_defaults_to_loopback():
     from kiln.serve.server import ServeConfig
 
-    assert ServeConfig(artifact_dir="x").host == "127.0.0.1"
+    assert ServeConfig(artifact_dirs=("x",)).host == "127.0.0.1"

@@ -89,7 +89,7 @@ class Harness:
         from uvicorn.config import Config
         from uvicorn.server import ServerState
 
-        self.metrics = Metrics("m")
+        self.metrics = Metrics()
         self.cls = make_protocol(limits, self.metrics)
         self.config = Config(app=_ok_app, http=self.cls, ws="none", lifespan="off", log_level="critical")
         self.config.load()
@@ -264,8 +264,8 @@ def test_a_request_queued_behind_a_stalled_worker_gets_504_at_its_deadline_and_i
     answered at its deadline (no wait on drain()), and what never left the outbox is dropped, not sent later."""
 
     async def main():
-        metrics = Metrics("m")
-        gateway = WorkerGateway("/unused", 1, 0.5, metrics)
+        metrics = Metrics()
+        gateway = WorkerGateway("/unused", 1, 0.5, metrics.model("m"))
         ours, theirs = socket.socketpair()
         _reader, writer = await asyncio.open_connection(sock=ours)
         gateway.workers["0"] = worker = _Worker("0", writer)
@@ -276,7 +276,7 @@ def test_a_request_queued_behind_a_stalled_worker_gets_504_at_its_deadline_and_i
         waited = time.monotonic() - t0
         assert all(isinstance(r, RequestError) and r.status == 504 for r in results), results
         assert waited < 0.5 + 0.3, f"clients waited {waited:.2f}s with a 0.5 s timeout"
-        assert metrics.expired.get("gateway", 0) >= 6, metrics.expired  # at most ~SEND_AHEAD went out
+        assert metrics.expired[("m", "gateway")] >= 6, metrics.expired  # at most ~SEND_AHEAD went out
         assert not worker.frames and not worker.in_flight
         assert writer.transport.get_write_buffer_size() <= SEND_AHEAD + big.nbytes + 4096
         writer.close()
@@ -286,15 +286,21 @@ def test_a_request_queued_behind_a_stalled_worker_gets_504_at_its_deadline_and_i
 
 
 def test_answers_after_the_deadline_count_as_late_and_worker_drops_as_expired():
-    metrics = Metrics("m")
-    gateway = WorkerGateway("/unused", 1, 1.0, metrics)
+    metrics = Metrics()
+    gateway = WorkerGateway("/unused", 1, 1.0, metrics.model("m"))
+    other = metrics.model("other")  # a second model's figures stay its own
     worker = _Worker("0", writer=None)  # type: ignore[arg-type]
     gateway._answered(worker, Answer(5, Result({}, 0.0, 0.1, 1, 1, "1-1")))  # nobody waits for uid 5
     gateway._answered(worker, Answer(6, None, 504, expired=True))
-    assert metrics.late == 1 and metrics.expired == {"worker": 1}
+    other.record_expired("gateway")
+    assert metrics.late == {"m": 1, "other": 0}
+    assert metrics.expired == {("m", "worker"): 1, ("m", "gateway"): 0, ("other", "worker"): 0, ("other", "gateway"): 1}
     text = metrics.render()
-    assert 'kiln_requests_expired_total{stage="worker"} 1' in text and "kiln_answers_late_total 1" in text
-    assert 'kiln_requests_expired_total{stage="gateway"} 0' in text
+    assert 'kiln_requests_expired_total{model="m",stage="worker"} 1' in text
+    assert 'kiln_answers_late_total{model="m"} 1' in text and 'kiln_answers_late_total{model="other"} 0' in text
+    assert 'kiln_requests_expired_total{model="m",stage="gateway"} 0' in text
+    assert 'kiln_requests_expired_total{model="other",stage="gateway"} 1' in text
+    assert 'kiln_batch_size_count{model="m"} 1' in text and 'kiln_batch_size_count{model="other"}' not in text
 
 
 # --- the batch item cap and the worker's deadline checks -----------------------------------------------------------
@@ -443,17 +449,17 @@ def test_a_request_over_the_batch_cap_is_refused_413_naming_the_flag():
 
 
 def test_the_batch_item_default_depends_on_the_model_kind_and_limits_are_validated():
-    config = ServeConfig(artifact_dir="x")
+    config = ServeConfig(artifact_dirs=("x",))
     assert config.batch_items(text=True) == TEXT_BATCH_ITEMS == 64
     assert config.batch_items(text=False) == TENSOR_BATCH_ITEMS == 1024
-    assert ServeConfig(artifact_dir="x", max_batch_items=5).batch_items(text=True) == 5
+    assert ServeConfig(artifact_dirs=("x",), max_batch_items=5).batch_items(text=True) == 5
     limits = config.connection_limits()
     assert (limits.header_timeout_s, limits.max_header_bytes, limits.max_headers, limits.max_connections) == (
         10.0, 65536, 100, 256)
     for bad in ({"max_batch_items": 0}, {"header_timeout_s": 0}, {"max_header_bytes": 100}, {"max_headers": 2},
                 {"max_connections": 0}):
         with pytest.raises(UsageError):
-            ServeConfig(artifact_dir="x", **bad)
+            ServeConfig(artifact_dirs=("x",), **bad)
 
 
 def test_the_serve_flags_reach_the_config():
@@ -479,7 +485,8 @@ def test_router_errors_are_json_and_unauthenticated_ready_does_not_name_the_mode
     from fastapi.testclient import TestClient
 
     from kiln.serve.guards import ApiKeyMiddleware
-    from kiln.serve.routes import Inference, add_routes
+    from kiln.serve.metrics import Metrics
+    from kiln.serve.routes import Endpoint, Inference, add_routes
 
     class Gateway:
         def ready(self):
@@ -487,7 +494,7 @@ def test_router_errors_are_json_and_unauthenticated_ready_does_not_name_the_mode
 
     model = _served(False, 8, None)
     app = FastAPI()
-    add_routes(app, model, Gateway(), Inference(model, Gateway(), None), "0")  # type: ignore[arg-type]
+    add_routes(app, Inference({model.name: Endpoint(model, Gateway())}), Metrics(), "0")  # type: ignore[arg-type]
     app.add_middleware(ApiKeyMiddleware, api_key="k" * 32)
     with TestClient(app) as client:
         missing = client.get("/nope", headers={"x-api-key": "k" * 32})

@@ -140,8 +140,8 @@ def test_body_over_the_limit_is_refused(digits_artifacts):
         server.stop()
 
 
-def _metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+def _metric(text: str, name: str, model: str = "digits") -> float:
+    match = re.search(rf'^{re.escape(name)}{{model="{model}"}} ([0-9.e+-]+)$', text, re.M)
     assert match, name
     return float(match.group(1))
 
@@ -155,7 +155,7 @@ def test_metrics_are_prometheus_text(digits_server):
     for name in ("kiln_requests_total", "kiln_request_duration_seconds", "kiln_queue_duration_seconds",
                  "kiln_inference_duration_seconds", "kiln_batch_size"):
         assert f"# TYPE {name} " in text
-    assert re.search(r'kiln_requests_total\{route="/predict",method="POST",status="200"\} \d+', text)
+    assert re.search(r'kiln_requests_total\{route="/predict",method="POST",status="200",model="digits"\} \d+', text)
 
 
 def test_concurrent_requests_form_batches_and_a_lone_request_does_not_wait(digits_artifacts, digits_images):

@@ -141,6 +141,7 @@ def test_the_cost_model_waits_only_where_a_fuller_batch_was_measured_cheaper():
 
 @pytest.mark.parametrize(("path", "template", "wire", "name", "version"), [
     ("/predict", "/predict", PREDICT, None, None),
+    ("/v2/models/digits/predict", "/v2/models/{name}/predict", PREDICT, "digits", None),
     ("/v2/models/digits/infer", "/v2/models/{name}/infer", V2, "digits", None),
     ("/v2/models/all-MiniLM-L6-v2/versions/1/infer", "/v2/models/{name}/versions/{model_version}/infer", V2,
      "all-MiniLM-L6-v2", "1"),
@@ -166,22 +167,24 @@ def test_other_paths_do_not_match(path):
 
 def test_the_route_table_declares_each_route_once_with_its_parameters():
     paths = [route.path for route in INFERENCE_ROUTES]
-    assert len(set(paths)) == len(paths) == 4
+    assert len(set(paths)) == len(paths) == 5
     assert {route.path: route.params for route in INFERENCE_ROUTES} == {
-        "/predict": (), "/v2/models/{name}/infer": ("name",),
+        "/predict": (), "/v2/models/{name}/predict": ("name",), "/v2/models/{name}/infer": ("name",),
         "/v2/models/{name}/versions/{model_version}/infer": ("name", "model_version"), "/v1/embeddings": ()}
 
 
 def test_the_fastapi_routes_are_the_table_rows():
     from fastapi import FastAPI
 
-    from kiln.serve.routes import Inference, add_routes
+    from kiln.serve.metrics import Metrics
+    from kiln.serve.routes import Endpoint, Inference, add_routes
 
     model = _served("classification")
     app = FastAPI()
-    add_routes(app, model, None, Inference(model, None, None), "0.0.0")
+    add_routes(app, Inference({model.name: Endpoint(model, None)}), Metrics(), "0.0.0")  # type: ignore[arg-type]
     posts = {route.path: route.name for route in app.routes if "POST" in getattr(route, "methods", ())}
-    assert posts == {route.path: route.endpoint for route in INFERENCE_ROUTES}
+    assert posts == {**{route.path: route.endpoint for route in INFERENCE_ROUTES},
+                     "/v2/repository/index": "repository_index"}  # the one POST that does not run a model
     operations = app.openapi()["paths"]
     params = operations["/v2/models/{name}/versions/{model_version}/infer"]["post"]["parameters"]
     assert [(p["name"], p["in"], p["schema"]["type"]) for p in params] == [
@@ -250,7 +253,8 @@ def test_the_fast_path_and_the_fastapi_routes_answer_alike():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from kiln.serve.routes import Inference, InferenceFastPath, add_routes
+    from kiln.serve.metrics import Metrics
+    from kiln.serve.routes import Endpoint, Inference, InferenceFastPath, add_routes
 
     class Gateway:  # answers every request with fixed logits, as a worker would
         async def submit(self, item):
@@ -261,16 +265,17 @@ def test_the_fast_path_and_the_fastapi_routes_answer_alike():
             return True
 
     model = _served("classification")
-    inference = Inference(model, Gateway(), None)
+    inference = Inference({model.name: Endpoint(model, Gateway())})  # type: ignore[arg-type]
     plain = FastAPI()
-    add_routes(plain, model, Gateway(), inference, "0.0.0")
+    add_routes(plain, inference, Metrics(), "0.0.0")
     fast = FastAPI()
-    add_routes(fast, model, Gateway(), inference, "0.0.0")
+    add_routes(fast, inference, Metrics(), "0.0.0")
     fast.add_middleware(InferenceFastPath, inference=inference)
     v2 = {"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
     cases = [("/predict", {"x": [1, 2]}), ("/predict", {"inputs": {"x": [[1, 2], [3, 4]]}}),
              ("/predict", {"y": 1}), ("/v2/models/m/infer", v2), ("/v2/models/m/versions/1/infer", v2),
-             ("/v2/models/other/infer", v2), ("/v2/models/m/versions/2/infer", v2)]
+             ("/v2/models/other/infer", v2), ("/v2/models/m/versions/2/infer", v2), ("/v2/models/m/predict", {"x": [1, 2]}),
+             ("/v2/models/other/predict", {"x": [1, 2]})]
     with TestClient(plain) as a, TestClient(fast) as b:
         for path, body in cases:
             one, two = a.post(path, json=body), b.post(path, json=body)
