@@ -45,11 +45,14 @@ SERVE_EXAMPLE = """examples:
   kiln serve artifacts/digits
   kiln serve artifacts/minilm --variant torchscript-bf16 --max-batch-size 16 --threads 2
   KILN_API_KEY=$(openssl rand -hex 16) kiln serve artifacts/digits --api-key-env KILN_API_KEY
+  kiln serve artifacts/digits artifacts/minilm --workers digits=2,minilm=1
+  kiln serve artifacts/            # a repository: every artifact folder inside it
 """
 
 LOADTEST_EXAMPLE = """examples:
   kiln loadtest http://127.0.0.1:8000 --concurrency 1,8,32 --requests 2000
   kiln loadtest http://127.0.0.1:8000 --protocol predict --duration 20 --ceiling artifacts/minilm --threads 2
+  kiln loadtest http://127.0.0.1:8000 --protocol v2-binary --items 32 --concurrency 8 --ceiling artifacts/digits
 """
 
 
@@ -212,8 +215,9 @@ def add_serve_parser(subparsers: Any) -> None:
     from kiln.serve.server import ServeConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
-    parser = _subparser(subparsers, "serve", "serve an artifact folder over HTTP (/predict, KServe V2, /metrics)",
-                        "Serve an artifact folder with LitServe: adaptive batching, V2 protocol, metrics, auth.",
+    parser = _subparser(subparsers, "serve", "serve artifact folders over HTTP (/predict, KServe V2, /metrics)",
+                        "Serve one or more artifact folders with LitServe: adaptive batching, the V2 protocol "
+                        "(JSON and binary tensors), metrics, auth.",
                         SERVE_EXAMPLE, run_serve_command)
     parser.add_argument("artifact_dirs", nargs="+", metavar="DIR",
                         help="artifact folder(s) written by `kiln export`, or a repository: a folder of them (each "
