@@ -65,9 +65,13 @@ def open_fds(pid: int) -> int:
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
-    any_labels = r"(?:\{[^}]*\})?"
-    pattern = "^" + re.escape(name) + (re.escape(labels) if labels else any_labels) + r" ([0-9.e+-]+)$"
-    return sum(float(v) for v in re.findall(pattern, text, re.M))
+    """The sum of `name`'s series whose labels include `labels` ('{le="16"}'), whatever their other labels (model)."""
+    want = set(labels.strip("{}").split(",")) - {""}
+    total = 0.0
+    for got, value in re.findall("^" + re.escape(name) + r"(?:\{([^}]*)\})? ([0-9.e+-]+)$", text, re.M):
+        if want <= set(got.split(",")):
+            total += float(value)
+    return total
 
 
 def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
