@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,33 @@ def decode_json(content_type: str, raw: bytes, expected) -> object:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise RequestError(f"the body is not valid JSON ({exc})", 400, expected) from None
+
+
+# Content-Encoding of request bodies -> zlib's wbits (tritonclient's request_compression_algorithm sends these).
+COMPRESSIONS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decompress(raw: bytes, encoding: str, limit: int, expected: Any) -> bytes:
+    """The body as sent before compression: at most `limit` bytes are ever inflated (the same limit as for an
+    uncompressed body), so a small body that inflates to gigabytes is refused, not expanded."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    wbits = COMPRESSIONS.get(encoding)
+    if wbits is None:
+        raise RequestError(f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or an "
+                           "uncompressed body", 415, expected)
+    inflater = zlib.decompressobj(wbits)
+    try:
+        body = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise RequestError(f"the body is not valid {encoding} data ({exc})", 400, expected) from None
+    if len(body) > limit or inflater.unconsumed_tail:
+        raise RequestError(f"the body inflates past the {limit}-byte limit; send fewer items per request", 413,
+                           expected)
+    if not inflater.eof:
+        raise RequestError(f"the {encoding} body is cut short", 400, expected)
+    return body
 
 
 def error_response(error: RequestError) -> JSONResponse:
@@ -196,8 +224,9 @@ class Inference:
     """The inference path itself, shared by the FastAPI routes and the ASGI fast path below: finds the model a
     request names, decodes and validates the request against it, and sends it to that model's workers."""
 
-    def __init__(self, endpoints: dict[str, Endpoint]) -> None:
+    def __init__(self, endpoints: dict[str, Endpoint], max_body_bytes: int = 8 * 1024 * 1024) -> None:
         self.endpoints = endpoints
+        self.max_body_bytes = max_body_bytes  # a compressed body may inflate to this much at most
 
     def lookup(self, name: str | None, version: str | None = None, reveal: bool = True) -> Endpoint:
         """The model a route names; `name` None: the one model of a single-model server. A 404 names the served
@@ -223,6 +252,7 @@ class Inference:
         try:
             body: Any = None
             section = None
+            raw = decompress(raw, headers.get("content-encoding", ""), self.max_body_bytes, None)
             if name is None and wire.model_in_body is not None and len(self.endpoints) > 1:
                 # The body names the model (OpenAI): decode first, against the first model's expectations.
                 body, section = wire.decode(headers, raw, None)
@@ -233,10 +263,6 @@ class Inference:
             model = endpoint.model
             model_name = model.name
             expected = wire.expected(model)
-            encoding = headers.get("content-encoding", "identity").strip().lower()
-            if encoding not in ("identity", ""):
-                raise RequestError(f"Content-Encoding {encoding[:40]!r} is not supported; send the body "
-                                   "uncompressed", 415, expected)
             if body is None:
                 body, section = wire.decode(headers, raw, expected)
             parsed = wire.parse(body, model, section) if section is not None else wire.parse(body, model)

@@ -147,7 +147,7 @@ def build_server(config: ServeConfig, state_dir: str):
         gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name)
         endpoints[plan.name] = Endpoint(model, gateway, plan)
         apis.append(api)
-    inference = Inference(endpoints)
+    inference = Inference(endpoints, config.max_body_bytes)
     middlewares = [(InferenceFastPath, {"inference": inference}),  # innermost: after auth, limits and metrics
                    (BodyLimitMiddleware, {"max_bytes": config.max_body_bytes, "read_timeout_s": config.body_timeout_s})]
     if key:

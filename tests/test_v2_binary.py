@@ -254,10 +254,43 @@ def test_malformed_binary_bodies_get_a_json_400_and_the_server_stays_ready(digit
 
 
 @pytest.mark.slow
-def test_a_compressed_body_is_refused_415_not_misread(digits_server):
-    answer = httpx.post(f"{digits_server.url}/v2/models/digits/infer", content=GOOD,
+def test_compressed_bodies_as_tritonclient_sends_them(digits_server, digits_images):
+    import gzip
+
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url=digits_server.url.removeprefix("http://"))
+    tensor = triton.InferInput("image", list(digits_images.shape), "FP32")
+    tensor.set_data_from_numpy(digits_images)
+    plain = client.infer("digits", [tensor]).as_numpy("logits")
+    for algorithm in ("gzip", "deflate"):
+        packed = client.infer("digits", [tensor], request_compression_algorithm=algorithm,
+                              response_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(packed.as_numpy("logits"), plain)
+    bomb = gzip.compress(GOOD[:len(HEADER)] + bytes(64 * 1024 * 1024))  # 64 MiB of zeros in ~64 KB
+    answer = httpx.post(f"{digits_server.url}/v2/models/digits/infer", content=bomb, timeout=30,
                         headers={"inference-header-content-length": str(len(HEADER)), "content-encoding": "gzip"})
-    assert answer.status_code == 415 and "Content-Encoding" in answer.json()["error"]
+    assert answer.status_code == 413 and "inflates past" in answer.json()["error"]
+    assert httpx.get(f"{digits_server.url}/v2/health/ready").status_code == 200
+
+
+def test_decompression_is_bounded_and_checked():
+    import gzip
+    import zlib
+
+    from kiln.serve.routes import decompress
+
+    assert decompress(gzip.compress(b"abc"), "gzip", 10, None) == b"abc"
+    assert decompress(zlib.compress(b"abc"), "Deflate", 10, None) == b"abc"
+    assert decompress(b"abc", "identity", 10, None) == b"abc"
+    cases = [(gzip.compress(bytes(11)), "gzip", 413, "inflates past the 10-byte limit"),
+             (gzip.compress(b"abc")[:-6], "gzip", 400, "cut short"),
+             (b"not gzip at all", "gzip", 400, "not valid gzip data"),
+             (b"abc", "br", 415, "not supported")]
+    for raw, encoding, status, words in cases:
+        with pytest.raises(RequestError) as raised:
+            decompress(raw, encoding, 10, None)
+        assert raised.value.status == status and words in str(raised.value), (encoding, raised.value)
 
 
 @pytest.mark.parametrize("protocol", ["v2", "v2-binary"])
