@@ -254,7 +254,7 @@ class Inference:
             section = None
             raw = decompress(raw, headers.get("content-encoding", ""), self.max_body_bytes, None)
             if name is None and wire.model_in_body is not None and len(self.endpoints) > 1:
-                # The body names the model (OpenAI): decode first, against the first model's expectations.
+                # The body names the model (OpenAI): decode it first; a refusal here shows no expected body.
                 body, section = wire.decode(headers, raw, None)
                 name = wire.model_in_body(body)
                 if name is None:
