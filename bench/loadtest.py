@@ -24,6 +24,7 @@ from kiln.core.console import format_table
 from kiln.core.errors import UsageError
 from kiln.core.manifest import write_json_atomic
 from kiln.core.secrets import api_key_from_env
+from kiln.core.v2_wire import tensor_bytes
 from kiln.models.text_data import builtin_texts
 
 
@@ -93,15 +94,14 @@ def request_body(protocol: str, model: dict, group) -> tuple[str, bytes, dict[st
             body: dict = {"text": group[0]} if len(group) == 1 else {"texts": group}
             return path, json.dumps(body).encode(), {"Content-Type": "application/json"}
         tensors = [{"name": "text", "shape": [len(group)], "datatype": "BYTES", "data": group}]
-        raw = [b"".join(len(t.encode()).to_bytes(4, "little") + t.encode() for t in group)]
+        raw = [tensor_bytes("BYTES", group)]
     else:
         if protocol == "predict":
             return path, json.dumps({"inputs": {k: v.tolist() for k, v in group.items()}}).encode(), \
                 {"Content-Type": "application/json"}
         tensors = [{"name": spec["name"], "shape": list(group[spec["name"]].shape), "datatype": spec["datatype"],
                     "data": group[spec["name"]].reshape(-1).tolist()} for spec in model["inputs"]]
-        raw = [np.ascontiguousarray(group[spec["name"]]).astype(group[spec["name"]].dtype.newbyteorder("<")).tobytes()
-               for spec in model["inputs"]]
+        raw = [tensor_bytes(spec["datatype"], group[spec["name"]]) for spec in model["inputs"]]
     if protocol == "v2":
         return path, json.dumps({"inputs": tensors}).encode(), {"Content-Type": "application/json"}
     for tensor, data in zip(tensors, raw):  # v2-binary: binary in and out, as tritonclient sends by default

@@ -43,8 +43,8 @@ class Batch:
 
 class KilnAPI(ls.LitAPI):
     def __init__(self, artifact_dir: str, variant: str | None, threads: int | None,
-                 max_batch_size: int, loop) -> None:
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=0.0, loop=loop, api_path="/_kiln/worker")
+                 max_batch_size: int, loop, api_path: str = "/_kiln/worker") -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=0.0, loop=loop, api_path=api_path)
         self.artifact_dir = artifact_dir
         self.variant = variant
         self.threads = threads

@@ -216,7 +216,6 @@ class WorkerGateway:
         self.metrics = metrics
         self.uids = itertools.count()  # unique within this HTTP process, which is all a worker answers to
         self.workers: dict[str, _Worker] = {}
-        self.pids: dict[str, int] = {}  # worker name -> its process id, as the worker said in its Hello
         self._server = None
         self._stopping = False
 
@@ -255,7 +254,6 @@ class WorkerGateway:
         if previous is not None:
             self._lost(previous)
         self.workers[worker.name] = worker
-        self.pids[worker.name] = hello.pid
         print(f"kiln: {self.name or 'model'} worker {worker.name} ready (pid {hello.pid}; "
               f"{len(self.workers)} of {self.expected})", flush=True)
         try:
@@ -267,7 +265,6 @@ class WorkerGateway:
         finally:
             if self.workers.get(worker.name) is worker:
                 del self.workers[worker.name]
-                self.pids.pop(worker.name, None)
                 if not self._stopping:
                         print(f"kiln: {self.name or 'model'} worker {worker.name} lost (pid {hello.pid}); its requests "
                           "were answered 503, LitServe restarts it", flush=True)

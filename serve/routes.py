@@ -17,7 +17,7 @@ import inspect
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -217,7 +217,6 @@ class Endpoint:
 
     model: ServedModel
     gateway: WorkerGateway
-    plan: Any = None  # its serve.repository.ModelPlan
 
 
 class Inference:
@@ -271,8 +270,7 @@ class Inference:
             return Reply(error.status, orjson.dumps(wire.error_body(error), option=orjson.OPT_SERIALIZE_NUMPY),
                          model=model_name)
         parsed.tokens = result.tokens
-        reply = wire.encode(wire.respond(model, result.outputs, parsed), parsed)
-        return Reply(reply.status, reply.payload, reply.headers, model_name)
+        return replace(wire.encode(wire.respond(model, result.outputs, parsed), parsed), model=model_name)
 
 
 class InferenceFastPath:

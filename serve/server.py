@@ -142,10 +142,10 @@ def build_server(config: ServeConfig, state_dir: str):
         model = served_model(plan.manifest, plan.variant, config.max_items, batch_items, plan.served)
         channel_path = os.path.join(state_dir, f"worker-{plan.index}.sock")
         loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items)
-        api = KilnAPI(plan.folder, plan.variant.name, plan.threads, config.max_batch_size, loop)
-        api.api_path = f"{INTERNAL_PATH}/{plan.index}"  # each model's own LitServe route and request queue
+        api = KilnAPI(plan.folder, plan.variant.name, plan.threads, config.max_batch_size, loop,
+                      f"{INTERNAL_PATH}/{plan.index}")  # each model's own LitServe route and request queue
         gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name)
-        endpoints[plan.name] = Endpoint(model, gateway, plan)
+        endpoints[plan.name] = Endpoint(model, gateway)
         apis.append(api)
     inference = Inference(endpoints, config.max_body_bytes)
     middlewares = [(InferenceFastPath, {"inference": inference}),  # innermost: after auth, limits and metrics

@@ -18,23 +18,15 @@ reason, never a 5xx or a read past the buffer.
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any
 
 import numpy as np
 
-from kiln.core.signature import DTYPE_TABLE
+from kiln.core.v2_wire import HEADER_LENGTH, LENGTH, WIRE_DTYPES, tensor_bytes
 from kiln.serve.protocol import RequestError
 
-HEADER_LENGTH = "inference-header-content-length"
-LENGTH = struct.Struct("<I")
-
-# V2 datatype -> little-endian numpy dtype of its elements on the wire. BF16 travels as the upper 16 bits of an
-# IEEE float32 (numpy has no bfloat16); BYTES is length-prefixed and has no fixed size.
-WIRE_DTYPES: dict[str, np.dtype] = {d.v2: np.dtype(d.numpy).newbyteorder("<") for d in DTYPE_TABLE.values()
-                                    if d.numpy is not None}
-WIRE_DTYPES["BF16"] = np.dtype("<u2")
-
+__all__ = ["HEADER_LENGTH", "BinarySection", "encode_response", "read_array", "read_strings", "split_body",
+           "tensor_bytes"]
 
 def split_body(raw: bytes, header_length: str | None, expected: Any) -> tuple[bytes, memoryview]:
     """The JSON header and the binary section after it. Without the HTTP header the whole body is JSON."""
@@ -131,21 +123,6 @@ def read_strings(chunk: memoryview, count: int, where: str, expected: Any) -> li
         raise RequestError(f"{where}: {end - offset} bytes are left after the {count} elements that shape "
                            "declares", 400, expected)
     return texts
-
-
-def tensor_bytes(datatype: str, data: Any) -> bytes:
-    """An output tensor's data on the wire: raw little-endian elements, or length-prefixed BYTES."""
-    if datatype == "BYTES":
-        parts = []
-        for element in np.asarray(data, dtype=object).reshape(-1):
-            raw = element if isinstance(element, bytes) else str(element).encode()
-            parts.append(LENGTH.pack(len(raw)))
-            parts.append(raw)
-        return b"".join(parts)
-    if datatype == "BF16":  # answered as float32 arrays: round each to the nearest bfloat16 (ties to even)
-        bits = np.ascontiguousarray(data, dtype="<f4").view("<u4").astype(np.uint64)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
-    return np.ascontiguousarray(data, dtype=WIRE_DTYPES[datatype]).tobytes()
 
 
 def encode_response(body: dict, binary: frozenset[str]) -> tuple[bytes, int | None]:
