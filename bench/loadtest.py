@@ -361,7 +361,7 @@ def print_table(results: list[dict]) -> None:
     rows = [header]
     for r in results:
         c = r.get("ceiling")
-        rows.append([str(r["concurrency"]), f"{r['requests_per_s']:.0f}", f"{r.get('items_per_s', 0):.0f}",
+        rows.append([str(r["concurrency"]), f"{r['requests_per_s']:.0f}", f"{r['items_per_s']:.0f}",
                      f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
                      f"{r['p99_ms']:.2f}", str(r["error_count"]),
                      f"{r['mean_batch_items']:.1f}" if r.get("mean_batch_items") else "-",
@@ -379,7 +379,7 @@ def plot(results: list[dict], path: Path, name: str) -> None:
 
     levels = [r["concurrency"] for r in results]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(levels, [r.get("items_per_s", r["requests_per_s"]) for r in results], "o-", label="server")
+    left.plot(levels, [r["items_per_s"] for r in results], "o-", label="server")
     if all("ceiling" in r for r in results):
         left.plot(levels, [r["ceiling"]["items_per_s"] for r in results], "s--", label="in-process ceiling")
     left.set_xscale("log", base=2)

@@ -88,10 +88,11 @@ class KilnAPI(ls.LitAPI):
 
     def predict(self, batch: Batch) -> list[Result]:
         t0 = time.time()
+        items = sum(batch.counts)
         outcomes: list[tuple[dict | None, str | None]]  # per request: its outputs, or why the runtime failed on it
         try:
             outcomes = [(outputs, None) for outputs in _split(self.runtime.run(batch.inputs), batch.counts)]
-            self.cost_model.learn(sum(batch.counts), time.time() - t0)
+            self.cost_model.learn(items, time.time() - t0)
         except Exception:
             outcomes = []
             for item in batch.items:
@@ -105,7 +106,7 @@ class KilnAPI(ls.LitAPI):
         batch_id = f"{os.getpid()}-{self.batches_run}"
         tokens = _tokens_per_request(batch.inputs, batch.counts)
         return [Result(outputs, max(0.0, batch.started - item.enqueued), infer_s, len(batch.items),
-                       sum(batch.counts), batch_id, error, tokens[i] if tokens else None)
+                       items, batch_id, error, tokens[i] if tokens else None)
                 for i, (item, (outputs, error)) in enumerate(zip(batch.items, outcomes))]
 
 

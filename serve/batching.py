@@ -244,7 +244,7 @@ class AdaptiveBatchedLoop(LitLoop):
         if not taken:
             return taken
         now = time.monotonic()
-        cost_model = getattr(lit_api, "cost_model", None)
+        cost_model = lit_api.cost_model
         running: set[int] = set()
         items = 0
         earliest = math.inf
@@ -252,12 +252,12 @@ class AdaptiveBatchedLoop(LitLoop):
             if request.deadline <= now:
                 continue
             grown = items + request.item.count
-            finish = now + (cost_model.estimate_s(grown) if cost_model is not None else 0.0)
+            finish = now + cost_model.estimate_s(grown)
             if min(earliest, request.deadline) > finish:
                 running.add(request.uid)
                 items = grown
                 earliest = min(earliest, request.deadline)
-        if not running and (cost_model is None or now - cost_model.learned_at >= EXPLORE_AFTER_S):
+        if not running and now - cost_model.learned_at >= EXPLORE_AFTER_S:
             latest = max(taken, key=lambda r: r.deadline)
             if latest.deadline > now:
                 running.add(latest.uid)

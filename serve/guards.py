@@ -55,7 +55,7 @@ class ApiKeyMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         authorized = self._authorized(dict(scope["headers"]))
-        # Open routes answer anyone, but say less to a caller without the key (serve.routes.unknown_model).
+        # Open routes answer anyone, but say less to a caller without the key (serve.routes.Inference.lookup).
         scope[AUTHORIZED] = authorized
         if is_open(scope["path"]):
             return await self.app(scope, receive, send)

@@ -38,14 +38,8 @@ def parse(body: Any, model: ServedModel) -> Request:
     if model.task != "embedding" or not model.text:
         raise _error(f"model {model.name!r} is not a text embedding model; /v1/embeddings serves those only",
                      404, "model", "model_not_found")
-    if not isinstance(body, dict):
+    if not isinstance(body, dict):  # serve.routes.Inference found the model by the body's `model` already
         raise _error("the body must be a JSON object with 'model' and 'input'")
-    name = body.get("model")
-    if not isinstance(name, str):
-        raise _error("'model' is required and must be a string", param="model")
-    if name != model.name:
-        raise _error(f"the model {name!r} does not exist; this server serves {model.name!r}", 404, "model",
-                     "model_not_found")
     if "input" not in body:
         raise _error("'input' is required: a string or a list of strings", param="input")
     raw = body["input"]
@@ -68,7 +62,7 @@ def parse(body: Any, model: ServedModel) -> Request:
 
 
 def respond(model: ServedModel, outputs: dict[str, np.ndarray], request: Request) -> dict[str, Any]:
-    vectors = np.ascontiguousarray(outputs[model.signature.output_names[0]], dtype="<f4")
+    vectors = np.ascontiguousarray(outputs[model.output_names[0]], dtype="<f4")
     data = []
     for index, vector in enumerate(vectors):
         embedding: Any = (base64.b64encode(vector.tobytes()).decode("ascii") if request.encoding == "base64"

@@ -92,6 +92,16 @@ class ServedModel:
         return [_v2_tensor(spec) for spec in self.signature.outputs] + self.kind.v2_extra_specs()
 
     @functools.cached_property
+    def output_names(self) -> list[str]:
+        """The signature's output names (Signature.output_names builds a new list each call; this is per request)."""
+        return self.signature.output_names
+
+    @functools.cached_property
+    def extra_output_names(self) -> frozenset[str]:
+        """The V2 outputs the model's kind adds (a text classifier's label and probabilities)."""
+        return frozenset(t["name"] for t in self.kind.v2_extra_specs())
+
+    @functools.cached_property
     def v2_output_names(self) -> list[str]:
         return [t["name"] for t in self.v2_outputs]
 
@@ -401,7 +411,7 @@ def _flatten(data: Any, where: str, expected: Any, depth: int = 0) -> list:
 
 
 def v2_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Request) -> dict:
-    names = request.requested_outputs or model.signature.output_names
+    names = request.requested_outputs or model.output_names
     tensors = []
     for spec in model.signature.outputs:
         if spec.name not in names:
@@ -409,9 +419,11 @@ def v2_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Req
         array = outputs[spec.name]
         tensors.append({"name": spec.name, "datatype": spec.v2_datatype, "shape": list(array.shape),
                         "data": np.ascontiguousarray(array).reshape(-1)})
-    for extra in model.kind.v2_extra_outputs(outputs, model.signature.output_names):
-        if extra["name"] in names or not request.requested_outputs:
-            tensors.append(extra)
+    if model.extra_output_names and (not request.requested_outputs
+                                     or not model.extra_output_names.isdisjoint(request.requested_outputs)):
+        for extra in model.kind.v2_extra_outputs(outputs, model.output_names):
+            if extra["name"] in names or not request.requested_outputs:
+                tensors.append(extra)
     body = {"model_name": model.name, "model_version": model.version, "outputs": tensors}
     if request.request_id is not None:
         body["id"] = request.request_id
@@ -420,4 +432,4 @@ def v2_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Req
 
 def predict_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Request) -> dict:
     """The `/predict` answer: shaped by the model's kind (serve.kinds), one item or a batch as the request was."""
-    return model.kind.predict_response(outputs, model.signature.output_names, request.single)
+    return model.kind.predict_response(outputs, model.output_names, request.single)

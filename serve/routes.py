@@ -252,7 +252,7 @@ class Inference:
             body: Any = None
             section = None
             raw = decompress(raw, headers.get("content-encoding", ""), self.max_body_bytes, None)
-            if name is None and wire.model_in_body is not None and len(self.endpoints) > 1:
+            if name is None and wire.model_in_body is not None:
                 # The body names the model (OpenAI): decode it first; a refusal here shows no expected body.
                 body, section = wire.decode(headers, raw, None)
                 name = wire.model_in_body(body)
@@ -394,10 +394,8 @@ def add_routes(app: FastAPI, inference: Inference, metrics, version: str) -> Non
         ok = ready_models()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    @app.get("/health")  # LitServe's probe path (its own answered plain text "ok"): the same as /v2/health/ready
-    async def health():
-        ok = ready_models()
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+    # LitServe's probe path (its own answered plain text "ok"): the same answer as /v2/health/ready.
+    app.add_api_route("/health", ready, methods=["GET"], name="health")
 
     @app.get("/v2/models/{name}")
     async def model_metadata(name: str):

@@ -98,8 +98,7 @@ TEXT_BATCH_ITEMS = 64  # sequences: a batch of 64 x 128 tokens already takes sec
 TENSOR_BATCH_ITEMS = 1024
 
 
-def served_model(manifest, variant, max_items: int, max_batch_items: int | None = None,
-                 served: dict[str, str] | None = None):
+def served_model(manifest, variant, max_items: int, max_batch_items: int, served: dict[str, str]):
     from kiln.core.runtime import runtime_spec
     from kiln.serve.protocol import ServedModel
 
@@ -112,7 +111,7 @@ def served_model(manifest, variant, max_items: int, max_batch_items: int | None 
         platform=runtime_spec(variant.runtime, variant.name).v2_platform,
         max_batch_items=max_batch_items,
         labels=tuple(manifest.preprocessing.get("labels") or ()) if manifest.is_text else (),
-        served_variant=dict(served or {"variant": variant.name, "how": "forced", "reason": "named by the caller"}),
+        served_variant=served,
     )
 
 

@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 import numpy as np
+import orjson
 
 from kiln.core.v2_wire import HEADER_LENGTH, LENGTH, WIRE_DTYPES, tensor_bytes
 from kiln.serve.protocol import RequestError
@@ -28,10 +29,8 @@ from kiln.serve.protocol import RequestError
 __all__ = ["HEADER_LENGTH", "BinarySection", "encode_response", "read_array", "read_strings", "split_body",
            "tensor_bytes"]
 
-def split_body(raw: bytes, header_length: str | None, expected: Any) -> tuple[bytes, memoryview]:
-    """The JSON header and the binary section after it. Without the HTTP header the whole body is JSON."""
-    if header_length is None:
-        return raw, memoryview(b"")
+def split_body(raw: bytes, header_length: str, expected: Any) -> tuple[bytes, memoryview]:
+    """The JSON header and the binary section after it (`header_length`: the HTTP header's value)."""
     text = header_length.strip()
     if not text.isdigit():  # refuses "-1", "1e3", " ", "+5": a length is a plain non-negative integer
         raise RequestError(f"Inference-Header-Content-Length {header_length[:40]!r} is not a non-negative integer",
@@ -128,8 +127,6 @@ def read_strings(chunk: memoryview, count: int, where: str, expected: Any) -> li
 def encode_response(body: dict, binary: frozenset[str]) -> tuple[bytes, int | None]:
     """A V2 answer, with the outputs named in `binary` as raw bytes after the JSON: the payload and the JSON's
     length (None: all JSON)."""
-    import orjson
-
     if not binary:
         return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), None
     chunks = []
@@ -142,4 +139,4 @@ def encode_response(body: dict, binary: frozenset[str]) -> tuple[bytes, int | No
             chunks.append(raw)
         outputs.append(tensor)
     header = orjson.dumps({**body, "outputs": outputs}, option=orjson.OPT_SERIALIZE_NUMPY)
-    return header + b"".join(chunks), len(header)
+    return b"".join((header, *chunks)), len(header)
