@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.core.errors import UsageError
+from kiln.core.errors import ManifestError, UsageError
 from kiln.core.folders import swap_into_place
 from kiln.core.manifest import Manifest, VariantEntry
 
@@ -55,13 +55,11 @@ def parse_float(flag: str, value: float | str, example: float, allow_zero: bool 
 
 
 def resolve_variant(manifest: Manifest, name: str | None) -> VariantEntry:
-    """The named variant (default: the manifest's), a UsageError naming the choices when it is unknown."""
-    wanted = name or manifest.default_variant
-    for entry in manifest.variants:
-        if entry.name == wanted:
-            return entry
-    raise UsageError(f"variant {wanted!r} is not in {str(manifest.folder)!r}; choose one of "
-                     f"{', '.join(manifest.variant_names)}")
+    """Manifest.variant, refused as a UsageError (exit 2): for deploy the variant is an argument to fix."""
+    try:
+        return manifest.variant(name)
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from None
 
 
 # --- bench.json ---------------------------------------------------------------------------------------------------

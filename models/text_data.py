@@ -27,9 +27,13 @@ EDGE_CASES = (
 )
 
 
+def sentences() -> list[str]:
+    """The bundled English sentences (MiniLM's evaluation data and the start of the built-in text set)."""
+    return [line.strip() for line in SENTENCES.read_text().splitlines() if line.strip()]
+
+
 def builtin_texts() -> list[str]:
-    sentences = [line.strip() for line in SENTENCES.read_text().splitlines() if line.strip()]
-    return [*sentences, *EDGE_CASES]
+    return [*sentences(), *EDGE_CASES]
 
 
 def load_text_data(data: str | Path | list[str] | None,
