@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from kiln.core.errors import KilnError, one_line
-from kiln.core.machine import bf16_native, fingerprint, machine_info
+from kiln.core.machine import bf16_native, fingerprint, machine_info, speed_mismatch
 from kiln.core.manifest import MANIFEST_NAME, Manifest, VariantEntry, fp32_default, read_manifest, write_json_atomic
 from kiln.core.runtime import RuntimeOptions, check_runnable, open_artifact
 from kiln.core.selection import choose
@@ -58,6 +58,37 @@ class AutoChoice:
     measured_p50_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServedVariant:
+    """Which variant a folder is served with and why: `how` is default, forced (named), or `--variant auto`'s
+    chosen, cached or fallback; `warning` names a default chosen on a machine whose speed flags differ."""
+
+    entry: VariantEntry
+    how: str
+    reason: str
+    warning: str | None = None
+    auto: AutoChoice | None = None
+
+    @property
+    def served(self) -> dict[str, str]:
+        return {"variant": self.entry.name, "how": self.how, "reason": self.reason}
+
+
+def served_variant(folder: str | Path, manifest: Manifest, variant: str | None, threads: int | None = None,
+                   batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> ServedVariant:
+    """The one rule for what `kiln.load` and `kiln serve` run: a named variant, `auto` (chosen on this machine,
+    cached, or the fp32 fallback), or the manifest's default."""
+    if variant == "auto":
+        choice = auto_variant(folder, threads, batch_sizes, manifest=manifest)
+        return ServedVariant(manifest.variant(choice.variant), choice.how, choice.reason, auto=choice)
+    if variant:
+        return ServedVariant(manifest.variant(variant), "forced", "named with --variant")
+    selection = manifest.selection or {}
+    return ServedVariant(manifest.variant(None), "default",
+                         selection.get("reason") or "the export's fp32 default (no --select was run)",
+                         speed_mismatch(selection.get("machine")))
 
 
 def manifest_digest(folder: Path) -> str:
@@ -188,13 +219,14 @@ def measure_and_choose(folder: Path, manifest: Manifest, machine: dict[str, Any]
 
 def auto_variant(folder: str | Path, threads: int | None = None, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
                  seconds: float = SECONDS_PER_CELL, probe: Callable[[], dict[str, Any]] = machine_info,
-                 use_cache: bool = True) -> AutoChoice:
+                 use_cache: bool = True, manifest: Manifest | None = None) -> AutoChoice:
     """The variant to serve on this machine: cached if this machine already chose for this manifest, else measured.
 
     `probe` describes the machine (CPU model, ISA flags); tests inject another machine's flags through it.
+    `manifest`: the folder's, where the caller has read it already.
     """
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = manifest or read_manifest(folder)
     machine = probe()
     machine_key = fingerprint(machine)
     machine = {**machine, "fingerprint": machine_key}

@@ -77,23 +77,18 @@ def load(folder: str | Path, variant: str | None = None, *, threads: int | None 
     """
     import logging
 
-    from kiln.core.machine import speed_mismatch
+    from kiln.core.autoselect import served_variant
     from kiln.core.manifest import read_manifest
     from kiln.core.runtime import RuntimeOptions, open_variant
 
-    if variant == "auto":
-        from kiln.core.autoselect import auto_variant
-
-        choice = auto_variant(folder, threads)
-        logging.getLogger("kiln").info("%s: --variant auto: %s (%s): %s", folder, choice.variant, choice.how,
-                                       choice.reason)
-        variant = choice.variant
     manifest = read_manifest(folder)
-    if variant is None:
-        warning = speed_mismatch((manifest.selection or {}).get("machine"))
-        if warning:
-            logging.getLogger("kiln").warning("%s: %s", folder, warning)
-    return open_variant(manifest, variant, RuntimeOptions(threads, device))
+    choice = served_variant(folder, manifest, variant, threads)
+    if choice.auto is not None:
+        logging.getLogger("kiln").info("%s: --variant auto: %s (%s): %s", folder, choice.entry.name, choice.how,
+                                       choice.reason)
+    if choice.warning:
+        logging.getLogger("kiln").warning("%s: %s", folder, choice.warning)
+    return open_variant(manifest, choice.entry.name, RuntimeOptions(threads, device))
 
 
 def bench(folder: str | Path, *, select: bool = False, max_accuracy_drop: float | None = None,

@@ -112,6 +112,7 @@ def _require_torch_if_needed(manifest, entry) -> None:
 
 def plan_models(config) -> list[ModelPlan]:
     """Every model the server will serve (config: serve.server.ServeConfig), checked and with its variant chosen."""
+    from kiln.core.autoselect import served_variant
     from kiln.core.manifest import read_manifest
     from kiln.core.runtime import check_runnable
 
@@ -135,35 +136,15 @@ def plan_models(config) -> list[ModelPlan]:
     for index, (name, folder, manifest) in enumerate(zip(names, folders, manifests)):
         chosen = variants.get(name, variant)
         model_threads = threads_by.get(name, threads if threads is not None else shared)
-        entry, served = choose_variant(str(folder), manifest, chosen, model_threads, config.max_batch_size)
+        choice = served_variant(folder, manifest, chosen, model_threads, (1, min(8, config.max_batch_size)))
+        if choice.auto is not None:
+            print(f"kiln: {name}: --variant auto: {choice.entry.name} ({choice.how}, {choice.auto.seconds:.1f} s): "
+                  f"{choice.reason}", flush=True)
+        if choice.warning:
+            print(f"kiln: warning: {name}: {choice.warning}", flush=True)
+        entry, served = choice.entry, choice.served
         _require_torch_if_needed(manifest, entry)
         check_runnable(manifest, entry.name)  # refuse a tampered or foreign artifact before any process starts
         plans.append(ModelPlan(name, str(folder.resolve()), manifest, entry, served, worker_counts[name],
                                model_threads, index))
     return plans
-
-
-def choose_variant(folder: str, manifest, variant: str | None, threads: int | None, max_batch_size: int) -> tuple:
-    """The variant to serve and why: `--variant NAME` (forced), `--variant auto` (chosen on this machine, or cached,
-    or the fp32 fallback), or the manifest's default, with a warning where it was chosen on a machine whose
-    speed-deciding CPU flags differ from this one's."""
-    from kiln.core.machine import speed_mismatch
-
-    if variant == "auto":
-        from kiln.core.autoselect import auto_variant
-
-        choice = auto_variant(folder, threads, batch_sizes=(1, min(8, max_batch_size)))
-        served = {"variant": choice.variant, "how": choice.how, "reason": choice.reason}
-        print(f"kiln: {manifest.model}: --variant auto: {choice.variant} ({choice.how}, {choice.seconds:.1f} s): "
-              f"{choice.reason}", flush=True)
-        return manifest.variant(choice.variant), served
-    if variant:
-        entry = manifest.variant(variant)
-        return entry, {"variant": entry.name, "how": "forced", "reason": "named with --variant"}
-    entry = manifest.variant(None)
-    selection = manifest.selection or {}
-    reason = selection.get("reason") or "the export's fp32 default (no --select was run)"
-    warning = speed_mismatch(selection.get("machine"))
-    if warning:
-        print(f"kiln: warning: {manifest.model}: {warning}", flush=True)
-    return entry, {"variant": entry.name, "how": "default", "reason": reason}
