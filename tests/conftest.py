@@ -16,6 +16,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger().setLevel(logging.ERROR)
 
 
+def _cached(name: str) -> Path | None:
+    """A developer's shortcut, never set by CI: KILN_TEST_CACHE=DIR reuses DIR/<name> when it holds a manifest, so
+    repeated local runs skip the session exports. A change to export must be tested without it."""
+    cache = os.environ.get("KILN_TEST_CACHE")
+    if cache and (Path(cache) / name / "manifest.json").is_file():
+        return Path(cache) / name
+    return None
+
+
 def run_kiln(*args: str, cwd: Path | None = None, timeout: float = 600,
              env: dict | None = None) -> subprocess.CompletedProcess:
     """The real `kiln` command in a subprocess, as a user runs it (`env` adds to or overrides the environment)."""
@@ -31,6 +40,8 @@ def digits_artifacts(tmp_path_factory) -> Path:
     from kiln.export.recipe import PruneConfig, Recipe
     from kiln.models.registry import get_model
 
+    if _cached("digits"):
+        return _cached("digits")
     bundle = get_model("digits")
     out = tmp_path_factory.mktemp("artifacts") / "digits"
     recipe = Recipe(variants=bundle.hints.recommended_variants, prune=PruneConfig(fine_tune_epochs=3))
@@ -44,6 +55,8 @@ def minilm_artifacts(tmp_path_factory) -> Path:
     from kiln.export.recipe import Recipe
     from kiln.models.registry import get_model
 
+    if _cached("minilm"):
+        return _cached("minilm")
     bundle = get_model("minilm")
     out = tmp_path_factory.mktemp("artifacts") / "minilm"
     run_export(bundle, Recipe(variants=bundle.hints.recommended_variants), out, progress=lambda message: None)
