@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 TASKS = ("classification", "embedding", "token-classification")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "sentencepiece.bpe.model", "spiece.model", "merges.txt", "vocab.json", "added_tokens.json")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
 CALIBRATION_FRACTION = 0.3
 MAX_CALIBRATION = 32
@@ -85,8 +86,14 @@ def inspect_folder(path: Path, task: str | None = None) -> FolderInfo:
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{str(path)!r} has no config.json, so it is not a transformers folder; save it with "
                                "model.save_pretrained(folder) (or SentenceTransformer.save)")
-    # transformers reads weights, shards and configs by names of its own choosing: no symlink may lead outside.
+    # transformers reads weights, shards and configs by names of its own choosing: no symlink may lead outside,
+    # and no shard a weights index names either.
     check_tree(path, "model folder file", ModelSourceError)
+    for index in WEIGHT_INDEXES:
+        if (path / index).exists():
+            shards = _read_json(path, index, "weights index").get("weight_map")
+            for shard in set(shards.values()) if isinstance(shards, dict) else ():
+                inside(path, shard, f"weights shard named by {index}", ModelSourceError)
     config = _read_json(path, "config.json", "config")
     if config.get("auto_map") or config.get("trust_remote_code"):
         raise ModelSourceError(f"{str(path)!r} asks for remote code (config.json has auto_map), and kiln never runs "

@@ -19,7 +19,6 @@ from typing import Any
 
 from kiln.core.errors import ManifestError, RuntimeUnavailable, UsageError
 from kiln.core.manifest import MANIFEST_NAME
-from kiln.core.paths import inside
 
 
 @dataclass(frozen=True)
@@ -47,12 +46,11 @@ def model_folders(paths: tuple[str, ...] | list[str]) -> list[Path]:
         if not path.is_dir():
             raise ManifestError(f"{raw} is not a folder; give an artifact folder written by `kiln export` or a "
                                 "repository of them")
-        # A repository's models are its own folders: one that is a symlink to elsewhere is refused (kiln.core.paths).
-        found = sorted(inside(path, p.name, "artifact folder") for p in path.iterdir() if (p / MANIFEST_NAME).is_file())
-        if not found:
+        inside = sorted(p for p in path.iterdir() if (p / MANIFEST_NAME).is_file())
+        if not inside:
             raise ManifestError(f"{raw} has no {MANIFEST_NAME} and no artifact folders inside it; give a folder "
                                 "written by `kiln export`, or a repository holding such folders")
-        folders.extend(found)
+        folders.extend(inside)
     return folders
 
 
