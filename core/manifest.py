@@ -26,8 +26,8 @@ from kiln.core.signature import Signature
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 LIBRARIES = ("kiln", "torch", "onnxruntime", "onnx", "numpy")
-EAGER = "eager-fp32"
-REEXPORT = "re-export the folder with `kiln export`"  # the name of the eager PyTorch fp32 baseline wherever variants are listed beside it
+EAGER = "eager-fp32"  # the name of the eager PyTorch fp32 baseline wherever variants are listed beside it
+REEXPORT = "re-export the folder with `kiln export`"
 
 
 def library_versions() -> dict[str, str | None]:
@@ -283,11 +283,11 @@ def read_manifest(folder: str | Path) -> Manifest:
     """manifest.json, size-capped and checked for structure: every file it names stays inside the folder, every
     file it relies on is listed with its sha256, and the model name is one path segment."""
     folder = Path(folder)
+    path = folder / MANIFEST_NAME
     if not folder.is_dir():
         raise ManifestError(f"artifact folder {str(folder)!r} does not exist; run `kiln export` first")
-    if not (folder / MANIFEST_NAME).is_file():
+    if not path.is_file():
         raise ManifestError(f"{str(folder)!r} has no {MANIFEST_NAME}; point at a folder written by `kiln export`")
-    path = folder / MANIFEST_NAME
     data = read_json(regular_file(folder, MANIFEST_NAME, "manifest", fix=REEXPORT), MAX_MANIFEST_BYTES, "manifest",
                      fix=REEXPORT)
     if not isinstance(data, dict):
