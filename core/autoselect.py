@@ -14,7 +14,6 @@ gets its cache under $XDG_CACHE_HOME/kiln instead.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import numpy as np
 from kiln.core.errors import KilnError, one_line
 from kiln.core.machine import bf16_native, fingerprint, machine_info, speed_mismatch
 from kiln.core.manifest import MANIFEST_NAME, Manifest, VariantEntry, fp32_default, read_manifest, write_json_atomic
+from kiln.core.paths import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, read_capped, read_json
 from kiln.core.runtime import RuntimeOptions, check_runnable, open_artifact
 from kiln.core.selection import choose
 
@@ -92,7 +92,7 @@ def served_variant(folder: str | Path, manifest: Manifest, variant: str | None, 
 
 
 def manifest_digest(folder: Path) -> str:
-    return hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
+    return hashlib.sha256(read_capped(folder / MANIFEST_NAME, MAX_MANIFEST_BYTES, "manifest")).hexdigest()
 
 
 def cache_paths(folder: Path) -> list[Path]:
@@ -106,12 +106,12 @@ def read_cache(folder: Path, machine_key: str, digest: str) -> AutoChoice | None
     """A cached choice for this machine and this manifest; anything else (corrupt, foreign, stale) is ignored."""
     for path in cache_paths(folder):
         try:
-            data = json.loads(path.read_text())
+            data = read_json(path, MAX_CONFIG_BYTES, "cached choice")
             entry = data["machines"][machine_key]
             if data.get("version") != CACHE_VERSION or entry["manifest_sha256"] != digest:
                 continue
             choice = AutoChoice(**entry["choice"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KilnError, KeyError, TypeError, AttributeError):
             continue
         if isinstance(choice.variant, str) and choice.variant:
             return choice
@@ -121,11 +121,11 @@ def read_cache(folder: Path, machine_key: str, digest: str) -> AutoChoice | None
 def write_cache(folder: Path, choice: AutoChoice, digest: str) -> Path | None:
     for path in cache_paths(folder):
         try:
-            existing = json.loads(path.read_text()) if path.exists() else {}
+            existing = read_json(path, MAX_CONFIG_BYTES, "cached choice") if path.exists() else {}
             machines = existing.get("machines", {}) if isinstance(existing, dict) else {}
             if not isinstance(machines, dict) or existing.get("version") != CACHE_VERSION:
                 machines = {}
-        except (OSError, ValueError):
+        except KilnError:
             machines = {}
         machines[choice.fingerprint] = {"manifest_sha256": digest, "choice": asdict(choice),
                                         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from kiln.core.errors import IntegrityError, ManifestError
+from kiln.core.paths import MAX_MANIFEST_BYTES, check_model_name, inside, read_capped, read_json, regular_file
 from kiln.core.signature import Signature
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 LIBRARIES = ("kiln", "torch", "onnxruntime", "onnx", "numpy")
 EAGER = "eager-fp32"  # the name of the eager PyTorch fp32 baseline wherever variants are listed beside it
+REEXPORT = "re-export the folder with `kiln export`"
 
 
 def library_versions() -> dict[str, str | None]:
@@ -178,10 +180,30 @@ class Manifest:
         )
 
     def path_of(self, variant: VariantEntry) -> Path:
-        return self.folder / variant.file
+        """The variant's file, symlinks resolved; refused when that leads outside the folder (kiln.core.paths)."""
+        return inside(self.folder, variant.file, f"the file of variant {variant.name!r}", fix=REEXPORT)
+
+    def listed(self, relative: str) -> dict[str, str]:
+        """The `files` entry of a file the manifest relies on besides the variants (the tokenizer)."""
+        for extra in self.files:
+            if extra["file"] == relative:
+                return extra
+        raise IntegrityError(f"{str(self.folder / MANIFEST_NAME)!r} relies on {relative!r} but does not list it in "
+                             "`files` with its sha256, so it cannot be checked; re-export the folder")
+
+    def read_listed(self, relative: str, limit: int, what: str) -> bytes:
+        """The bytes of a file listed in `files`, read once, size-capped and checked against its sha256: the bytes
+        checked are the bytes used."""
+        entry = self.listed(relative)
+        path = regular_file(self.folder, relative, what, fix=REEXPORT)
+        data = read_capped(path, limit, what)
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise IntegrityError(f"{what} {relative!r} does not match its sha256 in the manifest; re-export the folder")
+        return data
 
     def verify_file(self, name: str | None = None) -> Path:
-        """Check the variant's file against its recorded size and sha256; return its path."""
+        """Check the variant's file against its recorded size and sha256, every listed file against its sha256, and
+        that the tokenizer parses: what a server, a bench or a deploy writer is about to use. Returns its path."""
         variant = self.variant(name)
         path = self.path_of(variant)
         if not path.is_file():
@@ -192,11 +214,15 @@ class Manifest:
                 "manifest (changed or truncated since export); re-export the folder and do not edit artifacts"
             )
         for extra in self.files:
-            extra_path = self.folder / extra["file"]
+            extra_path = inside(self.folder, extra["file"], "listed file", fix=REEXPORT)
             if not extra_path.is_file() or sha256_file(extra_path) != extra["sha256"]:
                 raise IntegrityError(
                     f"file {extra['file']!r} does not match its sha256 in the manifest; re-export the folder"
                 )
+        if self.is_text:
+            from kiln.core.preprocessing import text_preprocessor
+
+            text_preprocessor(self)  # a damaged tokenizer is refused here, as one line, before anything starts
         return path
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,17 +271,25 @@ def fp32_default(variants: list[VariantEntry]) -> str | None:
     return None
 
 
+def _check_relative(text: object, what: str, path: Path) -> None:
+    """A file name the manifest gives: relative, no '..', no NUL; where symlinks lead is checked where it is read."""
+    if (not isinstance(text, str) or not text or "\x00" in text or Path(text).is_absolute()
+            or ".." in Path(text).parts):
+        raise ManifestError(f"{what} {text!r} in {path} points outside its folder (only plain relative names inside "
+                            "the folder are read); re-export the folder")
+
+
 def read_manifest(folder: str | Path) -> Manifest:
+    """manifest.json, size-capped and checked for structure: every file it names stays inside the folder, every
+    file it relies on is listed with its sha256, and the model name is one path segment."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not folder.is_dir():
         raise ManifestError(f"artifact folder {str(folder)!r} does not exist; run `kiln export` first")
     if not path.is_file():
         raise ManifestError(f"{str(folder)!r} has no {MANIFEST_NAME}; point at a folder written by `kiln export`")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path} is not valid JSON ({exc}); re-export the folder") from exc
+    data = read_json(regular_file(folder, MANIFEST_NAME, "manifest", fix=REEXPORT), MAX_MANIFEST_BYTES, "manifest",
+                     fix=REEXPORT)
     if not isinstance(data, dict):
         raise ManifestError(f"{path} is not a JSON object; re-export the folder")
     missing = [k for k in Manifest.REQUIRED if k not in data]
@@ -265,6 +299,8 @@ def read_manifest(folder: str | Path) -> Manifest:
         raise ManifestError(
             f"{path} has schema version {data['schema_version']!r}, this kiln reads {SCHEMA_VERSION}; re-export"
         )
+    check_model_name(data["model"], ManifestError, "re-export the folder with `kiln export ... --name NAME`, e.g. "
+                     "--name my-model")
     if not isinstance(data["variants"], list) or not data["variants"]:
         raise ManifestError(f"{path} lists no variants; re-export the folder")
     for variant in data["variants"]:
@@ -273,10 +309,21 @@ def read_manifest(folder: str | Path) -> Manifest:
             raise ManifestError(f"a variant in {path} lacks {', '.join(lacking)}; re-export the folder")
         if not isinstance(variant["file"], str) or not isinstance(variant["name"], str):
             raise ManifestError(f"a variant in {path} has a non-string name or file; re-export the folder")
-        if Path(variant["file"]).is_absolute() or ".." in Path(variant["file"]).parts:
-            raise ManifestError(f"variant {variant['name']!r} points outside its folder; re-export the folder")
+        _check_relative(variant["file"], f"the file of variant {variant['name']!r}", path)
+    files = data.get("files", [])
+    if not isinstance(files, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("file"), str) and isinstance(f.get("sha256"), str) for f in files):
+        raise ManifestError(f"{path}: files is not a list of {{file, sha256}}; re-export the folder")
+    for extra in files:
+        _check_relative(extra["file"], "listed file", path)
     if not isinstance(data["preprocessing"], dict):
         raise ManifestError(f"{path}: preprocessing is not an object; re-export the folder")
+    if data["preprocessing"].get("kind") == "text":
+        tokenizer = data["preprocessing"].get("tokenizer")
+        _check_relative(tokenizer, "preprocessing.tokenizer", path)
+        if tokenizer not in {f["file"] for f in files}:
+            raise ManifestError(f"preprocessing.tokenizer {tokenizer!r} in {path} is not listed in `files` with its "
+                                "sha256, so it cannot be checked before use; re-export the folder")
     try:
         manifest = Manifest.from_dict(folder, data)
     except Exception as exc:

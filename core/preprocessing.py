@@ -12,25 +12,38 @@ from typing import Any
 
 import numpy as np
 
-from kiln.core.errors import ManifestError
-from kiln.core.signature import Signature
+from kiln.core.errors import KilnError, ManifestError, ModelSourceError, one_line
+from kiln.core.paths import MAX_TOKENIZER_BYTES, read_capped
 
 DEFAULT_MAX_LENGTH = 128
 # What a Hugging Face fast tokenizer's encoding gives, by the input name a transformer takes it as.
 ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
 
 
-def load_tokenizer(tokenizer_file: Path | str, max_length: int = DEFAULT_MAX_LENGTH, pad_to: int | None = None) -> Any:
-    """Truncate to `max_length`; pad to the longest text of each batch, or to `pad_to`."""
+def parse_tokenizer(data: bytes, shown: str, max_length: int = DEFAULT_MAX_LENGTH, pad_to: int | None = None,
+                    error: type[KilnError] = ModelSourceError,
+                    fix: str = "save the tokenizer again with save_pretrained") -> Any:
+    """A fast tokenizer from tokenizer.json's bytes: truncate to `max_length`; pad to the longest text of each batch,
+    or to `pad_to`. Bytes that do not parse are one `error` naming `shown`, never the library's own exception."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    try:
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as exc:  # the Rust side raises plain Exception for every kind of damage
+        raise error(f"tokenizer {shown!r} is not a valid Hugging Face tokenizer.json ({one_line(exc, 160)}); "
+                    f"{fix}") from exc
     tokenizer.enable_truncation(max_length)
     if pad_to:
         tokenizer.enable_padding(length=pad_to)
     else:
         tokenizer.enable_padding()
     return tokenizer
+
+
+def load_tokenizer(tokenizer_file: Path | str, max_length: int = DEFAULT_MAX_LENGTH, pad_to: int | None = None) -> Any:
+    """A model folder's tokenizer.json (size-capped: kiln.core.paths), as `parse_tokenizer` makes it."""
+    data = read_capped(Path(tokenizer_file), MAX_TOKENIZER_BYTES, "tokenizer", ModelSourceError)
+    return parse_tokenizer(data, str(tokenizer_file), max_length, pad_to)
 
 
 def encode(tokenizer: Any, texts: list[str], input_names: list[str] | tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -47,11 +60,15 @@ def encode(tokenizer: Any, texts: list[str], input_names: list[str] | tuple[str,
 class TextPreprocessor:
     """Raw texts -> the signature's input arrays, exactly as the manifest says."""
 
-    def __init__(self, folder: str | Path, preprocessing: dict[str, Any], signature: Signature,
-                 pad_to: int | None = None) -> None:
+    def __init__(self, manifest: Any, pad_to: int | None = None) -> None:
+        preprocessing = manifest.preprocessing
         self.max_length = int(preprocessing.get("max_length", DEFAULT_MAX_LENGTH))
-        self.input_names = signature.input_names
-        self.tokenizer = load_tokenizer(Path(folder) / preprocessing["tokenizer"], self.max_length, pad_to)
+        self.input_names = manifest.signature.input_names
+        # The bytes parsed are the bytes hashed: listed in the manifest's files, inside the folder, size-capped.
+        name = preprocessing["tokenizer"]
+        data = manifest.read_listed(name, MAX_TOKENIZER_BYTES, "tokenizer")
+        self.tokenizer = parse_tokenizer(data, str(manifest.folder / name), self.max_length, pad_to, ManifestError,
+                                         "re-export the folder")
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         return encode(self.tokenizer, texts, self.input_names)
@@ -61,4 +78,4 @@ def text_preprocessor(manifest: Any, pad_to: int | None = None) -> TextPreproces
     """The manifest's text preprocessor, or None for tensor models (clients send the tensors themselves)."""
     if not manifest.is_text:
         return None
-    return TextPreprocessor(manifest.folder, manifest.preprocessing, manifest.signature, pad_to)
+    return TextPreprocessor(manifest, pad_to)

@@ -8,7 +8,6 @@ serve-only install; the keys read are the ones kiln.bench.driver and kiln.bench.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -18,9 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.core.errors import ManifestError, UsageError
+from kiln.core.errors import KilnError, ManifestError, UsageError, one_line
 from kiln.core.folders import swap_into_place
 from kiln.core.manifest import Manifest, VariantEntry
+from kiln.core.paths import MAX_CONFIG_BYTES, read_json, regular_file
 
 BENCH_NAME = "bench.json"
 LOADTEST_NAME = "loadtest.json"
@@ -93,12 +93,15 @@ def read_bench(manifest: Manifest, entry: VariantEntry) -> tuple[BenchFigures | 
     if not path.is_file():
         return None, f"no {BENCH_NAME} in {str(manifest.folder)!r} (run `kiln bench` to measure one)"
     try:
-        data = json.loads(path.read_text())
+        data = read_json(regular_file(manifest.folder, BENCH_NAME, BENCH_NAME), MAX_CONFIG_BYTES, BENCH_NAME,
+                         fix="re-run `kiln bench`")
         rows = data["results"]
         hashes = data.get("hashes") or {}
         settings = data.get("settings") or {}
         machine = data.get("machine") or {}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except KilnError as exc:
+        return None, f"{one_line(exc)}; ignored it"
+    except (KeyError, TypeError, AttributeError) as exc:
         return None, f"{path} is unreadable ({type(exc).__name__}); ignored it"
     if hashes.get(entry.name) not in (None, entry.sha256):
         return None, f"{path} measured another file for {entry.name!r} (sha256 differs); ignored it: re-run `kiln bench`"
@@ -172,10 +175,10 @@ def read_loadtest(path: Path, model: str, explicit: bool) -> tuple[list[LoadLeve
             return refuse("does not exist")
         return None, f"no {LOADTEST_NAME} in {str(path.parent)!r} (`kiln loadtest URL --out {path.parent}` writes one)"
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, MAX_CONFIG_BYTES, LOADTEST_NAME, fix="re-run `kiln loadtest`")
         raw_levels = data["levels"]
         name = data.get("model")
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KilnError, KeyError, TypeError, AttributeError):
         return refuse("is not a kiln loadtest result")
     if name is not None and name != model:
         return refuse(f"measured model {name!r}, not {model!r}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.core import paths
 from kiln.core.console import Progress, to_stderr
 from kiln.core.errors import UsageError
 from kiln.core.manifest import Manifest, VariantEntry, read_manifest
@@ -64,13 +65,8 @@ class TritonOptions:
 
 
 def check_model_name(name: str) -> str:
-    """Triton's model name is its folder's name: letters, digits, '.', '_' and '-'."""
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", name):
-        raise UsageError(f"model name {name!r} is not a folder name Triton accepts; use letters, digits, '.', '_' "
-                         "and '-' (e.g. --name digits)")
-    return name
+    """Triton's model name is its folder's name: kiln's one rule for model names (kiln.core.paths) fits it."""
+    return paths.check_model_name(name, UsageError, "choose another with --name, e.g. --name digits")
 
 
 def refusal(entry: VariantEntry) -> str | None:

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from kiln.core.console import Progress, to_stderr
-from kiln.core.errors import ExportError, KilnError, ToolchainMissing, VerificationError, one_line
+from kiln.core.errors import ExportError, KilnError, ToolchainMissing, UsageError, VerificationError, one_line
 from kiln.core.manifest import Manifest, VariantEntry, fp32_default, library_versions, sha256_file
+from kiln.core.paths import check_model_name, regular_file
 from kiln.core.runtime import RuntimeOptions, open_artifact, runtime_spec
 from kiln.export import prune, verify
 from kiln.export.emitter import EmitJob, example_inputs
@@ -64,6 +65,7 @@ def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool
 
     out = Path(out).absolute()
     started = time.perf_counter()
+    check_model_name(bundle.name, UsageError)  # it becomes routes, folders and file names downstream
     with staging_folder(out, force) as staging:
         try:
             torch.manual_seed(recipe.seed)
@@ -100,7 +102,9 @@ def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool
             shutil.rmtree(staging / ".scratch")
             files = []
             for target, source in bundle.extra_files.items():
-                shutil.copyfile(source, staging / target)
+                # Regular files only, never through a symlink (the model source checked they lie in its folder).
+                source = regular_file(Path(source).parent, Path(source).name, "file to copy", ExportError)
+                shutil.copyfile(source, staging / target, follow_symlinks=False)
                 files.append({"file": target, "sha256": sha256_file(staging / target)})
             reference: dict[str, Any] = {"variant": "eager-fp32", "items": len(bundle.evaluation)}
             if accuracy is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.core.errors import ModelSourceError
 from kiln.core.signature import Signature
 
 TASKS = ("classification", "embedding", "regression")
@@ -88,3 +89,10 @@ class ModelBundle:
         data = self.evaluation
         index = np.arange(batch_size) % len(data)
         return {k: v[index] for k, v in data.inputs.items()}
+
+
+def unsafe_pickle(what: str, fix: str) -> ModelSourceError:
+    """The refusal for a pickle weights file that holds more than tensors. torch's own message advises
+    `weights_only=False`, which would run whatever code the file carries: kiln never says so and never does it."""
+    return ModelSourceError(f"{what} is a pickle that holds more than plain tensors, and kiln will not load pickle "
+                            f"weights it cannot load safely (unpickling them could run code from the file); {fix}")

@@ -16,8 +16,8 @@ load test need to tokenize exactly as the export did.
 from __future__ import annotations
 
 import inspect
-import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kiln.core.errors import ModelSourceError, UsageError, one_line
+from kiln.core.paths import MAX_CONFIG_BYTES, check_tree, inside, read_json, regular_file, safe_name
 from kiln.core.preprocessing import DEFAULT_MAX_LENGTH, ENCODING_FIELDS, encode, load_tokenizer
 from kiln.core.signature import Signature, TensorSpec
-from kiln.models.base import Dataset, ExportHints, ModelBundle
+from kiln.models.base import Dataset, ExportHints, ModelBundle, unsafe_pickle
 from kiln.models.text_data import load_text_data
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 TASKS = ("classification", "embedding", "token-classification")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "sentencepiece.bpe.model", "spiece.model", "merges.txt", "vocab.json", "added_tokens.json")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
 CALIBRATION_FRACTION = 0.3
 MAX_CALIBRATION = 32
@@ -58,12 +60,14 @@ class FolderInfo:
     tokenizer_files: dict[str, Path] = field(default_factory=dict)
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelSourceError(f"{what} {str(path)!r} is not readable JSON ({one_line(exc, 120)}); "
-                               "save the folder again with save_pretrained") from exc
+def _read_json(folder: Path, relative: str | Path, what: str, kind: type = dict) -> Any:
+    """A JSON object (or list) of the folder: inside it after symlinks, a regular file, size-capped (kiln.core.paths)."""
+    path = regular_file(folder, relative, what, ModelSourceError)
+    data = read_json(path, MAX_CONFIG_BYTES, what, ModelSourceError, "save the folder again with save_pretrained")
+    if not isinstance(data, kind) or (kind is list and not all(isinstance(item, dict) for item in data)):
+        raise ModelSourceError(f"{what} {str(path)!r} is not a JSON {'object' if kind is dict else 'list of objects'}; "
+                               "save the folder again with save_pretrained")
+    return data
 
 
 def looks_like_folder(reference: str) -> bool:
@@ -82,15 +86,21 @@ def inspect_folder(path: Path, task: str | None = None) -> FolderInfo:
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{str(path)!r} has no config.json, so it is not a transformers folder; save it with "
                                "model.save_pretrained(folder) (or SentenceTransformer.save)")
-    config = _read_json(path / "config.json", "config")
-    if not isinstance(config, dict):
-        raise ModelSourceError(f"{str(path / 'config.json')!r} is not a JSON object; save the folder again")
+    # transformers reads weights, shards and configs by names of its own choosing: no symlink may lead outside,
+    # and no shard a weights index names either.
+    check_tree(path, "model folder file", ModelSourceError)
+    for index in WEIGHT_INDEXES:
+        if (path / index).exists():
+            shards = _read_json(path, index, "weights index").get("weight_map")
+            for shard in set(shards.values()) if isinstance(shards, dict) else ():
+                inside(path, shard, f"weights shard named by {index}", ModelSourceError)
+    config = _read_json(path, "config.json", "config")
     if config.get("auto_map") or config.get("trust_remote_code"):
         raise ModelSourceError(f"{str(path)!r} asks for remote code (config.json has auto_map), and kiln never runs "
                                "code from a model folder; use a folder of a built-in transformers architecture")
     architectures = config.get("architectures") or []
     architecture = architectures[0] if architectures else ""
-    modules = _read_json(path / "modules.json", "modules") if (path / "modules.json").is_file() else None
+    modules = _read_json(path, "modules.json", "modules", list) if (path / "modules.json").is_file() else None
     detected = ("classification" if architecture.endswith("ForSequenceClassification") else
                 "token-classification" if architecture.endswith("ForTokenClassification") else "embedding")
     task = task or detected
@@ -105,7 +115,8 @@ def inspect_folder(path: Path, task: str | None = None) -> FolderInfo:
         for module in modules:
             kind = str(module.get("type", ""))
             if kind.endswith("Pooling"):
-                pooling = _read_json(path / module.get("path", "1_Pooling") / "config.json", "pooling config")
+                folder = inside(path, module.get("path", "1_Pooling"), "pooling module folder", ModelSourceError)
+                pooling = _read_json(folder, "config.json", "pooling config")
                 chosen = [mode for key, mode in POOLING_MODES.items() if pooling.get(key)]
                 if len(chosen) != 1:
                     raise ModelSourceError(f"{str(path)!r}: pooling {pooling} is not exactly one of mean, CLS or max, "
@@ -117,7 +128,9 @@ def inspect_folder(path: Path, task: str | None = None) -> FolderInfo:
     if not tokenizer.is_file():
         raise ModelSourceError(f"{str(path)!r} has no tokenizer.json (a fast tokenizer file); save the tokenizer into "
                                "the folder with AutoTokenizer.from_pretrained(...).save_pretrained(folder)")
-    info.tokenizer_files = {name: path / name for name in TOKENIZER_FILES if (path / name).is_file()}
+    # Copied into the artifact folder: regular files inside the model folder only (kiln.core.paths).
+    info.tokenizer_files = {name: regular_file(path, name, "tokenizer file", ModelSourceError)
+                            for name in TOKENIZER_FILES if (path / name).exists() or (path / name).is_symlink()}
     info.max_length = _max_length(path, config)
     return info
 
@@ -126,11 +139,11 @@ def _max_length(path: Path, config: dict[str, Any]) -> int:
     """sentence-transformers' max_seq_length, else the tokenizer's model_max_length, within the position table."""
     limit = int(config.get("max_position_embeddings") or 512)
     if (path / "sentence_bert_config.json").is_file():
-        wanted = _read_json(path / "sentence_bert_config.json", "sentence-transformers config").get("max_seq_length")
+        wanted = _read_json(path, "sentence_bert_config.json", "sentence-transformers config").get("max_seq_length")
         if wanted:
             return min(int(wanted), limit)
     if (path / "tokenizer_config.json").is_file():
-        wanted = _read_json(path / "tokenizer_config.json", "tokenizer config").get("model_max_length")
+        wanted = _read_json(path, "tokenizer_config.json", "tokenizer config").get("model_max_length")
         if isinstance(wanted, int) and 0 < wanted < 100_000:
             return min(wanted, limit)
     return min(DEFAULT_MAX_LENGTH, limit)
@@ -154,6 +167,10 @@ def _load_transformer(info: FolderInfo, attn_implementation: str) -> Any:
         raise ModelSourceError(f"{str(info.path)!r}: architecture {info.architecture or info.config.get('model_type')!r} "
                                f"is not one transformers knows for {info.task} ({one_line(exc, 160)}); use a "
                                "built-in architecture or --task") from exc
+    except pickle.UnpicklingError:
+        weights = ", ".join(sorted(p.name for p in info.path.glob("*.bin"))) or "its weights file"
+        raise unsafe_pickle(f"{str(info.path)!r}: {weights}", "save the model as safetensors "
+                            "(model.save_pretrained(folder, safe_serialization=True)) and export that") from None
     except (OSError, RuntimeError) as exc:
         raise ModelSourceError(f"{str(info.path)!r}: the weights do not load ({one_line(exc, 200)}); save the model "
                                "again with save_pretrained") from exc
@@ -255,7 +272,7 @@ def load(path: str | Path, data: str | Path | list[str] | None = None, name: str
         preprocessing.update({"pooling": info.pooling, "normalize": info.normalize})
     recommended = ("onnx-fp32", "onnx-int8", "pt2-bf16", "pt2-int8")
     return ModelBundle(
-        name=name or info.path.name.replace(" ", "-") or "model",
+        name=name or safe_name(info.path.name),
         module=module,
         signature=signature,
         task=info.task,

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from kiln.core.errors import ModelSourceError
+from kiln.core.errors import ModelSourceError, UsageError
+from kiln.core.paths import check_model_name
 from kiln.models.base import ModelBundle
 from kiln.models.hf_folder import HFFolderSource
 from kiln.models.user import FactorySource
@@ -44,6 +45,8 @@ def resolve(model: str, checkpoint: str | Path | None = None, inputs: list[str] 
             outputs: list[str] | None = None, data: str | Path | None = None,
             name: str | None = None, task: str | None = None) -> ModelBundle:
     """The first source that claims `model` loads it."""
+    if name is not None:
+        check_model_name(name, UsageError)  # refused before any model is loaded
     request = SourceRequest(model, checkpoint, tuple(inputs or ()), tuple(outputs or ()), data, name, task)
     for source in SOURCES:
         if source.claims(model):

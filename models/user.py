@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ import numpy as np
 
 from kiln.core.errors import DataError, ModelSourceError, UsageError, one_line
 from kiln.core.signature import NUMPY_DTYPES, Signature, TensorSpec, generated_arrays
-from kiln.models.base import Dataset, ExportHints, ModelBundle
+from kiln.models.base import Dataset, ExportHints, ModelBundle, unsafe_pickle
 
 if TYPE_CHECKING:
     from kiln.models.registry import SourceRequest
@@ -63,6 +64,9 @@ def build_module(reference: str, checkpoint: str | Path | None):
             raise ModelSourceError(f"checkpoint {str(path)!r} does not exist; pass --checkpoint FILE")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise unsafe_pickle(f"checkpoint {str(path)!r}", "save a plain state_dict with "
+                                "torch.save(model.state_dict(), path), or the weights as safetensors") from None
         except Exception as exc:
             raise ModelSourceError(
                 f"checkpoint {str(path)!r} cannot be loaded with weights_only=True ({type(exc).__name__}: "

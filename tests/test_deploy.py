@@ -45,6 +45,10 @@ IMAGE_SIGNATURE = {"inputs": [{"name": "image", "dtype": "float32", "shape": ["b
 TEXT_SIGNATURE = {"inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
                              {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]}],
                   "outputs": [{"name": "sentence_embedding", "dtype": "float32", "shape": ["batch", 384]}]}
+TINY_TOKENIZER = json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+                             "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
+                             "decoder": None, "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "hello": 1},
+                                                        "unk_token": "[UNK]"}})
 VARIANT_ROWS = (  # name, format, runtime, precision, suffix
     ("onnx-fp32", "onnx", "onnxruntime", "fp32", ".onnx"),
     ("onnx-int8", "onnx", "onnxruntime", "int8", ".onnx"),
@@ -73,7 +77,8 @@ def make_folder(root: Path, model: str = "digits", text: bool = False, default: 
                 "preprocessing": {"kind": "image"}, "variants": variants, "default_variant": default,
                 "versions": {"torch": "2.13.0"}}
     if text:
-        (folder / "tokenizer.json").write_text('{"stand-in": "tokenizer"}')
+        # A real (tiny) tokenizer: deploy parses the tokenizer it ships and refuses a damaged one.
+        (folder / "tokenizer.json").write_text(TINY_TOKENIZER)
         manifest["preprocessing"] = {"kind": "text", "tokenizer": "tokenizer.json", "max_length": 128,
                                      "lowercase": True}
         manifest["files"] = [{"file": "tokenizer.json", "sha256": sha256(folder / "tokenizer.json")}]
