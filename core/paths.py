@@ -49,9 +49,24 @@ def check_model_name(name: object, error: ErrorClass = ManifestError,
 
 
 def safe_name(text: str) -> str:
-    """A model name made from free text (a folder's name): every run of other characters becomes '-'."""
+    """A model name made from free text (a folder's name): every run of other characters becomes '-'. A Hugging
+    Face cache snapshot's folder is a revision hash: its repository (`models--ORG--NAME`) gives NAME instead."""
+    folder = Path(text)
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        text = folder.parent.parent.name.rsplit("--", 1)[-1]
+    else:
+        text = folder.name
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:128]
     return name if MODEL_NAME.fullmatch(name) else "model"
+
+
+def snapshot_blobs(root: Path) -> tuple[Path, ...]:
+    """The blobs folder of a Hugging Face cache snapshot (`models--ORG--NAME/snapshots/REV`), whose files are links
+    into `models--ORG--NAME/blobs`: the one place outside a folder that a link may lead, because the cache lays one
+    model out in two parts. Only that exact layout; a link must still resolve fully (every link followed) into it."""
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return (root.parent.parent / "blobs",)
+    return ()
 
 
 def inside(folder: Path, relative: str | Path, what: str, error: ErrorClass = ManifestError,
@@ -67,7 +82,7 @@ def inside(folder: Path, relative: str | Path, what: str, error: ErrorClass = Ma
                     f"inside the folder it is given: {fix}")
     root = Path(folder).resolve()
     resolved = (root / relative).resolve()
-    if not resolved.is_relative_to(root):
+    if not any(resolved.is_relative_to(r) for r in (root, *snapshot_blobs(root))):
         raise error(f"{what} {str(Path(folder) / relative)!r} resolves to {str(resolved)!r}, outside the folder "
                     f"{str(root)!r}; kiln reads only files inside the folder it is given: {fix}")
     return resolved

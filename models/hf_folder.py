@@ -272,7 +272,7 @@ def load(path: str | Path, data: str | Path | list[str] | None = None, name: str
         preprocessing.update({"pooling": info.pooling, "normalize": info.normalize})
     recommended = ("onnx-fp32", "onnx-int8", "pt2-bf16", "pt2-int8")
     return ModelBundle(
-        name=name or safe_name(info.path.name),
+        name=name or safe_name(str(info.path.absolute())),
         module=module,
         signature=signature,
         task=info.task,

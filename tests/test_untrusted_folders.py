@@ -133,6 +133,31 @@ def test_links_that_stay_inside_are_followed_and_files_to_copy_are_real_files_in
     assert info.tokenizer_files["vocab.txt"] == (folder / "shared" / "vocab.txt").resolve()
 
 
+def test_a_hugging_face_cache_snapshot_links_into_its_blobs_and_nowhere_else(tmp_path, secret):
+    """The hub cache lays one model out in two parts (snapshots/REV/* are links into ../../blobs): users export
+    such folders as they are. A link from a snapshot to anywhere else is still refused."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    source = model_folder(tmp_path / "plain")
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for index, file in enumerate(sorted(source.iterdir())):
+        shutil.copyfile(file, blobs / f"blob{index}")
+        (snapshot / file.name).symlink_to(Path("../../blobs") / f"blob{index}")
+    info = hf_folder.inspect_folder(snapshot)
+    assert safe_name(str(snapshot)) == "tiny"
+    assert all(path.is_relative_to(blobs.resolve()) for path in info.tokenizer_files.values())
+    (snapshot / "vocab.txt").unlink()
+    (snapshot / "vocab.txt").symlink_to(secret)
+    with pytest.raises(ModelSourceError, match="outside the folder"):
+        hf_folder.inspect_folder(snapshot)
+    (snapshot / "vocab.txt").unlink()
+    (blobs / "evil").symlink_to(secret)  # a blob that is itself a link out: resolved fully, so still outside
+    (snapshot / "vocab.txt").symlink_to(Path("../../blobs/evil"))
+    with pytest.raises(ModelSourceError, match="outside the folder"):
+        hf_folder.inspect_folder(snapshot)
+
+
 def test_a_fifo_in_place_of_a_tokenizer_file_is_refused_not_waited_on(tmp_path):
     folder = model_folder(tmp_path)
     os.mkfifo(folder / "merges.txt")
