@@ -170,7 +170,7 @@ def read_loadtest(path: Path, model: str, explicit: bool) -> tuple[list[LoadLeve
     if not path.is_file():
         if explicit:
             return refuse("does not exist")
-        return None, f"no {LOADTEST_NAME} in {str(path.parent)!r} (`kiln loadtest URL --out {path.parent}` writes one)"
+        return None, f"no {LOADTEST_NAME} in {str(path.parent)!r} (`kiln loadtest URL --ceiling {path.parent}` writes one there)"
     try:
         data = json.loads(path.read_text())
         raw_levels = data["levels"]
