@@ -31,6 +31,7 @@ EXPORT_EXAMPLE = """examples:
       --output logits --data data.npz --out artifacts/net
   kiln export ./my-hf-classifier --data reviews.jsonl --out artifacts/classifier
   kiln export digits --out artifacts/digits --recipe recipe.toml --force
+  kiln export digits --out artifacts/digits --force --select --max-accuracy-drop 0.5
 """
 
 BENCH_EXAMPLE = """examples:
@@ -39,6 +40,9 @@ BENCH_EXAMPLE = """examples:
   kiln bench artifacts/digits --select --max-accuracy-drop 0.5
   kiln bench artifacts/minilm --select --min-cosine 0.99 --select-batch-size 16
   kiln bench artifacts/digits --variants onnx-fp32,onnx-int8 --max-seconds 0.5
+
+--select exits 4 (UnstableMeasurement, nothing chosen) when the rounds disagree past --max-spread: run it again on a
+quieter machine, with more --rounds, or with --accept-unstable.
 """
 
 SERVE_EXAMPLE = """examples:
@@ -47,12 +51,16 @@ SERVE_EXAMPLE = """examples:
   KILN_API_KEY=$(openssl rand -hex 16) kiln serve artifacts/digits --api-key-env KILN_API_KEY
   kiln serve artifacts/digits artifacts/minilm --workers digits=2,minilm=1
   kiln serve artifacts/            # a repository: every artifact folder inside it
+
+In a repository every folder needs a distinct model name: export a second copy of a model with --name.
 """
 
 LOADTEST_EXAMPLE = """examples:
   kiln loadtest http://127.0.0.1:8000 --concurrency 1,8,32 --requests 2000
   kiln loadtest http://127.0.0.1:8000 --protocol predict --duration 20 --ceiling artifacts/minilm --threads 2
   kiln loadtest http://127.0.0.1:8000 --protocol v2-binary --items 32 --concurrency 8 --ceiling artifacts/digits
+
+With --ceiling DIR, loadtest.json and loadtest.png go into DIR, where `kiln deploy kserve DIR` reads them.
 """
 
 

@@ -105,6 +105,16 @@ def test_loadtest_writes_beside_the_ceiling_artifact_unless_told(tmp_path):
     assert output_folder(None, None) == Path("loadtest")
 
 
+def test_the_harness_fails_a_broken_example(tmp_path):
+    """The slow test below can fail: a line that exits non-zero, or does not print what its block expects."""
+    examples = Examples(tmp_path)
+    examples.run_block(Block("bash", 1, "echo fine\ntrue   # a comment", mode="run"))
+    with pytest.raises(AssertionError, match="exited 3"):
+        examples.run_block(Block("bash", 2, "echo fine\n(exit 3)", mode="run"))
+    with pytest.raises(AssertionError, match="did not print"):
+        examples.run_block(Block("bash", 3, "echo fine", mode="run", expect=[("echo", "other words")]))
+
+
 # --- slow: the examples themselves -----------------------------------------------------------------------------
 
 
