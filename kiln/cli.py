@@ -95,11 +95,25 @@ def _subparser(subparsers: Any, name: str, help: str, description: str, epilog: 
     return parser
 
 
+def add_select_budget(parser: argparse.ArgumentParser) -> None:
+    """The --select budget, the same flags and defaults on `kiln export` and `kiln bench` (kiln.bench.select)."""
+    from kiln.bench import select
+
+    parser.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                        help=f"budget for --select on classifiers, percentage points below eager fp32 "
+                             f"(default {select.DEFAULT_MAX_ACCURACY_DROP})")
+    parser.add_argument("--min-cosine", type=float,
+                        help=f"budget for --select: minimum cosine to eager fp32 (embeddings; default "
+                             f"{select.DEFAULT_MIN_COSINE}); on a classifier it is an extra condition")
+    parser.add_argument("--min-batch-invariance", type=float, metavar="COSINE",
+                        help=f"budget for --select: worst cosine between an item's answer alone and inside a batch, "
+                             f"as the export measured it (default {select.DEFAULT_MIN_BATCH_INVARIANCE})")
+
+
 # --- kiln export ------------------------------------------------------------------------------------------------
 
 
 def add_export_parser(subparsers: Any) -> None:
-    from kiln.bench import select
     from kiln.export.recipe import PruneConfig, Recipe
     from kiln.export.variants import VARIANTS
 
@@ -130,14 +144,7 @@ def add_export_parser(subparsers: Any) -> None:
     parser.add_argument("--select", action="store_true",
                         help="benchmark the variants and make the fastest within budget the default (exit 4, "
                              "nothing chosen, when the measurement is too noisy: see --accept-unstable)")
-    parser.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
-                        help=f"budget for --select, percentage points (classifiers; default "
-                             f"{select.DEFAULT_MAX_ACCURACY_DROP})")
-    parser.add_argument("--min-cosine", type=float,
-                        help=f"budget for --select, minimum cosine (embeddings; default {select.DEFAULT_MIN_COSINE})")
-    parser.add_argument("--min-batch-invariance", type=float, metavar="COSINE",
-                        help=f"budget for --select: worst cosine of an item alone vs inside a batch (default "
-                             f"{select.DEFAULT_MIN_BATCH_INVARIANCE})")
+    add_select_budget(parser)
     parser.add_argument("--accept-unstable", action="store_true",
                         help="let --select choose from measurements flagged unstable (otherwise exit 4; or "
                              "choose later with `kiln bench DIR --select --rounds 5`)")
@@ -202,15 +209,7 @@ def add_bench_parser(subparsers: Any) -> None:
     parser.add_argument("--accept-unstable", action="store_true",
                         help="let --select choose from cells flagged unstable (otherwise it refuses, exit 4, and "
                              "the manifest is untouched; more --rounds or a quieter machine steady the cells)")
-    parser.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
-                        help=f"budget for --select on classifiers, percentage points below eager fp32 "
-                             f"(default {select.DEFAULT_MAX_ACCURACY_DROP})")
-    parser.add_argument("--min-cosine", type=float,
-                        help=f"budget for --select: minimum cosine to eager fp32 (embeddings; default "
-                             f"{select.DEFAULT_MIN_COSINE}); on a classifier it is an extra condition")
-    parser.add_argument("--min-batch-invariance", type=float, metavar="COSINE",
-                        help=f"budget for --select: worst cosine between an item's answer alone and inside a batch, "
-                             f"as the export measured it (default {select.DEFAULT_MIN_BATCH_INVARIANCE})")
+    add_select_budget(parser)
     parser.add_argument("--select-batch-size", type=int,
                         help=f"batch size at which --select compares speed, added to the sweep if absent "
                              f"(default {select.DEFAULT_SELECT_BATCH_SIZE})")
