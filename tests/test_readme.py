@@ -105,6 +105,28 @@ def test_loadtest_writes_beside_the_ceiling_artifact_unless_told(tmp_path):
     assert output_folder(None, None) == Path("loadtest")
 
 
+def test_loadtest_results_are_not_lost_when_the_artifact_folder_refuses_them(tmp_path, monkeypatch, capsys):
+    """After minutes of load, an unwritable default folder falls back to ./loadtest and says so; an unwritable
+    --out (the user's own choice) is a UsageError naming it."""
+    import json
+
+    from kiln.bench.loadtest import write_results
+    from kiln.core.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    artifact = tmp_path / "artifacts" / "digits"
+    (artifact / "loadtest.json").mkdir(parents=True)  # a folder where the file should go: writing it fails
+    levels = [{"concurrency": 1, "items_per_s": 100.0, "p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0}]
+    report = {"model": "digits", "levels": levels}
+    assert write_results(report, levels, "digits", None, str(artifact)) == Path("loadtest")
+    assert json.loads((tmp_path / "loadtest" / "loadtest.json").read_text()) == report
+    assert (tmp_path / "loadtest" / "loadtest.png").stat().st_size > 0
+    assert "writing to ./loadtest instead" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="pass a writable --out"):
+        write_results(report, levels, "digits", str(artifact), None)
+    assert write_results(report, levels, "digits", None, str(tmp_path / "artifacts")) == tmp_path / "artifacts"
+
+
 def test_the_harness_fails_a_broken_example(tmp_path):
     """The slow test below can fail: a line that exits non-zero, or does not print what its block expects."""
     examples = Examples(tmp_path)
