@@ -346,13 +346,36 @@ def run_loadtest_command(args) -> int:
             ceiling.close()
     report = {"url": url, "model": name, "protocol": args.protocol, "items_per_request": args.items,
               "levels": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "loadtest.json", report)
-    plot(results, out / "loadtest.png", name)
     print_table(results)
+    out = write_results(report, results, name, args.out, args.ceiling)
     print(f"wrote {out / 'loadtest.json'} and {out / 'loadtest.png'}")
     return 0
+
+
+def output_folder(out: str | None, ceiling: str | None) -> Path:
+    """Where the results go: --out, else the --ceiling artifact folder (where `kiln deploy kserve` looks for
+    loadtest.json), else ./loadtest."""
+    if out:
+        return Path(out)
+    return Path(ceiling) if ceiling else Path("loadtest")
+
+
+def write_results(report: dict, results: list[dict], name: str, out: str | None, ceiling: str | None) -> Path:
+    """Write loadtest.json and loadtest.png; the folder they went to. The default folder (the artifact's) may be
+    read-only: then the results go to ./loadtest, with a note, rather than being lost after minutes of load."""
+    folder = output_folder(out, ceiling)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / "loadtest.json", report)
+    except OSError as exc:
+        if out:
+            raise UsageError(f"cannot write {folder / 'loadtest.json'} ({exc}); pass a writable --out DIR") from exc
+        print(f"kiln: cannot write into {folder} ({exc.strerror}); writing to ./loadtest instead", file=sys.stderr)
+        folder = Path("loadtest")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / "loadtest.json", report)
+    plot(results, folder / "loadtest.png", name)
+    return folder
 
 
 def print_table(results: list[dict]) -> None:

@@ -10,7 +10,8 @@ to choose from, 1 for the rest.
 
     KilnError
     ├── UsageError               bad flags, recipe values or signatures (exit 2)
-    │   └── RecipeError
+    │   ├── RecipeError
+    │   └── InvalidInput         arrays given to Runtime.run that do not fit the signature
     ├── ModelSourceError         the model cannot be found, built or loaded
     ├── DataError                calibration/evaluation data missing or wrong
     ├── ExportError              a step of the export failed
@@ -40,6 +41,11 @@ class UsageError(KilnError):
 
 class RecipeError(UsageError):
     """A recipe value (TOML or flag) is out of range or unknown; raised before any work starts."""
+
+
+class InvalidInput(UsageError):
+    """Arrays handed to `kiln.load(...).run` do not fit the signature (name, dtype, rank or a fixed dim): raised
+    before the runtime sees them, naming the input and what it needs, as the server's 4xx answers do."""
 
 
 class ModelSourceError(KilnError):
@@ -106,7 +112,7 @@ def format_error(error: BaseException) -> str:
 
 
 __all__ = [
-    "BenchmarkError", "DataError", "ExportError", "IntegrityError", "KilnError", "ManifestError",
+    "BenchmarkError", "DataError", "ExportError", "IntegrityError", "InvalidInput", "KilnError", "ManifestError",
     "ModelSourceError", "RecipeError", "RuntimeUnavailable", "ToolchainMissing", "UnstableMeasurement", "UsageError", "VerificationError",
     "format_error", "one_line",
 ]

@@ -22,7 +22,7 @@ import numpy as np
 
 from kiln.core.errors import ExportError, RuntimeUnavailable
 from kiln.core.machine import default_threads
-from kiln.core.signature import Signature
+from kiln.core.signature import Signature, check_arrays
 
 Arrays = dict[str, np.ndarray]
 
@@ -33,6 +33,29 @@ class Runtime(Protocol):
     threads: int
 
     def run(self, inputs: Arrays) -> Arrays: ...
+
+
+class CheckedRuntime:
+    """A runtime whose `run` checks its inputs against the signature first (core.signature.check_arrays): what
+    `kiln.load` returns, so a caller's float64 array or wrong rank is an InvalidInput naming the input, its dtype
+    and shape, as the server's 4xx would be, not a silent cast or the runtime's own error. Bench, the server
+    and the export's verification use the bare runtime: their inputs are already checked or built to fit."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.variant = runtime.variant
+        self.signature = runtime.signature
+        self.threads = runtime.threads
+
+    def run(self, inputs: Arrays) -> Arrays:
+        check_arrays(self.signature, inputs)
+        return self.runtime.run(inputs)
+
+    def __getattr__(self, name: str) -> Any:  # the runtime's own extras (its session, its module)
+        return getattr(self.runtime, name)
+
+    def __repr__(self) -> str:
+        return f"CheckedRuntime({self.runtime!r})"
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,13 @@ plain data (names, dtypes, shapes with symbolic dims) that round-trips through J
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from kiln.core.errors import UsageError
+from kiln.core.errors import InvalidInput, UsageError
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,16 @@ class TensorSpec:
         """The numpy dtype arrays of this tensor travel as (None for strings and bfloat16)."""
         return NUMPY_DTYPES.get(self.dtype)
 
+    def shape_problem(self, shape: Sequence[int]) -> str | None:
+        """Why an array of `shape` cannot be this tensor (its rank, or a fixed dim), or None. The server's
+        validation and `kiln.load(...).run` both ask here, so a caller hears the same reason from either."""
+        got = [int(d) for d in shape]
+        if len(got) != len(self.shape):
+            return f"has shape {got}; {self.name!r} needs rank {len(self.shape)} ({list(self.shape)})"
+        if any(isinstance(want, int) and have != want for have, want in zip(got, self.shape)):
+            return f"has shape {got}; {self.name!r} needs {list(self.shape)}"
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
@@ -118,6 +129,40 @@ class Signature:
 
     def __str__(self) -> str:
         return f"inputs {', '.join(map(str, self.inputs))} -> outputs {', '.join(map(str, self.outputs))}"
+
+
+def check_arrays(signature: Signature, inputs: Any) -> None:
+    """Raise InvalidInput unless `inputs` are exactly the signature's tensors, as numpy arrays of its dtypes and
+    shapes (first axis: at least one item, the same count in each). A runtime would otherwise cast float64
+    silently or fail with its own message; this names the input, the dtype and the shape it needs."""
+    if not isinstance(inputs, Mapping):
+        raise InvalidInput(f"run() takes a dict of named numpy arrays, not {type(inputs).__name__}; "
+                           f"this model takes {', '.join(map(str, signature.inputs))}")
+    names = signature.input_names
+    unknown = sorted(set(inputs) - set(names))
+    missing = [n for n in names if n not in inputs]
+    if unknown or missing:
+        raise InvalidInput(f"inputs {sorted(inputs)} do not match the signature"
+                           + (f": {missing} missing" if missing else "") + (f": {unknown} unknown" if unknown else "")
+                           + f"; this model takes {', '.join(map(str, signature.inputs))}")
+    counts = set()
+    for spec in signature.inputs:
+        array, want = inputs[spec.name], f"{spec.dtype} with shape {list(spec.shape)}"
+        if not isinstance(array, np.ndarray):
+            raise InvalidInput(f"input {spec.name!r} is a {type(array).__name__}; it must be a numpy array of {want} "
+                               f"(np.asarray(x, np.{spec.dtype}))")
+        if spec.numpy_dtype is not None and array.dtype != spec.numpy_dtype:
+            raise InvalidInput(f"input {spec.name!r} is {array.dtype}; it must be {want} "
+                               f"(cast it: x.astype(np.{spec.dtype}))")
+        problem = spec.shape_problem(array.shape)
+        if problem:
+            raise InvalidInput(f"input {spec.name!r} {problem}; it must be {want}")
+        if array.shape[0] < 1:
+            raise InvalidInput(f"input {spec.name!r} holds no items; send at least one ({want})")
+        counts.add(array.shape[0])
+    if len(counts) > 1:
+        raise InvalidInput(f"the inputs hold different numbers of items ({sorted(counts)}); the first axis is the "
+                           "batch and must agree")
 
 
 def generated_arrays(signature: Signature, items: int, seed: int = 0, symbolic_size: int = 16) -> dict[str, Any]:

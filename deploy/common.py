@@ -173,7 +173,7 @@ def read_loadtest(path: Path, model: str, explicit: bool) -> tuple[list[LoadLeve
     if not path.is_file():
         if explicit:
             return refuse("does not exist")
-        return None, f"no {LOADTEST_NAME} in {str(path.parent)!r} (`kiln loadtest URL --out {path.parent}` writes one)"
+        return None, f"no {LOADTEST_NAME} in {str(path.parent)!r} (`kiln loadtest URL --ceiling {path.parent}` writes one there)"
     try:
         data = read_json(path, MAX_CONFIG_BYTES, LOADTEST_NAME, fix="re-run `kiln loadtest`")
         raw_levels = data["levels"]

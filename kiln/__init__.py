@@ -2,10 +2,10 @@
 
 The Python API is the command line's, without the parsing:
 
-    import kiln
+    import kiln, numpy as np
     manifest = kiln.export_model("digits", "artifacts/digits")
     runtime = kiln.load("artifacts/digits", threads=2)       # the manifest's default variant, hash-checked
-    outputs = runtime.run({"image": images})
+    outputs = runtime.run({"image": np.zeros((4, 1, 8, 8), np.float32)})   # checked against the signature
     report = kiln.bench("artifacts/digits", batch_sizes=(1, 16))
 
 Heavy libraries (torch, ONNX Runtime) are imported by the functions that need them, so `import kiln` is cheap.
@@ -21,6 +21,7 @@ from kiln.core.errors import (
     DataError,
     ExportError,
     IntegrityError,
+    InvalidInput,
     KilnError,
     ManifestError,
     ModelSourceError,
@@ -73,13 +74,14 @@ def load(folder: str | Path, variant: str | None = None, *, threads: int | None 
 
     Where the default was chosen (`--select`) on a machine whose speed-deciding CPU flags differ from this one's,
     a warning on the `kiln` logger names both machines: the chosen variant may be slow here (bf16 emulated).
-    `variant="auto"` re-chooses on this machine (kiln.core.autoselect), with a cached choice when there is one.
+    Its `run` checks the inputs against the signature (names, dtypes, shapes) and raises InvalidInput naming
+    what it needs, where a runtime would cast or fail in its own words. `variant="auto"` re-chooses on this machine (kiln.core.autoselect), with a cached choice when there is one.
     """
     import logging
 
     from kiln.core.autoselect import served_variant
     from kiln.core.manifest import read_manifest
-    from kiln.core.runtime import RuntimeOptions, open_variant
+    from kiln.core.runtime import CheckedRuntime, RuntimeOptions, open_variant
 
     manifest = read_manifest(folder)
     choice = served_variant(folder, manifest, variant, threads)
@@ -88,7 +90,7 @@ def load(folder: str | Path, variant: str | None = None, *, threads: int | None 
                                        choice.reason)
     if choice.warning:
         logging.getLogger("kiln").warning("%s: %s", folder, choice.warning)
-    return open_variant(manifest, choice.entry.name, RuntimeOptions(threads, device))
+    return CheckedRuntime(open_variant(manifest, choice.entry.name, RuntimeOptions(threads, device)))
 
 
 def bench(folder: str | Path, *, select: bool = False, max_accuracy_drop: float | None = None,
@@ -125,7 +127,7 @@ def _version() -> str:
 __version__ = _version()
 
 __all__ = [
-    "BenchmarkError", "DataError", "ExportError", "IntegrityError", "KilnError", "ManifestError",
+    "BenchmarkError", "DataError", "ExportError", "IntegrityError", "InvalidInput", "KilnError", "ManifestError",
     "ModelSourceError", "RecipeError", "RuntimeUnavailable", "UsageError", "VerificationError",
     "__version__", "bench", "export_model", "load",
 ]

@@ -31,6 +31,7 @@ EXPORT_EXAMPLE = """examples:
       --output logits --data data.npz --out artifacts/net
   kiln export ./my-hf-classifier --data reviews.jsonl --out artifacts/classifier
   kiln export digits --out artifacts/digits --recipe recipe.toml --force
+  kiln export digits --out artifacts/digits --force --select --max-accuracy-drop 0.5
 """
 
 BENCH_EXAMPLE = """examples:
@@ -39,6 +40,9 @@ BENCH_EXAMPLE = """examples:
   kiln bench artifacts/digits --select --max-accuracy-drop 0.5
   kiln bench artifacts/minilm --select --min-cosine 0.99 --select-batch-size 16
   kiln bench artifacts/digits --variants onnx-fp32,onnx-int8 --max-seconds 0.5
+
+--select exits 4 (UnstableMeasurement, nothing chosen) when the rounds disagree past --max-spread: run it again on a
+quieter machine, with more --rounds, or with --accept-unstable.
 """
 
 SERVE_EXAMPLE = """examples:
@@ -47,13 +51,31 @@ SERVE_EXAMPLE = """examples:
   KILN_API_KEY=$(openssl rand -hex 16) kiln serve artifacts/digits --api-key-env KILN_API_KEY
   kiln serve artifacts/digits artifacts/minilm --workers digits=2,minilm=1
   kiln serve artifacts/            # a repository: every artifact folder inside it
+
+In a repository every folder needs a distinct model name: export a second copy of a model with --name.
 """
 
 LOADTEST_EXAMPLE = """examples:
   kiln loadtest http://127.0.0.1:8000 --concurrency 1,8,32 --requests 2000
   kiln loadtest http://127.0.0.1:8000 --protocol predict --duration 20 --ceiling artifacts/minilm --threads 2
   kiln loadtest http://127.0.0.1:8000 --protocol v2-binary --items 32 --concurrency 8 --ceiling artifacts/digits
+
+With --ceiling DIR, loadtest.json and loadtest.png go into DIR, where `kiln deploy kserve DIR` reads them.
 """
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written, and every option's default shown from the parser itself (argparse's
+    ArgumentDefaultsHelpFormatter, less the noise): an option whose default is a value and whose help does not
+    already say its default gets ` (default: VALUE)`, so `--help` and the README's CLI reference, generated from
+    the same parser (tests/test_readme.py), cannot drift from the code."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and "default" not in text and action.default is not None
+                and action.default is not False and action.default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,18 +90,34 @@ class _Parser(argparse.ArgumentParser):
 def _subparser(subparsers: Any, name: str, help: str, description: str, epilog: str,
                handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(name, help=help, description=description, epilog=epilog,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=_HelpFormatter)
     parser.set_defaults(handler=handler)
     return parser
+
+
+def add_select_budget(parser: argparse.ArgumentParser) -> None:
+    """The --select budget, the same flags and defaults on `kiln export` and `kiln bench` (kiln.bench.select)."""
+    from kiln.bench import select
+
+    parser.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                        help=f"budget for --select on classifiers, percentage points below eager fp32 "
+                             f"(default {select.DEFAULT_MAX_ACCURACY_DROP})")
+    parser.add_argument("--min-cosine", type=float,
+                        help=f"budget for --select: minimum cosine to eager fp32 (embeddings; default "
+                             f"{select.DEFAULT_MIN_COSINE}); on a classifier it is an extra condition")
+    parser.add_argument("--min-batch-invariance", type=float, metavar="COSINE",
+                        help=f"budget for --select: worst cosine between an item's answer alone and inside a batch, "
+                             f"as the export measured it (default {select.DEFAULT_MIN_BATCH_INVARIANCE})")
 
 
 # --- kiln export ------------------------------------------------------------------------------------------------
 
 
 def add_export_parser(subparsers: Any) -> None:
+    from kiln.export.recipe import PruneConfig, Recipe
     from kiln.export.variants import VARIANTS
 
-    parser = _subparser(subparsers, "export", "prune, quantize and emit verified TorchScript/ONNX artifacts",
+    parser = _subparser(subparsers, "export", "prune, quantize and emit verified TorchScript, ONNX and .pt2 (AOTInductor) artifacts",
                         "Export a model to a folder of verified artifacts with a manifest.json.", EXPORT_EXAMPLE,
                         run_export_command)
     parser.add_argument("model", help="zoo name (digits, minilm), a Hugging Face model folder (a path), or "
@@ -99,17 +137,17 @@ def add_export_parser(subparsers: Any) -> None:
     parser.add_argument("--name", help="model name used in server routes (default: zoo name or module name)")
     parser.add_argument("--variants", help=f"comma-separated, from: {', '.join(VARIANTS)} (default: the model's set)")
     parser.add_argument("--prune", metavar="METHOD:AMOUNT", help="e.g. structured:0.5 (for pruned-* variants)")
-    parser.add_argument("--fine-tune-epochs", type=int, help="epochs of fine-tuning after structured pruning")
+    parser.add_argument("--fine-tune-epochs", type=int,
+                        help=f"epochs of fine-tuning after structured pruning (default {PruneConfig.fine_tune_epochs})")
     parser.add_argument("--recipe", type=Path, help="TOML recipe; flags given on the command line override it")
-    parser.add_argument("--opset", type=int, help="ONNX opset (default 17)")
+    parser.add_argument("--opset", type=int, help=f"ONNX opset (default {Recipe.opset})")
     parser.add_argument("--select", action="store_true",
-                        help="benchmark the variants and make the fastest within budget the default")
-    parser.add_argument("--max-accuracy-drop", type=float, help="budget for --select, percentage points (classifiers)")
-    parser.add_argument("--min-cosine", type=float, help="budget for --select, minimum cosine (embeddings)")
-    parser.add_argument("--min-batch-invariance", type=float, metavar="COSINE",
-                        help="budget for --select: worst cosine of an item alone vs inside a batch (default 0.999)")
+                        help="benchmark the variants and make the fastest within budget the default (exit 4, "
+                             "nothing chosen, when the measurement is too noisy: see --accept-unstable)")
+    add_select_budget(parser)
     parser.add_argument("--accept-unstable", action="store_true",
-                        help="let --select choose from measurements flagged unstable (otherwise exit 4)")
+                        help="let --select choose from measurements flagged unstable (otherwise exit 4; or "
+                             "choose later with `kiln bench DIR --select --rounds 5`)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
@@ -146,39 +184,32 @@ def add_bench_parser(subparsers: Any) -> None:
         BENCH_EXAMPLE, run_bench_command)
     parser.add_argument("folder", metavar="ARTIFACT_DIR", help="a folder written by `kiln export`")
     parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)), metavar="N,N,...",
-                        help="comma-separated positive batch sizes (default: %(default)s)")
+                        help="comma-separated positive batch sizes")
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
-                        help="sequence length for text models, inputs padded to it (default: %(default)s)")
+                        help="sequence length for text models, inputs padded to it")
     parser.add_argument("--threads", type=int,
                         help="torch and ONNX Runtime intra-op threads (default: the cores this process may use)")
     parser.add_argument("--variants", help="comma-separated variants to measure (default: all in the manifest); "
                                            "eager fp32 is always measured")
     parser.add_argument("--warmup", type=int, default=BenchSettings.warmup,
-                        help="untimed calls per cell before timing (default: %(default)s)")
+                        help="untimed calls per cell before timing")
     parser.add_argument("--min-iters", type=int, default=BenchSettings.min_iters,
-                        help="timed calls per cell at least (default: %(default)s)")
+                        help="timed calls per cell at least")
     parser.add_argument("--max-iters", type=int, default=BenchSettings.max_iters,
-                        help="timed calls per cell at most (default: %(default)s)")
+                        help="timed calls per cell at most")
     parser.add_argument("--max-seconds", type=float, default=BenchSettings.max_seconds,
-                        help="timed seconds per cell and round, once --min-iters is reached (default: %(default)s)")
+                        help="timed seconds per cell and round, once --min-iters is reached")
     parser.add_argument("--rounds", type=int, default=BenchSettings.rounds,
-                        help="interleaved rounds; each cell's figure is the median of its rounds (default: %(default)s)")
+                        help="interleaved rounds; each cell's figure is the median of its rounds")
     parser.add_argument("--max-spread", type=float, default=BenchSettings.max_spread, metavar="FRACTION",
                         help="a cell whose per-round p50s differ by more than this fraction of their median is "
-                             "unstable (default: %(default)s)")
+                             "unstable")
     parser.add_argument("--select", action="store_true",
                         help="make the fastest variant within the budget the manifest's default (kiln serve loads it)")
     parser.add_argument("--accept-unstable", action="store_true",
-                        help="let --select choose from cells flagged unstable (otherwise it refuses, exit 4)")
-    parser.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
-                        help=f"budget for --select on classifiers, percentage points below eager fp32 "
-                             f"(default {select.DEFAULT_MAX_ACCURACY_DROP})")
-    parser.add_argument("--min-cosine", type=float,
-                        help=f"budget for --select: minimum cosine to eager fp32 (embeddings; default "
-                             f"{select.DEFAULT_MIN_COSINE}); on a classifier it is an extra condition")
-    parser.add_argument("--min-batch-invariance", type=float, metavar="COSINE",
-                        help=f"budget for --select: worst cosine between an item's answer alone and inside a batch, "
-                             f"as the export measured it (default {select.DEFAULT_MIN_BATCH_INVARIANCE})")
+                        help="let --select choose from cells flagged unstable (otherwise it refuses, exit 4, and "
+                             "the manifest is untouched; more --rounds or a quieter machine steady the cells)")
+    add_select_budget(parser)
     parser.add_argument("--select-batch-size", type=int,
                         help=f"batch size at which --select compares speed, added to the sweep if absent "
                              f"(default {select.DEFAULT_SELECT_BATCH_SIZE})")
@@ -228,11 +259,12 @@ def add_serve_parser(subparsers: Any) -> None:
                              "every model or model=NAME for one, comma-separated or repeated")
     parser.add_argument("--host", default=defaults["host"],
                         help="bind address (default %(default)s; 0.0.0.0 to expose)")
-    parser.add_argument("--port", type=int, default=defaults["port"])
+    parser.add_argument("--port", type=int, default=defaults["port"], help="TCP port to listen on")
     parser.add_argument("--max-batch-size", type=int, default=defaults["max_batch_size"],
                         help="requests per batch at most (default %(default)s)")
     parser.add_argument("--max-batch-delay-ms", type=float, default=defaults["max_batch_delay_ms"],
-                        help="under load, how long to wait for a fuller batch (an idle server never waits)")
+                        help="under load, how long to wait for a fuller batch (an idle server never waits; "
+                             "default %(default)s)")
     parser.add_argument("--workers", action="append",
                         help="inference worker processes per model, each loading it (default 1): N for every model "
                              "or model=N for one, comma-separated or repeated")
@@ -242,7 +274,8 @@ def add_serve_parser(subparsers: Any) -> None:
     parser.add_argument("--api-key-env", help="environment variable holding the API key; enables auth")
     parser.add_argument("--timeout", type=float, default=defaults["timeout_s"], dest="timeout_s",
                         help="seconds before a request is answered 504 (default %(default)s)")
-    parser.add_argument("--max-body-bytes", type=int, default=defaults["max_body_bytes"])
+    parser.add_argument("--max-body-bytes", type=int, default=defaults["max_body_bytes"],
+                        help="request body bytes at most, after inflating a compressed body (then 413)")
     parser.add_argument("--max-items", type=int, default=defaults["max_items"],
                         help="items per request at most (default %(default)s)")
     parser.add_argument("--body-timeout", type=float, default=defaults["body_timeout_s"], dest="body_timeout_s",
@@ -260,7 +293,9 @@ def add_serve_parser(subparsers: Any) -> None:
     parser.add_argument("--max-connections", type=int, default=defaults["max_connections"],
                         help="requests handled at once, and open connections before idle ones are closed "
                              "(default %(default)s; beyond it 503, except health, readiness and metrics probes)")
-    parser.add_argument("--log-level", default=defaults["log_level"])
+    parser.add_argument("--log-level", default=defaults["log_level"],
+                        choices=("critical", "error", "warning", "info", "debug", "trace"),
+                        help="log level of the HTTP server (uvicorn)")
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
@@ -280,8 +315,8 @@ def add_loadtest_parser(subparsers: Any) -> None:
                         "Send real requests at several concurrency levels and report latency, throughput, errors.",
                         LOADTEST_EXAMPLE, run_loadtest_command)
     parser.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels (default 1,8,32)")
-    parser.add_argument("--requests", type=int, default=1000, help="requests per level (default 1000)")
+    parser.add_argument("--concurrency", default="1,8,32", metavar="N,N,...", help="comma-separated levels")
+    parser.add_argument("--requests", type=int, default=1000, help="requests per level")
     parser.add_argument("--duration", type=float, help="seconds per level (then --requests is an upper bound)")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="hard time bound per level")
     parser.add_argument("--protocol", choices=("v2", "v2-binary", "predict"), default="v2",
@@ -300,7 +335,9 @@ def add_loadtest_parser(subparsers: Any) -> None:
                         help="rounds per level; with --ceiling each round is followed by its ceiling run and the "
                              "ratio is the median over rounds (default 3 with --ceiling, else 1)")
     parser.add_argument("--api-key-env", help="environment variable holding the server's API key")
-    parser.add_argument("--out", default="loadtest", help="folder for loadtest.json and loadtest.png")
+    parser.add_argument("--out", metavar="DIR",
+                        help="folder for loadtest.json and loadtest.png (default: the --ceiling artifact folder, "
+                             "where `kiln deploy kserve` reads it; without --ceiling, ./loadtest)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
 
 
@@ -352,7 +389,7 @@ def add_deploy_parser(subparsers: Any) -> None:
     tri.add_argument("--out", required=True, metavar="REPO", help="model repository folder (other models are kept)")
     tri.add_argument("--variant", help="variant to deploy (default: the manifest's default_variant)")
     tri.add_argument("--name", help="Triton model name (default: the manifest's model name)")
-    tri.add_argument("--instances", default="1", metavar="N", help="model instances (KIND_CPU), default 1")
+    tri.add_argument("--instances", default="1", metavar="N", help="model instances (KIND_CPU)")
     tri.add_argument("--max-batch-size", default=str(triton.DEFAULT_MAX_BATCH_SIZE), metavar="N",
                      help="max_batch_size (default %(default)s, kiln serve's)")
     tri.add_argument("--max-batch-delay-ms", default=f"{triton.DEFAULT_MAX_BATCH_DELAY_MS:g}", metavar="MS",
@@ -477,7 +514,7 @@ def require_extras(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kiln", description="From a trained PyTorch model to a fast, verified HTTP endpoint.",
-                     epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                     epilog=EXAMPLE, formatter_class=_HelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="print tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True

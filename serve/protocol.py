@@ -170,14 +170,10 @@ def conform(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
 
 
 def check_shape(array: np.ndarray, spec: TensorSpec, where: str, model: ServedModel, expected: Any) -> None:
-    shape = list(array.shape)
-    if len(shape) != len(spec.shape):
-        raise RequestError(
-            f"{where} has shape {shape}; {spec.name!r} needs rank {len(spec.shape)} ({list(spec.shape)})",
-            expected=expected)
-    for got, want in zip(shape, spec.shape):
-        if isinstance(want, int) and got != want:
-            raise RequestError(f"{where} has shape {shape}; {spec.name!r} needs {list(spec.shape)}", expected=expected)
+    problem = spec.shape_problem(array.shape)  # the rule kiln.load's runtimes check too (core.signature)
+    if problem:
+        raise RequestError(f"{where} {problem}", expected=expected)
+    shape = array.shape
     if shape[0] < 1:
         raise RequestError(f"{where} holds no items; send at least one", expected=expected)
     if shape[0] > model.request_limit:
