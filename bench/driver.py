@@ -39,7 +39,7 @@ CSV_COLUMNS = ("variant", "batch_size", "p50_ms", "p90_ms", "p99_ms", "items_per
                "peak_rss_mb", "accuracy", "cosine_min", "batch_invariance", "rounds", "p50_min_ms", "p50_max_ms",
                "spread", "cv", "stable", "gflops_per_s", "pct_of_peak", "precision", "emulated")
 OUTPUT_NAMES = ("bench.json", "bench.csv", "bench.png")
-__all__ = ["CSV_COLUMNS", "EAGER", "ISA_FLAGS", "BenchSettings", "bench", "measure"]
+__all__ = ["CSV_COLUMNS", "EAGER", "ISA_FLAGS", "BenchSettings", "bench", "measure", "select_default"]
 
 
 @dataclass(frozen=True)
@@ -498,6 +498,20 @@ def bench(folder: str | Path, settings: BenchSettings | None = None, *, select_d
     if refused is not None:
         raise refused
     return report
+
+
+def select_default(folder: str | Path, max_accuracy_drop: float | None = None, min_cosine: float | None = None,
+                   batch_size: int = select.DEFAULT_SELECT_BATCH_SIZE, threads: int | None = None,
+                   progress: Progress = to_stderr, min_batch_invariance: float | None = None,
+                   accept_unstable: bool = False) -> dict[str, Any]:
+    """Measure every variant at one batch size and make the fastest within budget the default (`export --select`)."""
+    settings = BenchSettings(batch_sizes=(batch_size,), threads=threads)
+    report = measure(folder, settings, progress)
+    selection = select.choose(read_manifest(folder), report, batch_size, max_accuracy_drop, min_cosine,
+                              min_batch_invariance, accept_unstable)
+    select.apply_selection(folder, selection, report["hashes"])
+    progress(f"[kiln] select: default variant {selection['default_variant']}: {selection['reason']}")
+    return selection
 
 
 def summary(report: dict[str, Any]) -> str:
