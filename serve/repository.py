@@ -92,17 +92,10 @@ def _positive(text: str) -> int:
 
 def _require_torch_if_needed(manifest, entry) -> None:
     """A serve-only install (no torch) serves ONNX variants: say so before any process starts."""
-    import importlib.util
+    from kiln.core.runtime import module_installed, needs_torch
 
-    from kiln.core.runtime import runtime_spec
-
-    if runtime_spec(entry.runtime, entry.name).requires != "torch":
+    if not needs_torch(entry) or module_installed("torch"):
         return
-    try:
-        if importlib.util.find_spec("torch") is not None:
-            return
-    except (ImportError, ValueError):
-        pass
     onnx = [v.name for v in manifest.variants if v.runtime == "onnxruntime"]
     raise RuntimeUnavailable(
         f"variant {entry.name!r} ({entry.format}) of {manifest.model!r} loads through torch, which this serve-only "
