@@ -72,7 +72,8 @@ class ServedVariant:
     auto: AutoChoice | None = None
 
     @property
-    def served(self) -> dict[str, str]:
+    def parameters(self) -> dict[str, str]:
+        """What a front end reports about it (V2 model metadata `parameters`): variant, how and reason."""
         return {"variant": self.entry.name, "how": self.how, "reason": self.reason}
 
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.core.errors import ManifestError, RuntimeUnavailable, UsageError
-from kiln.core.manifest import MANIFEST_NAME
+from kiln.core.manifest import MANIFEST_NAME, Manifest, VariantEntry
+
+if TYPE_CHECKING:
+    from kiln.core.autoselect import ServedVariant
 
 
 @dataclass(frozen=True)
@@ -27,9 +30,9 @@ class ModelPlan:
 
     name: str
     folder: str  # absolute
-    manifest: Any  # kiln.core.manifest.Manifest
-    variant: Any  # its VariantEntry
-    served: dict[str, str]  # variant, how (default, forced, chosen, cached, fallback), reason
+    manifest: Manifest
+    variant: VariantEntry
+    served: ServedVariant  # which variant and how it was chosen (default, forced, chosen, cached, fallback), and why
     workers: int
     threads: int | None
     index: int  # its place on the command line: names its worker socket and LitServe api_path
@@ -135,9 +138,9 @@ def plan_models(config) -> list[ModelPlan]:
                   f"{choice.reason}", flush=True)
         if choice.warning:
             print(f"kiln: warning: {name}: {choice.warning}", flush=True)
-        entry, served = choice.entry, choice.served
+        entry = choice.entry
         _require_torch_if_needed(manifest, entry)
         check_runnable(manifest, entry.name)  # refuse a tampered or foreign artifact before any process starts
-        plans.append(ModelPlan(name, str(folder.resolve()), manifest, entry, served, worker_counts[name],
+        plans.append(ModelPlan(name, str(folder.resolve()), manifest, entry, choice, worker_counts[name],
                                model_threads, index))
     return plans
