@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.core.bench_row import BenchRow
 from kiln.core.errors import KilnError, ManifestError, UsageError, one_line
 from kiln.core.folders import swap_into_place
 from kiln.core.manifest import Manifest, VariantEntry
@@ -66,18 +67,12 @@ def resolve_variant(manifest: Manifest, name: str | None) -> VariantEntry:
 
 
 @dataclass(frozen=True)
-class BenchCell:
-    batch_size: int
-    items_per_s: float
-    peak_rss_mb: float | None
-
-
-@dataclass(frozen=True)
 class BenchFigures:
-    """What `kiln bench` measured for one variant: a cell per batch size, the threads and the CPU it ran on."""
+    """What `kiln bench` measured for one variant: a row per batch size (each with a positive items_per_s), the
+    threads and the CPU it ran on."""
 
     variant: str
-    cells: tuple[BenchCell, ...]
+    cells: tuple[BenchRow, ...]
     threads: int | None
     cpu_model: str | None
 
@@ -105,7 +100,7 @@ def read_bench(manifest: Manifest, entry: VariantEntry) -> tuple[BenchFigures | 
         return None, f"{path} is unreadable ({type(exc).__name__}); ignored it"
     if hashes.get(entry.name) not in (None, entry.sha256):
         return None, f"{path} measured another file for {entry.name!r} (sha256 differs); ignored it: re-run `kiln bench`"
-    cells: dict[int, BenchCell] = {}
+    cells: dict[int, BenchRow] = {}
     for row in rows if isinstance(rows, list) else []:
         if not isinstance(row, dict) or row.get("variant") != entry.name:
             continue
@@ -116,7 +111,7 @@ def read_bench(manifest: Manifest, entry: VariantEntry) -> tuple[BenchFigures | 
         except (KeyError, TypeError, ValueError):
             continue
         if batch >= 1 and math.isfinite(items) and items > 0:
-            cells[batch] = BenchCell(batch, items, rss)
+            cells[batch] = BenchRow(entry.name, batch, items_per_s=items, peak_rss_mb=rss)
     if not cells:
         return None, f"{path} has no figures for {entry.name!r}; ignored it"
     threads = settings.get("threads")
@@ -141,13 +136,17 @@ def preferred_batch_sizes(figures: BenchFigures | None, max_batch_size: int, gai
     cells = [c for c in figures.cells if c.batch_size <= max_batch_size]
     if len(cells) < 2:
         return []
-    reference = cells[0].items_per_s
+    reference = _items_per_s(cells[0])
     chosen = []
     for cell in cells[1:]:
-        if cell.items_per_s >= reference * gain:
+        if _items_per_s(cell) >= reference * gain:
             chosen.append(cell.batch_size)
-            reference = cell.items_per_s
+            reference = _items_per_s(cell)
     return chosen
+
+
+def _items_per_s(row: BenchRow) -> float:
+    return row.items_per_s or 0.0  # read_bench keeps only rows with a positive figure
 
 
 # --- loadtest.json ------------------------------------------------------------------------------------------------
