@@ -28,7 +28,7 @@ from kiln.core.errors import KilnError, one_line
 from kiln.core.machine import bf16_native, fingerprint, machine_info, speed_mismatch
 from kiln.core.manifest import MANIFEST_NAME, Manifest, VariantEntry, fp32_default, read_manifest, write_json_atomic
 from kiln.core.paths import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, read_capped, read_json
-from kiln.core.runtime import RuntimeOptions, check_runnable, open_artifact
+from kiln.core.runtime import Runtime, RuntimeOptions, check_runnable, open_artifact
 from kiln.core.selection import choose
 
 CACHE_NAME = "auto-variant.json"
@@ -167,7 +167,7 @@ def candidates(manifest: Manifest, machine: dict[str, Any]) -> tuple[list[Varian
     return keep, left_out
 
 
-def _p50(runtime: Any, inputs: dict[str, np.ndarray], seconds: float) -> float:
+def _p50(runtime: Runtime, inputs: dict[str, np.ndarray], seconds: float) -> float:
     runtime.run(inputs)
     runtime.run(inputs)
     times: list[float] = []
