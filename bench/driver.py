@@ -14,6 +14,7 @@ manifest and changes only `default_variant` (and records why in `selection`), vi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -21,11 +22,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from kiln.bench import select, stats
+from kiln.core.bench_row import BenchRow
 from kiln.core.console import Progress, to_stderr
 from kiln.core.console import format_table as align
 from kiln.core.errors import BenchmarkError, KilnError, UnstableMeasurement, UsageError, one_line
@@ -39,7 +42,7 @@ CSV_COLUMNS = ("variant", "batch_size", "p50_ms", "p90_ms", "p99_ms", "items_per
                "peak_rss_mb", "accuracy", "cosine_min", "batch_invariance", "rounds", "p50_min_ms", "p50_max_ms",
                "spread", "cv", "stable", "gflops_per_s", "pct_of_peak", "precision", "emulated")
 OUTPUT_NAMES = ("bench.json", "bench.csv", "bench.png")
-__all__ = ["CSV_COLUMNS", "EAGER", "ISA_FLAGS", "BenchSettings", "bench", "measure"]
+__all__ = ["CSV_COLUMNS", "EAGER", "ISA_FLAGS", "BenchSettings", "bench", "measure", "select_default"]
 
 
 @dataclass(frozen=True)
@@ -239,21 +242,61 @@ def measure(folder: str | Path, settings: BenchSettings, progress: Progress = to
     seq_len = settings.seq_len if manifest.is_text else None
     batch_sizes = sorted(settings.batch_sizes)
     order = [EAGER, *names]
-    total = len(order) * len(batch_sizes) * settings.rounds
     progress(f"[kiln] bench {manifest.model}: {len(order)} runtimes x batch sizes {batch_sizes}"
              f"{f', seq_len {seq_len}' if seq_len else ''}, {threads} thread(s), {settings.rounds} round(s) of "
              f"up to {settings.max_seconds:g} s per cell")
+    measured = run_rounds(folder, manifest, order, {"threads": threads, "batch_sizes": batch_sizes,
+                                                     "seq_len": seq_len}, settings, progress, verbose)
+    machine = machine_info()
+    machine["fingerprint"] = fingerprint(machine)
+    rows = bench_rows(manifest, order, batch_sizes, measured, settings.max_spread, machine)
+    return {
+        "kiln_bench": 2,
+        "model": manifest.model,
+        "task": manifest.task,
+        "folder": str(folder),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "default_variant": manifest.default_variant,
+        "reference": manifest.reference,
+        "machine": {**machine, "load_average": measured.load},
+        "peak_gflops": measured.peaks,
+        "stable": all(r.stable for r in rows),
+        "versions": library_versions(),
+        "settings": {**asdict(settings), "batch_sizes": batch_sizes, "threads": threads, "seq_len": seq_len,
+                     "variants": names},
+        "hashes": {n: manifest.variant(n).sha256 for n in names},
+        "results": [r.to_record() for r in rows],
+    }
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """What the interleaved rounds left: each cell's per-round figures, each worker's `ready` record (load time,
+    module size, FLOPs per item), this machine's peaks and how loaded it was meanwhile."""
+
+    cells: dict[tuple[str, int], list[dict[str, Any]]]
+    ready: dict[str, dict[str, Any]]
+    peaks: dict[str, float]
+    load: dict[str, Any]
+
+
+def run_rounds(folder: Path, manifest: Manifest, order: list[str], shape: dict[str, Any], settings: BenchSettings,
+               progress: Progress, verbose: bool) -> Rounds:
+    """Start one worker per runtime (eager first: it writes the inputs every variant reads), measure the peaks,
+    then every cell once per round with the variants taking turns; the workers stop whatever happens.
+    `shape`: the threads, the (ascending) batch sizes and the sequence length, as resolved by `measure`."""
+    threads, batch_sizes = shape["threads"], shape["batch_sizes"]
+    total = len(order) * len(batch_sizes) * settings.rounds
     scratch = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     workers: dict[str, Worker] = {}
-    rounds: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
     done = 0
     try:
         base = {
-            "folder": str(folder), "threads": threads, "batch_sizes": batch_sizes, "seq_len": seq_len,
-            "inputs": str(scratch / "inputs.npz"), "warmup": settings.warmup, "min_iters": settings.min_iters,
-            "max_iters": settings.max_iters,
+            "folder": str(folder), **shape, "inputs": str(scratch / "inputs.npz"), "warmup": settings.warmup,
+            "min_iters": settings.min_iters, "max_iters": settings.max_iters,
         }
-        for name in order:  # the eager worker first: it writes the inputs every variant reads
+        for name in order:
             workers[name] = Worker({**base, "variant": name}, scratch, verbose)
         precisions = sorted({_figures(manifest, n)["precision"] for n in order})
         peaks = measure_peaks(threads, precisions)
@@ -265,7 +308,7 @@ def measure(folder: str | Path, settings: BenchSettings, progress: Progress = to
             for batch in batch_sizes:
                 for name in turn:
                     cell = workers[name].measure(batch, settings.max_seconds)
-                    rounds.setdefault((name, batch), []).append(cell)
+                    cells.setdefault((name, batch), []).append(cell)
                     done += 1
                     progress(f"[kiln] bench [{done}/{total}] round {index + 1} {name} batch {batch}: "
                              f"p50 {cell['p50_ms']:.3f} ms, p99 {cell['p99_ms']:.3f} ms ({cell['iterations']} calls)")
@@ -275,57 +318,52 @@ def measure(folder: str | Path, settings: BenchSettings, progress: Progress = to
         for worker in workers.values():
             worker.close()
         shutil.rmtree(scratch, ignore_errors=True)
+    load = stats.load_summary(load_before, load_after, default_threads(), threads,
+                              _other_cpu(cpu_before, cpu_after))
+    return Rounds(cells, {name: worker.ready for name, worker in workers.items()}, peaks, load)
 
-    other = None
-    if cpu_before and cpu_after:
-        elapsed = cpu_after["wall"] - cpu_before["wall"]
-        ours = cpu_after["ours"] - cpu_before["ours"]
-        other = max(0.0, (cpu_after["machine"] - cpu_before["machine"] - ours) / elapsed) if elapsed > 0 else None
-    load = stats.load_summary(load_before, load_after, default_threads(), threads, other)
-    machine = machine_info()
-    machine["fingerprint"] = fingerprint(machine)
-    eager_info = workers[EAGER].ready
+
+def _other_cpu(before: dict[str, float] | None, after: dict[str, float] | None) -> float | None:
+    """Cores' worth of CPU that processes other than kiln's took during the rounds; None where unknown."""
+    if not before or not after:
+        return None
+    elapsed = after["wall"] - before["wall"]
+    ours = after["ours"] - before["ours"]
+    return max(0.0, (after["machine"] - before["machine"] - ours) / elapsed) if elapsed > 0 else None
+
+
+def bench_rows(manifest: Manifest, order: list[str], batch_sizes: list[int], measured: Rounds, max_spread: float,
+               machine: dict[str, Any]) -> list[BenchRow]:
+    """One row per (variant, batch size): the rounds combined, the manifest's figures, the roofline, and the
+    speed-up over eager at the same batch size."""
+    eager_info = measured.ready[EAGER]
     rows = []
     for name in order:
         figures = _figures(manifest, name)
         if name == EAGER:
             figures["bytes"] = eager_info.get("module_bytes")
         for batch in batch_sizes:
-            per_round = rounds[(name, batch)]
+            per_round = measured.cells[(name, batch)]
             cell = stats.combine_rounds(per_round, batch)
-            reasons = stats.unstable_reasons(cell, per_round, settings.max_spread, load)
-            rows.append({
-                "variant": name, "batch_size": batch, **cell,
-                "peak_rss_mb": per_round[0]["peak_rss_mb"],  # sizes ascend in round 1: the peak up to this size
-                "stable": not reasons, "unstable_reasons": reasons,
+            reasons = stats.unstable_reasons(cell, per_round, max_spread, measured.load)
+            rows.append(BenchRow(
+                variant=name, batch_size=batch, **cell,
+                peak_rss_mb=per_round[0]["peak_rss_mb"],  # sizes ascend in round 1: the peak up to this size
+                stable=not reasons, unstable_reasons=reasons,
                 **figures,
                 **roofline(eager_info.get("flops_per_item", {}).get(str(batch)), batch, cell["p50_ms"],
-                           figures["precision"], peaks, machine),
-                "load_seconds": workers[name].ready["load_seconds"],
-            })
-    eager_p50 = {r["batch_size"]: r["p50_ms"] for r in rows if r["variant"] == EAGER}
-    for row in rows:
-        row["speedup_vs_eager"] = eager_p50[row["batch_size"]] / row["p50_ms"] if row["p50_ms"] > 0 else None
-    return {
-        "kiln_bench": 2,
-        "model": manifest.model,
-        "task": manifest.task,
-        "folder": str(folder),
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "default_variant": manifest.default_variant,
-        "reference": manifest.reference,
-        "machine": {**machine, "load_average": load},
-        "peak_gflops": peaks,
-        "stable": all(r["stable"] for r in rows),
-        "versions": library_versions(),
-        "settings": {**asdict(settings), "batch_sizes": batch_sizes, "threads": threads, "seq_len": seq_len,
-                     "variants": names},
-        "hashes": {n: manifest.variant(n).sha256 for n in names},
-        "results": rows,
-    }
+                           figures["precision"], measured.peaks, machine),
+                load_seconds=measured.ready[name]["load_seconds"],
+            ))
+    eager_p50 = {r.batch_size: r.p50_ms for r in rows if r.variant == EAGER}
+    return [dataclasses.replace(r, speedup_vs_eager=_ratio(eager_p50[r.batch_size], r.p50_ms)) for r in rows]
 
 
-def _cpu_snapshot(workers: Any) -> dict[str, float] | None:
+def _ratio(eager_ms: float | None, p50_ms: float | None) -> float | None:
+    return eager_ms / p50_ms if eager_ms is not None and p50_ms is not None and p50_ms > 0 else None
+
+
+def _cpu_snapshot(workers: Iterable[Worker]) -> dict[str, float] | None:
     """Busy CPU seconds of the whole machine and of kiln's own processes (this one and its workers), to tell how
     much CPU other processes took during the rounds. None where /proc is not there."""
     import time
@@ -388,8 +426,8 @@ def stage_outputs(folder: Path, report: dict, scatter_batch: int) -> list[tuple[
         with open(csv_tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(CSV_COLUMNS)
-            for row in report["results"]:
-                writer.writerow([_csv_value(c, row.get(c)) for c in CSV_COLUMNS])
+            for row in map(BenchRow.from_record, report["results"]):
+                writer.writerow([_csv_value(c, getattr(row, c)) for c in CSV_COLUMNS])
         plot.plot(report, png_tmp, scatter_batch)
         for tmp, _ in staged:
             tmp.chmod(0o644)
@@ -413,25 +451,25 @@ def format_table(report: dict[str, Any]) -> str:
     default = report.get("selection", {}).get("default_variant", report["default_variant"])
     rows = [("variant", "batch", "p50 ms", "p50 range (rounds)", "cv", "p99 ms", "items/s", "vs eager", "MB",
              "peak RSS MB", "accuracy", "cosine_min", "batch inv.", "GFLOP/s", "% of peak")]
-    for r in report["results"]:
+    for r in map(BenchRow.from_record, report["results"]):
         peak = "-"
-        if r.get("pct_of_peak") is not None:
-            peak = f"{r['pct_of_peak']:.1f}%" + (" (emulated)" if r.get("emulated") else "")
+        if r.pct_of_peak is not None:
+            peak = f"{r.pct_of_peak:.1f}%" + (" (emulated)" if r.emulated else "")
         rows.append((
-            r["variant"] + (" *" if r["variant"] == default else "") + ("" if r.get("stable", True) else " !"),
-            str(r["batch_size"]),
-            f"{r['p50_ms']:.3f}",
-            f"{r['p50_min_ms']:.3f}-{r['p50_max_ms']:.3f}" if "p50_min_ms" in r else "-",
-            f"{r['cv']:.1%}" if "cv" in r else "-",
-            f"{r['p99_ms']:.3f}",
-            f"{r['items_per_s']:,.0f}",
-            f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-",
-            f"{r['bytes'] / 1e6:.2f}" if r["bytes"] is not None else "-",
-            f"{r['peak_rss_mb']:.0f}",
-            f"{r['accuracy'] * 100:.2f}%" if r["accuracy"] is not None else "-",
-            f"{r['cosine_min']:.5f}" if r["cosine_min"] is not None else "-",
-            f"{r['batch_invariance']:.6f}" if r.get("batch_invariance") is not None else "-",
-            f"{r['gflops_per_s']:,.1f}" if r.get("gflops_per_s") is not None else "-",
+            r.variant + (" *" if r.variant == default else "") + ("" if r.stable else " !"),
+            str(r.batch_size),
+            f"{r.p50_ms:.3f}",
+            f"{r.p50_min_ms:.3f}-{r.p50_max_ms:.3f}" if r.p50_min_ms is not None else "-",
+            f"{r.cv:.1%}" if r.cv is not None else "-",
+            f"{r.p99_ms:.3f}",
+            f"{r.items_per_s:,.0f}",
+            f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else "-",
+            f"{r.bytes / 1e6:.2f}" if r.bytes is not None else "-",
+            f"{r.peak_rss_mb:.0f}",
+            f"{r.accuracy * 100:.2f}%" if r.accuracy is not None else "-",
+            f"{r.cosine_min:.5f}" if r.cosine_min is not None else "-",
+            f"{r.batch_invariance:.6f}" if r.batch_invariance is not None else "-",
+            f"{r.gflops_per_s:,.1f}" if r.gflops_per_s is not None else "-",
             peak,
         ))
     return align(rows)
@@ -439,8 +477,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 def instability_notes(report: dict[str, Any]) -> list[str]:
     """One line per unstable cell, naming the likely cause."""
-    return [f"unstable: {r['variant']} batch {r['batch_size']}: {'; '.join(r['unstable_reasons'])}"
-            for r in report["results"] if not r.get("stable", True)]
+    return [f"unstable: {r.variant} batch {r.batch_size}: {'; '.join(r.unstable_reasons)}"
+            for r in map(BenchRow.from_record, report["results"]) if not r.stable]
 
 
 def bench(folder: str | Path, settings: BenchSettings | None = None, *, select_default: bool = False,
@@ -498,6 +536,20 @@ def bench(folder: str | Path, settings: BenchSettings | None = None, *, select_d
     if refused is not None:
         raise refused
     return report
+
+
+def select_default(folder: str | Path, max_accuracy_drop: float | None = None, min_cosine: float | None = None,
+                   batch_size: int = select.DEFAULT_SELECT_BATCH_SIZE, threads: int | None = None,
+                   progress: Progress = to_stderr, min_batch_invariance: float | None = None,
+                   accept_unstable: bool = False) -> dict[str, Any]:
+    """Measure every variant at one batch size and make the fastest within budget the default (`export --select`)."""
+    settings = BenchSettings(batch_sizes=(batch_size,), threads=threads)
+    report = measure(folder, settings, progress)
+    selection = select.choose(read_manifest(folder), report, batch_size, max_accuracy_drop, min_cosine,
+                              min_batch_invariance, accept_unstable)
+    select.apply_selection(folder, selection, report["hashes"])
+    progress(f"[kiln] select: default variant {selection['default_variant']}: {selection['reason']}")
+    return selection
 
 
 def summary(report: dict[str, Any]) -> str:

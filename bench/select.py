@@ -1,7 +1,8 @@
-"""`--select`: measure, choose by the one policy (kiln.core.selection), and record the choice in the manifest.
+"""`--select`: choose by the one policy (kiln.core.selection) and record the choice in the manifest.
 
-Only `default_variant` and `selection` change, written atomically, and only if the artifacts did not change
-while they were being measured.
+The measuring is kiln.bench.driver's (its `select_default` measures, then calls these): this module imports
+nothing from the driver, so the two do not import each other. Only `default_variant` and `selection` change,
+written atomically, and only if the artifacts did not change while they were being measured.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kiln.core.console import Progress, to_stderr
 from kiln.core.errors import ManifestError
 from kiln.core.manifest import read_manifest
 from kiln.core.selection import (
@@ -21,7 +21,7 @@ from kiln.core.selection import (
 )
 
 __all__ = ["DEFAULT_MAX_ACCURACY_DROP", "DEFAULT_MIN_BATCH_INVARIANCE", "DEFAULT_MIN_COSINE",
-           "DEFAULT_SELECT_BATCH_SIZE", "apply_selection", "choose", "select_default"]
+           "DEFAULT_SELECT_BATCH_SIZE", "apply_selection", "choose"]
 
 
 def apply_selection(folder: str | Path, selection: dict[str, Any], hashes: dict[str, str]) -> None:
@@ -36,19 +36,3 @@ def apply_selection(folder: str | Path, selection: dict[str, Any], hashes: dict[
     manifest.selection = selection
     manifest.save()  # write_json_atomic keeps the file's mode, so a server running as another user still reads it
     read_manifest(folder)  # what a server will read must still be valid
-
-
-def select_default(folder: str | Path, max_accuracy_drop: float | None = None, min_cosine: float | None = None,
-                   batch_size: int = DEFAULT_SELECT_BATCH_SIZE, threads: int | None = None,
-                   progress: Progress = to_stderr, min_batch_invariance: float | None = None,
-                   accept_unstable: bool = False) -> dict[str, Any]:
-    """Measure every variant at one batch size and make the fastest within budget the default (`export --select`)."""
-    from kiln.bench.driver import BenchSettings, measure
-
-    settings = BenchSettings(batch_sizes=(batch_size,), threads=threads)
-    report = measure(folder, settings, progress)
-    selection = choose(read_manifest(folder), report, batch_size, max_accuracy_drop, min_cosine, min_batch_invariance,
-                       accept_unstable)
-    apply_selection(folder, selection, report["hashes"])
-    progress(f"[kiln] select: default variant {selection['default_variant']}: {selection['reason']}")
-    return selection

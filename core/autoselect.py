@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from kiln.core.bench_row import BenchRow
 from kiln.core.errors import KilnError, one_line
 from kiln.core.machine import bf16_native, fingerprint, machine_info, speed_mismatch
 from kiln.core.manifest import MANIFEST_NAME, Manifest, VariantEntry, fp32_default, read_manifest, write_json_atomic
 from kiln.core.paths import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, read_capped, read_json
-from kiln.core.runtime import RuntimeOptions, check_runnable, open_artifact
+from kiln.core.runtime import Runtime, RuntimeOptions, check_runnable, open_artifact
 from kiln.core.selection import choose
 
 CACHE_NAME = "auto-variant.json"
@@ -72,7 +73,8 @@ class ServedVariant:
     auto: AutoChoice | None = None
 
     @property
-    def served(self) -> dict[str, str]:
+    def parameters(self) -> dict[str, str]:
+        """What a front end reports about it (V2 model metadata `parameters`): variant, how and reason."""
         return {"variant": self.entry.name, "how": self.how, "reason": self.reason}
 
 
@@ -165,7 +167,7 @@ def candidates(manifest: Manifest, machine: dict[str, Any]) -> tuple[list[Varian
     return keep, left_out
 
 
-def _p50(runtime: Any, inputs: dict[str, np.ndarray], seconds: float) -> float:
+def _p50(runtime: Runtime, inputs: dict[str, np.ndarray], seconds: float) -> float:
     runtime.run(inputs)
     runtime.run(inputs)
     times: list[float] = []
@@ -198,9 +200,9 @@ def measure_and_choose(folder: Path, manifest: Manifest, machine: dict[str, Any]
             left_out[entry.name] = f"failed here: {one_line(exc, 160)}"
             continue
         measured[entry.name] = cells
-        rows.append({"variant": entry.name, "batch_size": max(batch_sizes), "p50_ms": cells[str(max(batch_sizes))],
-                     "speedup_vs_eager": None, "accuracy": entry.accuracy, "cosine_min": entry.cosine_min,
-                     "batch_invariance": (entry.batch_invariance or {}).get("cosine_min"), "stable": True})
+        rows.append(BenchRow(entry.name, max(batch_sizes), p50_ms=cells[str(max(batch_sizes))],
+                             accuracy=entry.accuracy, cosine_min=entry.cosine_min,
+                             batch_invariance=(entry.batch_invariance or {}).get("cosine_min")).to_record())
     budget = (manifest.selection or {}).get("budget", {})
     report = {"results": rows, "settings": {"threads": threads}, "machine": machine}
     selection = choose(manifest, report, max(batch_sizes), budget.get("max_accuracy_drop"), budget.get("min_cosine"),

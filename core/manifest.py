@@ -130,6 +130,24 @@ class VariantEntry:
         return cls(**known, extra=extra)
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """The fields of the manifest's `preprocessing` record that kiln acts on, read in one place. The record itself
+    stays as written (`Manifest.preprocessing`): sources add fields only people read (a description, the pooling)."""
+
+    kind: str | None = None  # "text": requests carry raw strings that `tokenizer` turns into the signature's inputs
+    tokenizer: str | None = None  # a file listed in the manifest's `files`
+    max_length: int | None = None  # None: kiln.core.preprocessing.DEFAULT_MAX_LENGTH
+
+    @property
+    def is_text(self) -> bool:
+        return self.kind == "text"
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "Preprocessing":
+        return cls(record.get("kind"), record.get("tokenizer"), record.get("max_length"))
+
+
 @dataclass
 class Manifest:
     """A typed view of manifest.json; `folder` is where it was read from (or will be written)."""
@@ -157,9 +175,13 @@ class Manifest:
     REQUIRED = ("schema_version", "model", "task", "signature", "preprocessing", "variants", "default_variant")
 
     @property
+    def preprocessing_spec(self) -> Preprocessing:
+        return Preprocessing.from_record(self.preprocessing)
+
+    @property
     def is_text(self) -> bool:
         """Whether requests carry raw text that the manifest's tokenizer turns into the signature's inputs."""
-        return self.preprocessing.get("kind") == "text"
+        return self.preprocessing_spec.is_text
 
     @property
     def reference_accuracy(self) -> float | None:
@@ -318,8 +340,9 @@ def read_manifest(folder: str | Path) -> Manifest:
         _check_relative(extra["file"], "listed file", path)
     if not isinstance(data["preprocessing"], dict):
         raise ManifestError(f"{path}: preprocessing is not an object; re-export the folder")
-    if data["preprocessing"].get("kind") == "text":
-        tokenizer = data["preprocessing"].get("tokenizer")
+    preprocessing = Preprocessing.from_record(data["preprocessing"])
+    if preprocessing.is_text:
+        tokenizer = preprocessing.tokenizer
         _check_relative(tokenizer, "preprocessing.tokenizer", path)
         if tokenizer not in {f["file"] for f in files}:
             raise ManifestError(f"preprocessing.tokenizer {tokenizer!r} in {path} is not listed in `files` with its "

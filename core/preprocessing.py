@@ -61,11 +61,11 @@ class TextPreprocessor:
     """Raw texts -> the signature's input arrays, exactly as the manifest says."""
 
     def __init__(self, manifest: Any, pad_to: int | None = None) -> None:
-        preprocessing = manifest.preprocessing
-        self.max_length = int(preprocessing.get("max_length", DEFAULT_MAX_LENGTH))
+        spec = manifest.preprocessing_spec
+        self.max_length = int(spec.max_length if spec.max_length is not None else DEFAULT_MAX_LENGTH)
         self.input_names = manifest.signature.input_names
         # The bytes parsed are the bytes hashed: listed in the manifest's files, inside the folder, size-capped.
-        name = preprocessing["tokenizer"]
+        name = spec.tokenizer
         data = manifest.read_listed(name, MAX_TOKENIZER_BYTES, "tokenizer")
         self.tokenizer = parse_tokenizer(data, str(manifest.folder / name), self.max_length, pad_to, ManifestError,
                                          "re-export the folder")

@@ -16,13 +16,16 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from kiln.core.errors import ExportError, RuntimeUnavailable
 from kiln.core.machine import default_threads
 from kiln.core.signature import Signature, check_arrays
+
+if TYPE_CHECKING:
+    from kiln.core.manifest import Manifest, VariantEntry
 
 Arrays = dict[str, np.ndarray]
 
@@ -82,11 +85,24 @@ class RuntimeSpec:
     devices: tuple[str, ...] = ("cpu",)
     # Whether this machine can run the artifact a manifest entry describes (e.g. the torch that compiled it);
     # raises RuntimeUnavailable with what to do. None: any installed runtime can.
-    check: Callable[[Any], None] | None = None
+    check: Callable[[VariantEntry], None] | None = None
 
     @property
     def installed(self) -> bool:
-        return importlib.util.find_spec(self.requires) is not None
+        return module_installed(self.requires)
+
+    @property
+    def needs_torch(self) -> bool:
+        """Whether it loads through torch, which the serve-only install (`pip install kiln`) lacks."""
+        return self.requires == "torch"
+
+
+def module_installed(name: str) -> bool:
+    """Whether `import name` would find a module, without importing it (a broken parent package counts as no)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 _REGISTRY: dict[str, RuntimeSpec] | None = None
@@ -117,11 +133,18 @@ def runtime_spec(name: str, variant: str = "") -> RuntimeSpec:
     return spec
 
 
+def needs_torch(entry: VariantEntry) -> bool:
+    """Whether a manifest's variant loads through torch: the one answer for the serve-only install's refusals and
+    warnings (serve, deploy) and for whatever loads a variant. A runtime this kiln does not know is refused with
+    RuntimeUnavailable, as `runtime_spec` refuses it."""
+    return runtime_spec(entry.runtime, entry.name).needs_torch
+
+
 def require_installed(name: str, variant: str) -> RuntimeSpec:
     """The runtime's spec, or RuntimeUnavailable naming the package to install."""
     spec = runtime_spec(name, variant)
     if not spec.installed:
-        install = "'kiln[export]'" if spec.requires == "torch" else spec.requires
+        install = "'kiln[export]'" if spec.needs_torch else spec.requires
         raise RuntimeUnavailable(f"variant {variant!r} needs {spec.requires}, which is not installed; "
                                  f"pip install {install}, or leave the variant out (kiln bench --variants, "
                                  "kiln serve --variant)")
@@ -153,14 +176,14 @@ def load(folder: str | Path, variant: str | None = None, options: RuntimeOptions
     return open_variant(read_manifest(folder), variant, options)
 
 
-def open_variant(manifest: Any, variant: str | None = None, options: RuntimeOptions | None = None) -> Runtime:
+def open_variant(manifest: Manifest, variant: str | None = None, options: RuntimeOptions | None = None) -> Runtime:
     """A ready runtime for a variant of a manifest already read (default: its default variant)."""
     entry = manifest.variant(variant)
     path = check_runnable(manifest, entry.name)
     return open_artifact(path, entry.runtime, manifest.signature, entry.name, options)
 
 
-def check_runnable(manifest: Any, variant: str | None = None) -> Path:
+def check_runnable(manifest: Manifest, variant: str | None = None) -> Path:
     """Everything that can refuse a variant before loading it: its hash, its runtime being installed, and the
     runtime's own check of the entry (e.g. the torch that compiled it). Returns the artifact's path."""
     entry = manifest.variant(variant)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from kiln.core.bench_row import BenchRow
 from kiln.core.errors import UnstableMeasurement, UsageError
 from kiln.core.manifest import EAGER, Manifest, fp32_default
 
@@ -43,32 +44,33 @@ def choose(manifest: Manifest, report: dict[str, Any], batch_size: int, max_accu
         budget["min_cosine"] = DEFAULT_MIN_COSINE if min_cosine is None else min_cosine
     budget["min_batch_invariance"] = (DEFAULT_MIN_BATCH_INVARIANCE if min_batch_invariance is None
                                       else min_batch_invariance)
-    rows = {r["variant"]: r for r in report["results"] if r["batch_size"] == batch_size}
+    rows = {r.variant: r for r in map(BenchRow.from_record, report["results"]) if r.batch_size == batch_size}
     if not rows:
         raise UsageError(f"batch size {batch_size} was not measured; add it to --batch-sizes")
-    unstable = [name for name, row in rows.items() if not row.get("stable", True)]
+    unstable = [name for name, row in rows.items() if not row.stable]
     if unstable and not accept_unstable:
         raise UnstableMeasurement(
             f"the measurements of {', '.join(unstable)} at batch {batch_size} are unstable (their rounds disagree: "
             "see the table's notes), so no default was chosen and the manifest is unchanged (bench.json records the "
             "run); re-run on a quiet machine, or pass --accept-unstable to choose anyway")
-    fits, rejected = [], {}
+    fits: list[BenchRow] = []
+    rejected: dict[str, str] = {}
     for name, row in rows.items():
         if name == EAGER:
             continue
         why = []
-        if "min_accuracy" in budget:
-            if row.get("accuracy") is None:
+        if reference is not None:  # the budget then has min_accuracy
+            if row.accuracy is None:
                 why.append("no accuracy figure in the manifest")
-            elif row["accuracy"] < budget["min_accuracy"] - 1e-9:
-                why.append(f"accuracy {row['accuracy'] * 100:.2f}% is "
-                           f"{(reference - row['accuracy']) * 100:.2f} points below eager")
+            elif row.accuracy < budget["min_accuracy"] - 1e-9:
+                why.append(f"accuracy {row.accuracy * 100:.2f}% is "
+                           f"{(reference - row.accuracy) * 100:.2f} points below eager")
         if "min_cosine" in budget:
-            if row.get("cosine_min") is None:
+            if row.cosine_min is None:
                 why.append("no cosine_min figure in the manifest")
-            elif row["cosine_min"] < budget["min_cosine"]:
-                why.append(f"cosine_min {row['cosine_min']:.5f} < {budget['min_cosine']}")
-        invariance = row.get("batch_invariance")
+            elif row.cosine_min < budget["min_cosine"]:
+                why.append(f"cosine_min {row.cosine_min:.5f} < {budget['min_cosine']}")
+        invariance = row.batch_invariance
         if invariance is not None and invariance < budget["min_batch_invariance"]:
             why.append(f"batch_invariance {invariance:.6f} < {budget['min_batch_invariance']} (its answers depend on "
                        "the requests batched with it)")
@@ -76,14 +78,14 @@ def choose(manifest: Manifest, report: dict[str, Any], batch_size: int, max_accu
             rejected[name] = "; ".join(why)
         else:
             fits.append(row)
-    fits.sort(key=lambda r: r["p50_ms"])
+    fits.sort(key=_p50)
     described = ", ".join(f"{k} {v:g}" for k, v in budget.items() if k != "min_accuracy")
     if fits:
         best = fits[0]
-        chosen, default = best["variant"], best["variant"]
-        speedup = best.get("speedup_vs_eager")
+        chosen, default = best.variant, best.variant
+        speedup = best.speedup_vs_eager
         reason = (f"fastest of {len(fits)} variant(s) within budget ({described}) at batch {batch_size}: "
-                  f"p50 {best['p50_ms']:.3f} ms" + (f", {speedup:.2f}x eager fp32" if speedup else ""))
+                  f"p50 {_p50(best):.3f} ms" + (f", {speedup:.2f}x eager fp32" if speedup else ""))
     else:
         chosen, default = None, fp32_default(manifest.variants) or manifest.default_variant
         reason = f"no measured variant fits the budget ({described}) at batch {batch_size}; kept the fp32 default"
@@ -93,7 +95,7 @@ def choose(manifest: Manifest, report: dict[str, Any], batch_size: int, max_accu
         "chosen": chosen,
         "default_variant": default,
         "reason": reason,
-        "measured_p50_ms": {name: row["p50_ms"] for name, row in rows.items()},
+        "measured_p50_ms": {name: row.p50_ms for name, row in rows.items()},
         "rejected": rejected,
         "threads": report["settings"]["threads"],
         "cpu_model": report["machine"]["cpu_model"],
@@ -101,6 +103,13 @@ def choose(manifest: Manifest, report: dict[str, Any], batch_size: int, max_accu
         "machine": {"cpu_model": report["machine"]["cpu_model"], "isa": report["machine"].get("isa", {}),
                     "usable_cpus": report["machine"].get("usable_cpus"),
                     "fingerprint": report["machine"].get("fingerprint")},
-        "stable": all(r.get("stable", True) for r in rows.values()),
+        "stable": all(r.stable for r in rows.values()),
         "selected_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def _p50(row: BenchRow) -> float:
+    """A measured row's p50; a row the policy compares was measured, so a missing one is a malformed report."""
+    if row.p50_ms is None:
+        raise UsageError(f"the report's row for {row.variant} at batch {row.batch_size} has no p50_ms; re-run kiln bench")
+    return row.p50_ms

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.core.bench_row import BenchRow
 from kiln.core.errors import KilnError, ManifestError, UsageError, one_line
 from kiln.core.folders import swap_into_place
 from kiln.core.manifest import Manifest, VariantEntry
@@ -66,18 +67,12 @@ def resolve_variant(manifest: Manifest, name: str | None) -> VariantEntry:
 
 
 @dataclass(frozen=True)
-class BenchCell:
-    batch_size: int
-    items_per_s: float
-    peak_rss_mb: float | None
-
-
-@dataclass(frozen=True)
 class BenchFigures:
-    """What `kiln bench` measured for one variant: a cell per batch size, the threads and the CPU it ran on."""
+    """What `kiln bench` measured for one variant: a row per batch size (each with a positive items_per_s), the
+    threads and the CPU it ran on."""
 
     variant: str
-    cells: tuple[BenchCell, ...]
+    cells: tuple[BenchRow, ...]
     threads: int | None
     cpu_model: str | None
 
@@ -105,7 +100,7 @@ def read_bench(manifest: Manifest, entry: VariantEntry) -> tuple[BenchFigures | 
         return None, f"{path} is unreadable ({type(exc).__name__}); ignored it"
     if hashes.get(entry.name) not in (None, entry.sha256):
         return None, f"{path} measured another file for {entry.name!r} (sha256 differs); ignored it: re-run `kiln bench`"
-    cells: dict[int, BenchCell] = {}
+    cells: dict[int, BenchRow] = {}
     for row in rows if isinstance(rows, list) else []:
         if not isinstance(row, dict) or row.get("variant") != entry.name:
             continue
@@ -116,7 +111,7 @@ def read_bench(manifest: Manifest, entry: VariantEntry) -> tuple[BenchFigures | 
         except (KeyError, TypeError, ValueError):
             continue
         if batch >= 1 and math.isfinite(items) and items > 0:
-            cells[batch] = BenchCell(batch, items, rss)
+            cells[batch] = BenchRow(entry.name, batch, items_per_s=items, peak_rss_mb=rss)
     if not cells:
         return None, f"{path} has no figures for {entry.name!r}; ignored it"
     threads = settings.get("threads")
@@ -141,13 +136,17 @@ def preferred_batch_sizes(figures: BenchFigures | None, max_batch_size: int, gai
     cells = [c for c in figures.cells if c.batch_size <= max_batch_size]
     if len(cells) < 2:
         return []
-    reference = cells[0].items_per_s
+    reference = _items_per_s(cells[0])
     chosen = []
     for cell in cells[1:]:
-        if cell.items_per_s >= reference * gain:
+        if _items_per_s(cell) >= reference * gain:
             chosen.append(cell.batch_size)
-            reference = cell.items_per_s
+            reference = _items_per_s(cell)
     return chosen
+
+
+def _items_per_s(row: BenchRow) -> float:
+    return row.items_per_s or 0.0  # read_bench keeps only rows with a positive figure
 
 
 # --- loadtest.json ------------------------------------------------------------------------------------------------
@@ -200,6 +199,76 @@ def concurrency_within(levels: list[LoadLevel] | None, p99_budget_ms: float) -> 
     kept = [lv.concurrency for lv in levels or [] if lv.error_count == 0 and math.isfinite(lv.p99_ms)
             and lv.p99_ms <= p99_budget_ms and lv.concurrency >= 1]
     return max(kept) if kept else None
+
+
+# --- sizing a replica ----------------------------------------------------------------------------------------------
+
+DEFAULT_TARGET_CONCURRENCY = 8  # Knative's own default (100) suits I/O-bound apps, not a CPU-bound model server
+DEFAULT_P99_BUDGET_MS = 100.0
+DEFAULT_THREADS = 1
+DEFAULT_MEMORY_MIB = 1024
+MEMORY_MARGIN = 1.25
+SERVER_OVERHEAD_MIB = 256
+MEMORY_STEP_MIB = 64
+
+
+def memory_mib(peak_rss_mb: float | None) -> int:
+    """The memory to ask for: bench's peak RSS of the variant with a margin, plus the server's other processes,
+    rounded up to MEMORY_STEP_MIB; DEFAULT_MEMORY_MIB without a measurement."""
+    if peak_rss_mb is None:
+        return DEFAULT_MEMORY_MIB
+    wanted = peak_rss_mb * MEMORY_MARGIN + SERVER_OVERHEAD_MIB
+    return int(math.ceil(wanted / MEMORY_STEP_MIB) * MEMORY_STEP_MIB)
+
+
+@dataclass(frozen=True)
+class ReplicaSizing:
+    """One replica of `kiln serve` as any stack that scales replicas needs it: the cores its inference worker
+    runs on, its memory, the concurrency one replica takes before another is added, and a note per figure saying
+    where it came from (measured, given, or a default)."""
+
+    threads: int
+    memory_mib: int
+    target_concurrency: int
+    notes: tuple[str, ...]
+
+
+def size_replica(manifest: Manifest, entry: VariantEntry, threads: int | None = None,
+                 target_concurrency: int | None = None, p99_budget_ms: float = DEFAULT_P99_BUDGET_MS,
+                 loadtest: Path | None = None, target_name: str = "scaleTarget") -> ReplicaSizing:
+    """Size a replica from what kiln measured in the folder: bench.json (threads, peak RSS) and loadtest.json (the
+    highest concurrency answered within `p99_budget_ms` without errors); given values win, defaults fill the rest.
+    `target_name` is what the stack calls the concurrency target (KServe's `scaleTarget`), for the notes."""
+    notes: list[str] = []
+    figures, bench_note = read_bench(manifest, entry)
+    notes.append(bench_note)
+    cores = threads or (figures.threads if figures else None) or DEFAULT_THREADS
+    memory = memory_mib(figures.peak_rss_mb if figures else None)
+    notes.append(f"memory {memory}Mi: " + (
+        f"bench peak RSS {figures.peak_rss_mb:.0f} MB x {MEMORY_MARGIN} + {SERVER_OVERHEAD_MIB} MiB for the server's "
+        "other processes" if figures and figures.peak_rss_mb else "the default (no bench.json figures)"))
+    notes.append(f"cpu: {cores} thread(s) requested" + ("" if threads else
+                                                        " (from bench.json)" if figures and figures.threads
+                                                        else " (the default; set --threads)"))
+    target, target_note = _target_concurrency(manifest, target_concurrency, p99_budget_ms, loadtest, target_name)
+    return ReplicaSizing(cores, memory, target, (*notes, *target_note))
+
+
+def _target_concurrency(manifest: Manifest, given: int | None, p99_budget_ms: float, loadtest: Path | None,
+                        target_name: str) -> tuple[int, list[str]]:
+    if given is not None:
+        return given, [f"{target_name} {given}: --target-concurrency"]
+    path = loadtest or manifest.folder / LOADTEST_NAME
+    levels, load_note = read_loadtest(Path(path), manifest.model, explicit=loadtest is not None)
+    within = concurrency_within(levels, p99_budget_ms)
+    if within is not None:
+        return within, [load_note, f"{target_name} {within}: the highest loadtest concurrency with p99 <= "
+                                   f"{p99_budget_ms:g} ms and no errors"]
+    if levels:
+        return 1, [load_note, f"{target_name} 1: no loadtest level kept p99 within {p99_budget_ms:g} ms without "
+                              "errors; a replica takes one request at a time (raise --p99-budget-ms or add replicas)"]
+    return DEFAULT_TARGET_CONCURRENCY, [load_note, f"{target_name} {DEFAULT_TARGET_CONCURRENCY}: the default (no "
+                                                   "loadtest.json; run `kiln loadtest` or pass --target-concurrency)"]
 
 
 # --- writing ------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Checked against KServe v0.20.0's CRDs (tests/test_deploy.py). The runtime follow
 contract: one container named `kserve-container` with one port, the model at /mnt/models (the storage initializer
 downloads storageUri there), probes on kiln's V2 health routes, Prometheus annotations for /metrics on the same port.
 
-Figures come from the artifact folder where kiln measured them, with documented defaults where it did not:
+Figures come from the artifact folder where kiln measured them, with documented defaults where it did not
+(kiln.deploy.common.size_replica, which any writer for a stack that sizes replicas shares):
 - memory: bench.json's peak RSS of the variant (one inference worker, at its largest batch) times MEMORY_MARGIN,
   plus SERVER_OVERHEAD_MIB for the server's other processes (`kiln serve` is 5 processes; on digits, serve-only
   install, the four besides the worker held ~190 MiB); DEFAULT_MEMORY_MIB without a bench.
@@ -19,7 +20,6 @@ Figures come from the artifact folder where kiln measured them, with documented 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +28,11 @@ from typing import Any
 from kiln.core.console import Progress, to_stderr
 from kiln.core.errors import UsageError
 from kiln.core.manifest import Manifest, VariantEntry, read_manifest
+from kiln.core.runtime import needs_torch
 from kiln.deploy.common import (
-    LOADTEST_NAME,
-    concurrency_within,
-    read_bench,
-    read_loadtest,
+    DEFAULT_P99_BUDGET_MS,
     resolve_variant,
+    size_replica,
     staged_folder,
 )
 
@@ -52,13 +51,6 @@ INFERENCESERVICE_FILE = "inferenceservice.yaml"
 
 DEFAULT_MIN_REPLICAS = 1
 DEFAULT_MAX_REPLICAS = 3
-DEFAULT_TARGET_CONCURRENCY = 8  # Knative's own default (100) suits I/O-bound apps, not a CPU-bound model server
-DEFAULT_P99_BUDGET_MS = 100.0
-DEFAULT_THREADS = 1
-DEFAULT_MEMORY_MIB = 1024
-MEMORY_MARGIN = 1.25
-SERVER_OVERHEAD_MIB = 256
-MEMORY_STEP_MIB = 64
 
 _DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 _SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
@@ -168,61 +160,37 @@ def serve_args(variant: str, threads: int, api_key: bool) -> list[str]:
     return args
 
 
-def memory_mib(peak_rss_mb: float | None) -> int:
-    if peak_rss_mb is None:
-        return DEFAULT_MEMORY_MIB
-    wanted = peak_rss_mb * MEMORY_MARGIN + SERVER_OVERHEAD_MIB
-    return int(math.ceil(wanted / MEMORY_STEP_MIB) * MEMORY_STEP_MIB)
-
-
 def _probe(path: str, period_s: int, failures: int) -> dict[str, Any]:
     return {"httpGet": {"path": path, "port": PORT}, "periodSeconds": period_s, "timeoutSeconds": 2,
             "failureThreshold": failures}
 
 
 def plan(manifest: Manifest, options: KServeOptions) -> KServePlan:
+    """Both documents and the figures in them, with a note per figure saying where it came from; writes nothing."""
     entry = resolve_variant(manifest, options.variant)
     name = options.name or dns_label("the model name (give --name)", default_name(manifest.model))
     runtime_name = f"kiln-{name}"[:63].rstrip("-")
     notes: list[str] = []
-    if entry.runtime != "onnxruntime":
+    if needs_torch(entry):
         onnx = [v.name for v in manifest.variants if v.runtime == "onnxruntime"]
         notes.append(f"WARNING: {entry.name!r} loads through torch, which kiln's serving image does not install: use "
                      f"an image built with pip install 'kiln[export]'"
                      + (f", or deploy an ONNX variant ({', '.join(onnx)}) with --variant" if onnx else ""))
 
-    figures, bench_note = read_bench(manifest, entry)
-    notes.append(bench_note)
-    threads = options.threads or (figures.threads if figures else None) or DEFAULT_THREADS
-    memory = memory_mib(figures.peak_rss_mb if figures else None)
-    notes.append(f"memory {memory}Mi: " + (
-        f"bench peak RSS {figures.peak_rss_mb:.0f} MB x {MEMORY_MARGIN} + {SERVER_OVERHEAD_MIB} MiB for the server's "
-        "other processes" if figures and figures.peak_rss_mb else "the default (no bench.json figures)"))
-    notes.append(f"cpu: {threads} thread(s) requested" + ("" if options.threads else
-                                                          " (from bench.json)" if figures and figures.threads
-                                                          else " (the default; set --threads)"))
+    sizing = size_replica(manifest, entry, options.threads, options.target_concurrency, options.p99_budget_ms,
+                          options.loadtest)
+    notes += sizing.notes
+    threads, memory, target = sizing.threads, sizing.memory_mib, sizing.target_concurrency
 
-    if options.target_concurrency is not None:
-        target = options.target_concurrency
-        notes.append(f"scaleTarget {target}: --target-concurrency")
-    else:
-        path = options.loadtest or manifest.folder / LOADTEST_NAME
-        levels, load_note = read_loadtest(Path(path), manifest.model, explicit=options.loadtest is not None)
-        notes.append(load_note)
-        within = concurrency_within(levels, options.p99_budget_ms)
-        if within is not None:
-            target = within
-            notes.append(f"scaleTarget {target}: the highest loadtest concurrency with p99 <= "
-                         f"{options.p99_budget_ms:g} ms and no errors")
-        elif levels:
-            target = 1
-            notes.append(f"scaleTarget 1: no loadtest level kept p99 within {options.p99_budget_ms:g} ms without "
-                         "errors; a replica takes one request at a time (raise --p99-budget-ms or add replicas)")
-        else:
-            target = DEFAULT_TARGET_CONCURRENCY
-            notes.append(f"scaleTarget {target}: the default (no loadtest.json; run `kiln loadtest` or pass "
-                         "--target-concurrency)")
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/managed-by": "kiln"}
+    serving_runtime = _serving_runtime(runtime_name, labels, _container(options, entry, threads, memory))
+    inference_service = _inference_service(name, runtime_name, labels, options, target)
+    return KServePlan(name, runtime_name, entry, serving_runtime, inference_service, memory, threads, target, notes)
 
+
+def _container(options: KServeOptions, entry: VariantEntry, threads: int, memory: int) -> dict[str, Any]:
+    """`kiln serve` in the kiln image: the request is the inference worker's cores, the limit one more for the HTTP
+    and batching processes; the API key, when there is one, from a Secret."""
     api_key = options.api_key_secret is not None
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -244,9 +212,12 @@ def plan(manifest: Manifest, options: KServeOptions) -> KServePlan:
         "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
                             "capabilities": {"drop": ["ALL"]}},
     })
+    return container
+
+
+def _serving_runtime(runtime_name: str, labels: dict[str, str], container: dict[str, Any]) -> dict[str, Any]:
     prometheus = {"prometheus.kserve.io/port": str(PORT), "prometheus.kserve.io/path": METRICS_PATH}
-    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/managed-by": "kiln"}
-    serving_runtime = {
+    return {
         "apiVersion": "serving.kserve.io/v1alpha1",
         "kind": "ServingRuntime",
         "metadata": {"name": runtime_name, "labels": labels},
@@ -257,7 +228,11 @@ def plan(manifest: Manifest, options: KServeOptions) -> KServePlan:
             "containers": [container],
         },
     }
-    inference_service = {
+
+
+def _inference_service(name: str, runtime_name: str, labels: dict[str, str], options: KServeOptions,
+                       target: int) -> dict[str, Any]:
+    return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {"name": name, "labels": labels,
@@ -275,7 +250,6 @@ def plan(manifest: Manifest, options: KServeOptions) -> KServePlan:
             },
         }},
     }
-    return KServePlan(name, runtime_name, entry, serving_runtime, inference_service, memory, threads, target, notes)
 
 
 def to_yaml(document: dict[str, Any], comment: str) -> str:

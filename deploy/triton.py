@@ -203,9 +203,9 @@ def text_readme(manifest: Manifest, entry: VariantEntry, name: str, names: dict[
     """What a Triton repository for a text model lacks, stated exactly: kiln serve tokenizes, Triton does not."""
     from kiln.core.preprocessing import DEFAULT_MAX_LENGTH
 
-    pre = manifest.preprocessing
-    tokenizer = pre.get("tokenizer", "tokenizer.json")
-    max_length = pre.get("max_length", DEFAULT_MAX_LENGTH)
+    pre, spec = manifest.preprocessing, manifest.preprocessing_spec
+    tokenizer = spec.tokenizer or "tokenizer.json"
+    max_length = spec.max_length if spec.max_length is not None else DEFAULT_MAX_LENGTH
     settings = ", ".join(f"{key}={pre[key]!r}" for key in ("max_length", "truncation", "padding", "lowercase")
                          if key in pre) or f"max_length={max_length}"
     files = "\n".join(f"   - `{f.get('file')}` (sha256 `{f.get('sha256')}`)" for f in manifest.files) or \

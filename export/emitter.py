@@ -6,19 +6,21 @@ The pipeline hands each emitter the eager module the variant starts from (pruned
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kiln.export.variants import FORMATS, VariantSpec
+
 if TYPE_CHECKING:
     from kiln.export.recipe import Recipe
-    from kiln.export.variants import VariantSpec
     from kiln.models.base import ModelBundle
 
 
 @dataclass
 class EmitJob:
-    spec: "VariantSpec"
+    spec: VariantSpec
     module: Any  # the eager torch module this variant is made from (after pruning, where it is pruned)
     bundle: "ModelBundle"
     recipe: "Recipe"
@@ -49,3 +51,10 @@ class Emitter(Protocol):
     def emit(self, job: EmitJob) -> EmitResult:
         """Write `job.target`; raise ExportError with what failed and what to do."""
         ...
+
+
+def emitter_for(spec: VariantSpec) -> Emitter:
+    """The emitter of the variant's format, imported only when a variant of that format is made (so torch and
+    onnx load only when needed)."""
+    emitter: Emitter = importlib.import_module(FORMATS[spec.format].emitter).EMITTER
+    return emitter

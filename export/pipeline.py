@@ -21,7 +21,7 @@ from kiln.core.manifest import Manifest, VariantEntry, fp32_default, library_ver
 from kiln.core.paths import check_model_name, regular_file
 from kiln.core.runtime import RuntimeOptions, open_artifact, runtime_spec
 from kiln.export import prune, verify
-from kiln.export.emitter import EmitJob, example_inputs
+from kiln.export.emitter import EmitJob, emitter_for, example_inputs
 from kiln.export.flops import flops_record
 from kiln.export.publish import publish, staging_folder
 from kiln.export.recipe import Recipe
@@ -39,7 +39,7 @@ def build_variant(spec: VariantSpec, bundle: ModelBundle, recipe: Recipe, source
     target = staging / f"{spec.name}{runtime_spec(spec.runtime).suffix}"
     progress(f"[kiln] emit: {spec.name}")
     started = time.perf_counter()
-    result = spec.emitter.emit(EmitJob(spec, module, bundle, recipe, target, staging / ".scratch", shared))
+    result = emitter_for(spec).emit(EmitJob(spec, module, bundle, recipe, target, staging / ".scratch", shared))
     build_s = time.perf_counter() - started
     runtime = open_artifact(target, spec.runtime, bundle.signature, spec.name, RuntimeOptions())
     figures = verify.measure(runtime, bundle, references[spec.pruning], references[None])

@@ -3,16 +3,15 @@
 One frozen `VariantSpec` per variant in place of positional tuples, and one `FormatSpec` per artifact format
 naming its emitter module and the runtime that opens it (kiln.core.runtime's registry), as torchao pairs one
 config dataclass with one registered handler: a new variant is one row here, a new format one emitter module
-and one row here, and the pipeline never changes.
+and one row here, and the pipeline never changes. The emitters' interface (kiln.export.emitter) names these rows,
+so this module names emitters only by module path, and the two do not import each other.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from kiln.core.errors import RecipeError
-from kiln.export.emitter import Emitter
 
 PRECISIONS = ("fp32", "bf16", "int8")
 PRUNING_METHODS = ("structured", "unstructured")
@@ -23,7 +22,7 @@ QUANTIZATION_MODES = ("auto", "static", "dynamic")  # auto: the model's own pref
 class FormatSpec:
     name: str
     runtime: str  # a name in kiln.core.runtime's registry
-    emitter: str  # a module with `EMITTER`, an Emitter
+    emitter: str  # a module with `EMITTER`, an Emitter (kiln.export.emitter.emitter_for loads it)
 
 
 @dataclass(frozen=True)
@@ -47,11 +46,6 @@ class VariantSpec:
     @property
     def runtime(self) -> str:
         return FORMATS[self.format].runtime
-
-    @property
-    def emitter(self) -> Emitter:
-        emitter: Emitter = importlib.import_module(FORMATS[self.format].emitter).EMITTER
-        return emitter
 
 
 FORMATS: dict[str, FormatSpec] = {f.name: f for f in (

@@ -59,7 +59,7 @@ def export_model(model: str, out: str | Path, *, variants: list[str] | None = No
     built = build_recipe(bundle.hints.recommended_variants, recipe, variants=variants, select=select, **options)
     manifest = run_export(bundle, built, out, force=force, progress=progress)
     if built.select:
-        from kiln.bench.select import select_default
+        from kiln.bench.driver import select_default
 
         select_default(manifest.folder, max_accuracy_drop=built.max_accuracy_drop, min_cosine=built.min_cosine,
                        batch_size=built.select_batch_size, progress=progress,

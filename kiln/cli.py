@@ -375,7 +375,7 @@ folder to --storage-uri.
 
 
 def add_deploy_parser(subparsers: Any) -> None:
-    from kiln.deploy import kserve, triton
+    from kiln.deploy import common, kserve, triton
 
     parser = _subparser(subparsers, "deploy", "write a Triton model repository or KServe manifests for an artifact",
                         "Write the files another serving stack needs for an artifact folder, from its manifest "
@@ -414,14 +414,14 @@ def add_deploy_parser(subparsers: Any) -> None:
                     help="default %(default)s")
     ks.add_argument("--target-concurrency", metavar="C",
                     help="requests in flight per replica before scaling out (default: from loadtest.json, else "
-                         f"{kserve.DEFAULT_TARGET_CONCURRENCY})")
+                         f"{common.DEFAULT_TARGET_CONCURRENCY})")
     ks.add_argument("--loadtest", metavar="FILE",
                     help="a `kiln loadtest` result (default: loadtest.json in ARTIFACT_DIR, if there)")
-    ks.add_argument("--p99-budget-ms", default=f"{kserve.DEFAULT_P99_BUDGET_MS:g}", metavar="MS",
+    ks.add_argument("--p99-budget-ms", default=f"{common.DEFAULT_P99_BUDGET_MS:g}", metavar="MS",
                     help="scaleTarget is the highest loadtest concurrency with p99 within this (default %(default)s)")
     ks.add_argument("--threads", metavar="N",
                     help=f"inference threads: kiln serve --threads and the CPU request (default: bench.json's, else "
-                         f"{kserve.DEFAULT_THREADS})")
+                         f"{common.DEFAULT_THREADS})")
     ks.add_argument("--api-key-secret", metavar="NAME",
                     help=f"Kubernetes Secret holding the API key: passed as ${kserve.API_KEY_ENV} and --api-key-env")
     ks.add_argument("--api-key-secret-key", default="api-key", metavar="KEY",
@@ -488,21 +488,13 @@ EXPORT_EXTRA_NEEDS = {
 }
 
 
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def require_extras(args: argparse.Namespace) -> None:
     """RuntimeUnavailable naming `pip install 'kiln[export]'` when a serve-only install runs what needs more."""
     from kiln.core.errors import RuntimeUnavailable
+    from kiln.core.runtime import module_installed
 
     command = str(getattr(args, "command", "") or "")
-    missing = [m for m in EXPORT_EXTRA_NEEDS.get(command, ()) if not _installed(m)]
+    missing = [m for m in EXPORT_EXTRA_NEEDS.get(command, ()) if not module_installed(m)]
     if missing:
         raise RuntimeUnavailable(f"`kiln {command}` needs {', '.join(missing)}, which this install lacks (the "
                                  "serve-only base install serves ONNX variants and writes deploy files); "

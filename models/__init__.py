@@ -1,1 +1,2 @@
-"""kiln.models: the model zoo and the loader for user models (`package.module:factory`)."""
+"""kiln.models: model sources behind one interface (kiln.models.registry): the zoo, user models
+(`package.module:factory`) and Hugging Face folders; the shared types (ModelBundle, SourceRequest) in base."""

@@ -60,6 +60,20 @@ class ExportHints:
     onnx_optimizer: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SourceRequest:
+    """What the user named and gave: the reference plus the flags a source may need. It lives here, beside the
+    bundle, because every source takes one and the registry (kiln.models.registry) imports every source."""
+
+    reference: str
+    checkpoint: str | Path | None = None
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    data: str | Path | None = None
+    name: str | None = None
+    task: str | None = None  # overrides what a source detects (a Hugging Face folder's task)
+
+
 # Inputs of a given batch size, padded to a given sequence length for text models (None: the model's own length).
 ExampleBatch = Callable[[int, "int | None"], Arrays]
 

@@ -32,7 +32,7 @@ from kiln.models.base import Dataset, ExportHints, ModelBundle, unsafe_pickle
 from kiln.models.text_data import load_text_data
 
 if TYPE_CHECKING:
-    from kiln.models.registry import SourceRequest
+    from kiln.models.base import SourceRequest
 
 TASKS = ("classification", "embedding", "token-classification")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",

@@ -3,29 +3,15 @@ becomes a `ModelBundle`. A new kind of source is one module with a class like th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from kiln.core.errors import ModelSourceError, UsageError
 from kiln.core.paths import check_model_name
-from kiln.models.base import ModelBundle
+from kiln.models.base import ModelBundle, SourceRequest
 from kiln.models.hf_folder import HFFolderSource
 from kiln.models.user import FactorySource
 from kiln.models.zoo import ZOO, ZooSource, get_model
-
-
-@dataclass(frozen=True)
-class SourceRequest:
-    """What the user named and gave: the reference plus the flags a source may need."""
-
-    reference: str
-    checkpoint: str | Path | None = None
-    inputs: tuple[str, ...] = ()
-    outputs: tuple[str, ...] = ()
-    data: str | Path | None = None
-    name: str | None = None
-    task: str | None = None  # overrides what a source detects (a Hugging Face folder's task)
 
 
 class ModelSource(Protocol):

@@ -21,7 +21,7 @@ from kiln.core.signature import NUMPY_DTYPES, Signature, TensorSpec, generated_a
 from kiln.models.base import Dataset, ExportHints, ModelBundle, unsafe_pickle
 
 if TYPE_CHECKING:
-    from kiln.models.registry import SourceRequest
+    from kiln.models.base import SourceRequest
 
 LABELS_KEY = "labels"
 MAX_CALIBRATION = 128

@@ -9,7 +9,7 @@ from kiln.core.errors import ModelSourceError, UsageError
 from kiln.models.base import ModelBundle
 
 if TYPE_CHECKING:
-    from kiln.models.registry import SourceRequest
+    from kiln.models.base import SourceRequest
 
 ZOO = {"digits": "kiln.models.digits", "minilm": "kiln.models.minilm"}
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.core.errors import ManifestError, RuntimeUnavailable, UsageError
-from kiln.core.manifest import MANIFEST_NAME
+from kiln.core.manifest import MANIFEST_NAME, Manifest, VariantEntry
+
+if TYPE_CHECKING:
+    from kiln.core.autoselect import ServedVariant
 
 
 @dataclass(frozen=True)
@@ -27,9 +30,9 @@ class ModelPlan:
 
     name: str
     folder: str  # absolute
-    manifest: Any  # kiln.core.manifest.Manifest
-    variant: Any  # its VariantEntry
-    served: dict[str, str]  # variant, how (default, forced, chosen, cached, fallback), reason
+    manifest: Manifest
+    variant: VariantEntry
+    served: ServedVariant  # which variant and how it was chosen (default, forced, chosen, cached, fallback), and why
     workers: int
     threads: int | None
     index: int  # its place on the command line: names its worker socket and LitServe api_path
@@ -92,17 +95,10 @@ def _positive(text: str) -> int:
 
 def _require_torch_if_needed(manifest, entry) -> None:
     """A serve-only install (no torch) serves ONNX variants: say so before any process starts."""
-    import importlib.util
+    from kiln.core.runtime import module_installed, needs_torch
 
-    from kiln.core.runtime import runtime_spec
-
-    if runtime_spec(entry.runtime, entry.name).requires != "torch":
+    if not needs_torch(entry) or module_installed("torch"):
         return
-    try:
-        if importlib.util.find_spec("torch") is not None:
-            return
-    except (ImportError, ValueError):
-        pass
     onnx = [v.name for v in manifest.variants if v.runtime == "onnxruntime"]
     raise RuntimeUnavailable(
         f"variant {entry.name!r} ({entry.format}) of {manifest.model!r} loads through torch, which this serve-only "
@@ -142,9 +138,9 @@ def plan_models(config) -> list[ModelPlan]:
                   f"{choice.reason}", flush=True)
         if choice.warning:
             print(f"kiln: warning: {name}: {choice.warning}", flush=True)
-        entry, served = choice.entry, choice.served
+        entry = choice.entry
         _require_torch_if_needed(manifest, entry)
         check_runnable(manifest, entry.name)  # refuse a tampered or foreign artifact before any process starts
-        plans.append(ModelPlan(name, str(folder.resolve()), manifest, entry, served, worker_counts[name],
+        plans.append(ModelPlan(name, str(folder.resolve()), manifest, entry, choice, worker_counts[name],
                                model_threads, index))
     return plans

@@ -132,13 +132,13 @@ def build_server(config: ServeConfig, state_dir: str):
 
     plans = plan_models(config)
     key = api_key(config)
-    metrics = Metrics({plan.name: {"model": plan.name, "variant": plan.variant.name, "how": plan.served["how"]}
+    metrics = Metrics({plan.name: {"model": plan.name, "variant": plan.variant.name, "how": plan.served.how}
                        for plan in plans})
     endpoints = {}
     apis = []
     for plan in plans:
         batch_items = config.batch_items(plan.manifest.is_text)
-        model = served_model(plan.manifest, plan.variant, config.max_items, batch_items, plan.served)
+        model = served_model(plan.manifest, plan.variant, config.max_items, batch_items, plan.served.parameters)
         channel_path = os.path.join(state_dir, f"worker-{plan.index}.sock")
         loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items)
         api = KilnAPI(plan.folder, plan.variant.name, plan.threads, config.max_batch_size, loop,
@@ -241,7 +241,7 @@ def serve(config: ServeConfig) -> None:
 
         signal.signal(signal.SIGTERM, stop)
         for plan in plans:
-            print(f"kiln: serving {plan.name} ({plan.variant.name}, {plan.served['how']}: {plan.served['reason']}; "
+            print(f"kiln: serving {plan.name} ({plan.variant.name}, {plan.served.how}: {plan.served.reason}; "
                   f"{plan.workers} worker(s), {plan.threads or 'all'} thread(s) each) at "
                   f"http://{config.host}:{config.port}/v2/models/{plan.name}/infer", flush=True)
         single = "/predict, " if len(plans) == 1 else ""

@@ -189,10 +189,11 @@ def test_triton_preferred_batch_sizes_come_from_bench(tmp_path):
 
 
 def test_preferred_batch_sizes_rule():
-    from kiln.deploy.common import BenchCell, BenchFigures, preferred_batch_sizes
+    from kiln.core.bench_row import BenchRow
+    from kiln.deploy.common import BenchFigures, preferred_batch_sizes
 
     def figures(*cells):
-        return BenchFigures("v", tuple(BenchCell(b, ips, None) for b, ips in cells), 1, None)
+        return BenchFigures("v", tuple(BenchRow("v", b, items_per_s=ips) for b, ips in cells), 1, None)
 
     assert preferred_batch_sizes(None, 32) == []
     assert preferred_batch_sizes(figures((1, 100)), 32) == []

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kiln.core.errors import ManifestError, RuntimeUnavailable, one_line
-from kiln.core.runtime import Arrays, RuntimeOptions, RuntimeSpec, cast_inputs
+from kiln.core.runtime import Arrays, RuntimeOptions, RuntimeSpec
+from kiln.core.runtimes.torchscript import run_module
 from kiln.core.signature import Signature
+
+if TYPE_CHECKING:
+    from kiln.core.manifest import VariantEntry
 
 
 def installed_torch() -> str | None:
@@ -25,7 +29,7 @@ def installed_torch() -> str | None:
         return None
 
 
-def check(entry: Any) -> None:
+def check(entry: VariantEntry) -> None:
     """Refuse a package compiled by another torch: AOTInductor's C++ ABI is not stable across versions."""
     built = (entry.build or {}).get("torch")
     here = installed_torch()
@@ -53,14 +57,7 @@ class AOTInductorRuntime:
         self.variant = variant
 
     def run(self, inputs: Arrays) -> Arrays:
-        import torch
-
-        tensors = [torch.from_numpy(a) for a in cast_inputs(self.signature, inputs)]
-        with torch.inference_mode():
-            out = self.module(*tensors)
-        outputs = out if isinstance(out, (tuple, list)) else (out,)
-        return {name: o.float().numpy() if o.is_floating_point() else o.numpy()
-                for name, o in zip(self.signature.output_names, outputs)}
+        return run_module(self.module, self.signature, inputs)
 
 
 SPEC = RuntimeSpec(name="aotinductor", suffix=".pt2", requires="torch", v2_platform="pytorch_aotinductor",

@@ -37,15 +37,21 @@ class TorchRuntime:
         return cls(module, signature, variant, options)
 
     def run(self, inputs: Arrays) -> Arrays:
-        import torch
+        return run_module(self.module, self.signature, inputs)
 
-        tensors = [torch.from_numpy(a) for a in cast_inputs(self.signature, inputs)]
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = self.module(*tensors)
-        outputs = out if isinstance(out, (tuple, list)) else (out,)
-        return {name: o.float().numpy() if o.is_floating_point() else o.numpy()
-                for name, o in zip(self.signature.output_names, outputs)}
+
+def run_module(module: Any, signature: Signature, inputs: Arrays) -> Arrays:
+    """Call a torch module (TorchScript, eager, or an AOTInductor package's runner) on numpy inputs in signature
+    order; outputs come back as numpy, floating ones as fp32 (a bf16 variant answers like the fp32 one)."""
+    import torch
+
+    tensors = [torch.from_numpy(a) for a in cast_inputs(signature, inputs)]
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation warnings, at every call
+        out = module(*tensors)
+    outputs = out if isinstance(out, (tuple, list)) else (out,)
+    return {name: o.float().numpy() if o.is_floating_point() else o.numpy()
+            for name, o in zip(signature.output_names, outputs)}
 
 
 SPEC = RuntimeSpec(name="torchscript", suffix=".pt", requires="torch", v2_platform="pytorch_torchscript",
