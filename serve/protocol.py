@@ -149,6 +149,13 @@ def _to_array(data: Any, spec: TensorSpec, where: str, expected: Any) -> np.ndar
         if not np.all(np.isfinite(array)):
             raise RequestError(f"{where} holds NaN, infinity or a number beyond {spec.dtype}'s range, which "
                                f"{spec.name!r} does not allow", expected=expected)
+    elif spec.dtype == "bool":
+        # The rule binary BOOL data follows (serve.v2_binary.read_array): each element false or true, 0 or 1.
+        if array.dtype.kind == "f" or (array.dtype.kind in "iu" and array.size
+                                       and (array.max() > 1 or array.min() < 0)):
+            raise RequestError(f"{where} must hold booleans (true/false or 0/1) for {spec.name!r}",
+                               expected=expected)
+        array = array.astype(np.bool_)
     elif spec.dtype.startswith("int"):
         if array.dtype.kind == "f":
             raise RequestError(f"{where} must hold integers for {spec.name!r} ({spec.dtype})", expected=expected)
@@ -349,6 +356,9 @@ def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
         if tensor["datatype"] != "BYTES":
             raise RequestError(f"input 'text' has datatype {tensor['datatype']!r}; it must be BYTES", expected=expected)
         shape = shape_of(tensor)
+        if len(shape) != 1:  # as check_shape refuses a wrong rank for every other input
+            raise RequestError(f"input 'text' has shape {shape}; it needs rank 1 ([-1]: one string per item)",
+                               expected=expected)
         if "text" in chunks:
             if math.prod(shape) > model.request_limit:
                 raise model.too_many("input 'text'", math.prod(shape), "texts", expected)

@@ -56,9 +56,16 @@ def decode_json(content_type: str, raw: bytes, expected) -> object:
 COMPRESSIONS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
+MAX_MEMBERS = 64  # gzip members in one body: real clients send one; thousands of empty ones only cost CPU
+
+
 def decompress(raw: bytes, encoding: str, limit: int, expected: Any) -> bytes:
     """The body as sent before compression: at most `limit` bytes are ever inflated (the same limit as for an
-    uncompressed body), so a small body that inflates to gigabytes is refused, not expanded."""
+    uncompressed body), so a small body that inflates to gigabytes is refused, not expanded.
+
+    A gzip body may be several members one after another (RFC 1952; `cat a.gz b.gz`): every member is inflated,
+    the limit bounding them all together, since answering from the first alone would silently drop the rest.
+    A deflate (zlib) stream is one stream: bytes after its end are refused."""
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return raw
@@ -66,17 +73,28 @@ def decompress(raw: bytes, encoding: str, limit: int, expected: Any) -> bytes:
     if wbits is None:
         raise RequestError(f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or an "
                            "uncompressed body", 415, expected)
-    inflater = zlib.decompressobj(wbits)
-    try:
-        body = inflater.decompress(raw, limit + 1)
-    except zlib.error as exc:
-        raise RequestError(f"the body is not valid {encoding} data ({exc})", 400, expected) from None
-    if len(body) > limit or inflater.unconsumed_tail:
-        raise RequestError(f"the body inflates past the {limit}-byte limit; send fewer items per request", 413,
-                           expected)
-    if not inflater.eof:
-        raise RequestError(f"the {encoding} body is cut short", 400, expected)
-    return body
+    parts = []
+    total = 0
+    data = raw
+    for _ in range(MAX_MEMBERS):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            part = inflater.decompress(data, limit - total + 1)
+        except zlib.error as exc:
+            raise RequestError(f"the body is not valid {encoding} data ({exc})", 400, expected) from None
+        total += len(part)
+        if total > limit or inflater.unconsumed_tail:
+            raise RequestError(f"the body inflates past the {limit}-byte limit; send fewer items per request", 413,
+                               expected)
+        if not inflater.eof:
+            raise RequestError(f"the {encoding} body is cut short", 400, expected)
+        parts.append(part)
+        data = inflater.unused_data
+        if not data:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if wbits == zlib.MAX_WBITS:
+            raise RequestError(f"the deflate body has {len(data)} bytes after the end of its stream", 400, expected)
+    raise RequestError(f"the gzip body has more than {MAX_MEMBERS} members; send one", 400, expected)
 
 
 def error_response(error: RequestError) -> JSONResponse:

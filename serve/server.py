@@ -48,6 +48,7 @@ class ServeConfig:
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
     max_connections: int = 256
+    metrics_open: bool = False  # /metrics answers without the API key (it needs it by default when one is set)
 
     def __post_init__(self) -> None:
         if isinstance(self.artifact_dirs, str):
@@ -150,7 +151,7 @@ def build_server(config: ServeConfig, state_dir: str):
     middlewares = [(InferenceFastPath, {"inference": inference}),  # innermost: after auth, limits and metrics
                    (BodyLimitMiddleware, {"max_bytes": config.max_body_bytes, "read_timeout_s": config.body_timeout_s})]
     if key:
-        middlewares.append((ApiKeyMiddleware, {"api_key": key}))
+        middlewares.append((ApiKeyMiddleware, {"api_key": key, "metrics_open": config.metrics_open}))
     middlewares.append((MetricsMiddleware, {"metrics": metrics}))  # counts 401s and 413s too
     middlewares.append(PathNormalizer)  # outermost: auth and routing see one spelling of each path
     server = ls.LitServer(
