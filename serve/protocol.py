@@ -31,12 +31,23 @@ class RequestError(Exception):
         self.expected = expected
         self.param = param  # the request field at fault, and a stable code: protocols that name them (OpenAI) do
         self.code = code
+        self.model: str | None = None  # the served model the request reached, where it reached one (metrics)
+
+    def __reduce__(self) -> tuple:  # crosses the process boundary of serve.offload whole (Exception pickles args only)
+        return _rebuild_error, (str(self), self.status, self.expected, self.param, self.code, self.model)
 
     def body(self) -> dict:
         body: dict = {"error": str(self)}
         if self.expected is not None:
             body["expected"] = self.expected
         return body
+
+
+def _rebuild_error(message: str, status: int, expected: Any, param: str | None, code: str | None,
+                   model: str | None) -> RequestError:
+    error = RequestError(message, status, expected, param, code)
+    error.model = model
+    return error
 
 
 @dataclass(frozen=True)
@@ -380,6 +391,12 @@ def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
                 f"input {spec.name!r} has datatype {tensor['datatype']!r}; it must be {spec.v2_datatype}",
                 expected=expected)
         shape = shape_of(tensor)
+        # Checked before a value is converted: an 8 MiB body of zeros must not cost a parse of millions of numbers.
+        if shape[0] > model.request_limit:
+            raise model.too_many(where, shape[0], "items", expected)
+        if spec.name not in chunks and isinstance(tensor["data"], list) and len(tensor["data"]) > math.prod(shape):
+            raise RequestError(f"{where}: shape {shape} needs {math.prod(shape)} values but data has more",
+                               expected=expected)
         if spec.name in chunks:
             array = _checked(section.array(chunks[spec.name], spec.v2_datatype, shape, where), spec, where, expected)
         else:

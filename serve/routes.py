@@ -163,6 +163,7 @@ PREDICT = Wire("predict", lambda model: model.expected_predict, parse_predict, p
 V2 = Wire("v2", lambda model: model.expected_v2, parse_v2, v2_response, decode=decode_v2_body, encode=encode_v2)
 OPENAI_EMBEDDINGS = Wire("openai", openai_embeddings.expected, openai_embeddings.parse, openai_embeddings.respond,
                          openai_embeddings.error_body, model_in_body=openai_embeddings.model_named)
+WIRES = {wire.kind: wire for wire in (PREDICT, V2, OPENAI_EMBEDDINGS)}  # by kind: how serve.offload names one
 
 NAME_PARAM = "name"  # a route's template parameter that names the model
 VERSION_PARAM = "model_version"  # and the one that names its version
@@ -241,9 +242,11 @@ class Inference:
     """The inference path itself, shared by the FastAPI routes and the ASGI fast path below: finds the model a
     request names, decodes and validates the request against it, and sends it to that model's workers."""
 
-    def __init__(self, endpoints: dict[str, Endpoint], max_body_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, endpoints: dict[str, Endpoint], max_body_bytes: int = 8 * 1024 * 1024,
+                 offload: Any = None) -> None:
         self.endpoints = endpoints
         self.max_body_bytes = max_body_bytes  # a compressed body may inflate to this much at most
+        self.offload = offload  # serve.offload.Offload: where large bodies are decoded (None: always here)
 
     def lookup(self, name: str | None, version: str | None = None, reveal: bool = True) -> Endpoint:
         """The model a route names; `name` None: the one model of a single-model server. A 404 names the served
@@ -262,9 +265,10 @@ class Inference:
             raise RequestError(f"model {name!r} has no version {version!r}", 404)
         return endpoint
 
-    async def answer(self, wire: Wire, name: str | None, version: str | None, headers: dict[str, str],
-                     raw: bytes) -> Reply:
-        """`headers`: the request's headers named in READ_HEADERS, lower-case names."""
+    def prepare(self, wire: Wire, name: str | None, version: str | None, headers: dict[str, str],
+                raw: bytes) -> tuple[Endpoint, ParsedRequest]:
+        """Inflate, decode and validate a request against the model it names: the CPU work of the HTTP side, which
+        serve.offload runs in its own process for large bodies. Raises RequestError (with `model` set once known)."""
         model_name = None
         try:
             body: Any = None
@@ -283,12 +287,27 @@ class Inference:
             if body is None:
                 body, section = wire.decode(headers, raw, expected)
             parsed = wire.parse(body, model, section) if section is not None else wire.parse(body, model)
+        except RequestError as error:
+            error.model = model_name
+            raise
+        return endpoint, parsed
+
+    async def answer(self, wire: Wire, name: str | None, version: str | None, headers: dict[str, str],
+                     raw: bytes) -> Reply:
+        """`headers`: the request's headers named in READ_HEADERS, lower-case names."""
+        try:
+            if self.offload is not None and self.offload.wants(headers, raw):
+                model_name, parsed = await self.offload.prepare(wire.kind, name, version, headers, raw)
+                endpoint = self.endpoints[model_name]
+            else:
+                endpoint, parsed = self.prepare(wire, name, version, headers, raw)
+            model = endpoint.model
             result = await endpoint.gateway.submit(WorkItem(parsed.arrays, parsed.texts, parsed.count, time.time()))
         except RequestError as error:
             return Reply(error.status, orjson.dumps(wire.error_body(error), option=orjson.OPT_SERIALIZE_NUMPY),
-                         model=model_name)
+                         model=error.model)
         parsed.tokens = result.tokens
-        return replace(wire.encode(wire.respond(model, result.outputs, parsed), parsed), model=model_name)
+        return replace(wire.encode(wire.respond(model, result.outputs, parsed), parsed), model=model.name)
 
 
 class InferenceFastPath:

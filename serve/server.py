@@ -12,6 +12,7 @@ cap, JSON errors below the app), passed through LitServer.run, which hands its k
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -128,6 +129,7 @@ def build_server(config: ServeConfig, state_dir: str):
     from kiln.serve.channel import WorkerGateway
     from kiln.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, PathNormalizer
     from kiln.serve.metrics import Metrics
+    from kiln.serve.offload import Offload
     from kiln.serve.repository import plan_models
     from kiln.serve.routes import Endpoint, Inference, InferenceFastPath, add_routes
 
@@ -147,7 +149,8 @@ def build_server(config: ServeConfig, state_dir: str):
         gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name)
         endpoints[plan.name] = Endpoint(model, gateway)
         apis.append(api)
-    inference = Inference(endpoints, config.max_body_bytes)
+    offload = Offload({name: endpoint.model for name, endpoint in endpoints.items()}, config.max_body_bytes)
+    inference = Inference(endpoints, config.max_body_bytes, offload)
     middlewares = [(InferenceFastPath, {"inference": inference}),  # innermost: after auth, limits and metrics
                    (BodyLimitMiddleware, {"max_bytes": config.max_body_bytes, "read_timeout_s": config.body_timeout_s})]
     if key:
@@ -185,6 +188,7 @@ def build_server(config: ServeConfig, state_dir: str):
         finally:
             for endpoint in endpoints.values():
                 await endpoint.gateway.stop()
+            await asyncio.to_thread(offload.close)
 
     server.app.router.lifespan_context = lifespan
     from importlib.metadata import version
