@@ -696,3 +696,45 @@ def test_long_texts_are_tokenized_from_their_head_with_the_same_tokens():
 
     encode_capped(Counting(), [english] * 64, names, 128)
     assert Counting.chars == 64 * cap  # the heads alone: a tenth of the 1,280,000 characters sent
+
+
+# --- round 3: memory a large batch took goes back ------------------------------------------------------------------
+
+
+def test_the_memory_keeper_gives_back_only_above_the_slack_and_learns_memory_in_use(monkeypatch):
+    from kiln.core import memory
+
+    rss = {"now": 200 * 2**20}
+    monkeypatch.setattr(memory, "rss_bytes", lambda: rss["now"])
+    monkeypatch.setattr(memory, "trim_heap", lambda: None)
+
+    class Runtime:
+        released = 0
+
+        def release_memory(self):
+            Runtime.released += 1
+            rss["now"] = rss.get("after_release", rss["now"])
+
+    keeper = memory.MemoryKeeper(slack=0.10, slack_bytes=16 * 2**20)
+    keeper.start()
+    runtime = Runtime()
+    assert not keeper.after_batch(runtime) and Runtime.released == 0  # steady state: nothing to do
+    rss["now"] = 230 * 2**20  # within 10% + 16 MiB of 200
+    assert not keeper.after_batch(runtime)
+    rss["now"], rss["after_release"] = 1300 * 2**20, 205 * 2**20  # a burst's arena, given back
+    assert keeper.after_batch(runtime) and Runtime.released == 1 and keeper.baseline == 200 * 2**20
+    rss["now"], rss["after_release"] = 400 * 2**20, 400 * 2**20  # memory in use: the new baseline, no churn
+    assert keeper.after_batch(runtime) and keeper.baseline == 400 * 2**20
+    assert not keeper.after_batch(runtime) and Runtime.released == 2
+    monkeypatch.setenv("KILN_KEEP_MEMORY", "0")
+    off = memory.MemoryKeeper()
+    off.start()
+    rss["now"] = 10**10
+    assert not off.after_batch(runtime)
+
+
+def test_memory_is_measured_and_trimmed_for_real():
+    from kiln.core.memory import rss_bytes, trim_heap
+
+    assert rss_bytes() > 10 * 2**20
+    trim_heap()  # glibc here: must not raise
