@@ -6,8 +6,10 @@ behind: four senders of an 8.3 KB gzip that inflates to 8 MiB of JSON took a lig
 for the whole parse. So bodies over OFFLOAD_BYTES, and every compressed body (a few KB may inflate to megabytes),
 go to one helper process, started with the first of them; the validated request comes back pickled (arrays and
 strings: a copy, not a parse). At most MAX_IN_FLIGHT bodies are in the helper's hands at once, so at most that many
-times --max-body-bytes are being inflated; the rest wait their turn. Small uncompressed bodies, which parse in well
-under a millisecond, stay inline: the round trip to the helper costs more than their parse.
+times --max-body-bytes are being inflated; the rest wait their turn. Small bodies stay inline, where the round trip
+to the helper would cost more than their parse: uncompressed ones up to OFFLOAD_BYTES, and compressed ones that
+inflate to at most OFFLOAD_BYTES (tried here, at most that much inflated: zlib lets go of the GIL while it works),
+so a client that compresses every small request is not queued behind the helper.
 """
 
 from __future__ import annotations
@@ -56,6 +58,18 @@ class Offload:
 
     def wants(self, headers: dict[str, str], raw: bytes) -> bool:
         return len(raw) > self.threshold or headers.get("content-encoding", "").strip().lower() not in ("", "identity")
+
+    def small_inflate(self, headers: dict[str, str], raw: bytes) -> bytes | None:
+        """A compressed body inflated, where it inflates to at most the threshold; None: larger (or not valid
+        compressed data, or not compressed: the helper's full decode says what is wrong)."""
+        from kiln.serve.routes import decompress
+
+        if len(raw) > self.threshold:
+            return None
+        try:
+            return decompress(raw, headers.get("content-encoding", ""), self.threshold, None)
+        except RequestError:
+            return None
 
     def _executor(self):
         if self._pool is None:

@@ -297,8 +297,13 @@ class Inference:
         """`headers`: the request's headers named in READ_HEADERS, lower-case names."""
         try:
             if self.offload is not None and self.offload.wants(headers, raw):
-                model_name, parsed = await self.offload.prepare(wire.kind, name, version, headers, raw)
-                endpoint = self.endpoints[model_name]
+                inflated = self.offload.small_inflate(headers, raw)
+                if inflated is not None:  # a small compressed body: inflated here, parsed inline
+                    headers = {k: v for k, v in headers.items() if k != "content-encoding"}
+                    endpoint, parsed = self.prepare(wire, name, version, headers, inflated)
+                else:
+                    model_name, parsed = await self.offload.prepare(wire.kind, name, version, headers, raw)
+                    endpoint = self.endpoints[model_name]
             else:
                 endpoint, parsed = self.prepare(wire, name, version, headers, raw)
             model = endpoint.model

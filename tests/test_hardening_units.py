@@ -738,3 +738,47 @@ def test_memory_is_measured_and_trimmed_for_real():
 
     assert rss_bytes() > 10 * 2**20
     trim_heap()  # glibc here: must not raise
+
+
+# --- round 3: large and compressed bodies decoded in the helper process ---------------------------------------------
+
+
+def test_large_bodies_are_decoded_in_the_helper_and_small_ones_inline():
+    """The real helper process (serve.offload): a large or largely-inflating body is decoded there and answers as
+    inline decoding would, errors included; a small compressed body is inflated inline without starting it."""
+    import gzip
+
+    from kiln.serve.channel import Result
+    from kiln.serve.offload import Offload
+    from kiln.serve.routes import V2, Endpoint, Inference
+
+    class Gateway:
+        async def submit(self, item):
+            return Result({"y": np.tile(np.float32([[0.0, 2.0, 1.0]]), (item.count, 1))}, 0.0, 0.0, 1, item.count, "0")
+
+    model = _served(False, 64, None)
+    offload = Offload({model.name: model}, 8 * 2**20, threshold=4096)
+    inference = Inference({model.name: Endpoint(model, Gateway())}, 8 * 2**20, offload)  # type: ignore[arg-type]
+    small = json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}).encode()
+    padded = small[:-1] + b', "pad": [' + b"0," * 200_000 + b"0]}"  # 400 KB: a large body, still valid
+    too_many = json.dumps({"inputs": [{"name": "x", "shape": [65, 2], "datatype": "FP32", "data": [0] * 130}]})
+
+    async def calls():
+        gz = {"content-encoding": "gzip"}
+        one = await inference.answer(V2, "m", None, gz, gzip.compress(small))
+        started = offload._pool is not None
+        two = await inference.answer(V2, "m", None, gz, gzip.compress(padded))
+        assert offload._pool is not None  # the large one did
+        three = await inference.answer(V2, "m", None, {}, padded)
+        four = await inference.answer(V2, "m", None, {}, too_many.encode() + b" " * 5000)
+        five = await inference.answer(V2, "nope", None, gz, gzip.compress(padded))
+        return started, one, two, three, four, five
+
+    try:
+        started, one, two, three, four, five = asyncio.run(calls())
+    finally:
+        offload.close()
+    assert not started  # the small compressed body never reached the helper
+    assert one.status == two.status == three.status == 200 and one.payload == two.payload == three.payload
+    assert four.status == 413 and four.model == "m" and "at most 64" in json.loads(four.payload)["error"]
+    assert five.status == 404 and five.model is None
