@@ -156,7 +156,9 @@ def serve_args(variant: str, threads: int, api_key: bool) -> list[str]:
     args = ["serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(PORT), "--variant", variant,
             "--threads", str(threads)]
     if api_key:
-        args += ["--api-key-env", API_KEY_ENV]
+        # The Prometheus annotations below are scraped without credentials: /metrics stays open (it names the
+        # model and variant, which the resources here name too); the inference routes need the key.
+        args += ["--metrics-open", "--api-key-env", API_KEY_ENV]
     return args
 
 

@@ -293,6 +293,9 @@ def add_serve_parser(subparsers: Any) -> None:
     parser.add_argument("--max-connections", type=int, default=defaults["max_connections"],
                         help="requests handled at once, and open connections before idle ones are closed "
                              "(default %(default)s; beyond it 503, except health, readiness and metrics probes)")
+    parser.add_argument("--metrics-open", action="store_true",
+                        help="with --api-key-env, let /metrics answer without the key (it names every model and "
+                             "variant, so by default it needs the key; for a Prometheus that cannot send one)")
     parser.add_argument("--log-level", default=defaults["log_level"],
                         choices=("critical", "error", "warning", "info", "debug", "trace"),
                         help="log level of the HTTP server (uvicorn)")

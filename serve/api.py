@@ -20,6 +20,7 @@ from itertools import accumulate
 import litserve as ls
 import numpy as np
 
+from kiln.core.memory import MemoryKeeper
 from kiln.core.preprocessing import text_preprocessor
 from kiln.serve.batching import BatchCostModel, stop_after_drain
 from kiln.serve.channel import Result
@@ -66,6 +67,8 @@ class KilnAPI(ls.LitAPI):
         # Warm-up: the first run allocates and picks kernels; pay that before reporting ready.
         self.predict(self.batch([self._example(1)]))
         self.cost_model.reset()  # costs come from real batches only
+        self.memory = MemoryKeeper()
+        self.memory.start()  # the baseline a burst's memory returns to (core.memory)
         signal.signal(signal.SIGTERM, stop_after_drain)
 
     def _example(self, count: int) -> WorkItem:
@@ -85,6 +88,10 @@ class KilnAPI(ls.LitAPI):
             inputs = {name: np.concatenate([item.arrays[name] for item in items])
                       for name in self.signature.input_names}
         return Batch(items, inputs, [item.count for item in items], started)
+
+    def after_batch(self) -> None:
+        """Called by the batching loop once a batch's answers are sent: memory a large batch took goes back."""
+        self.memory.after_batch(self.runtime)
 
     def predict(self, batch: Batch) -> list[Result]:
         t0 = time.time()

@@ -158,6 +158,12 @@ class AdaptiveBatchedLoop(LitLoop):
         if payloads:
             self._run_batch(lit_api, payloads)
             self._flush()
+            after = getattr(lit_api, "after_batch", None)
+            if after is not None:  # once the answers are out: memory a large batch took goes back (KilnAPI)
+                try:
+                    after()
+                except Exception:  # serving goes on with the memory kept
+                    logger.exception("the worker could not give memory back after a batch")
 
     def _run_batch(self, lit_api, payloads: list[tuple]) -> None:
         """KilnAPI.batch then KilnAPI.predict (which retries each request alone when the runtime fails on the

@@ -1,9 +1,10 @@
 """ASGI middleware that guards every route: API-key auth, body-size limit, request metrics.
 
 Pure ASGI (not BaseHTTPMiddleware) so that an oversized body is refused from its Content-Length or
-while streaming, without ever being read whole into memory. Auth is default-deny: only health and
-metrics paths are open, matched after normalizing case and trailing slashes, so no spelling of an
-inference route slips past.
+while streaming, without ever being read whole into memory. Auth is default-deny: only the health and
+readiness paths are open, matched after normalizing case and trailing slashes, so no spelling of an
+inference route slips past. `/metrics` names every model and variant, so it needs the key too, unless
+`--metrics-open` says a scraper without the key must reach it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import hmac
 import json
 import time
 
-OPEN_PATHS = {"/health", "/metrics", "/v2/health/live", "/v2/health/ready"}
+# Probe paths: no key needed, and served past the connection cap (serve.connections). METRICS_PATH among them is
+# exempt from the cap but needs the key unless --metrics-open.
+METRICS_PATH = "/metrics"
+OPEN_PATHS = {"/health", METRICS_PATH, "/v2/health/live", "/v2/health/ready"}
 AUTHORIZED = "kiln.authorized"  # scope key ApiKeyMiddleware sets when auth is on: whether the caller sent the key
 MODEL = "kiln.model"  # scope key the inference path sets: the served model a request went to (a metrics label)
 
@@ -40,9 +44,10 @@ async def send_json(send, status: int, body: dict, headers: list | None = None) 
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app, api_key: str) -> None:
+    def __init__(self, app, api_key: str, metrics_open: bool = False) -> None:
         self.app = app
         self.key = api_key.encode()
+        self.metrics_open = metrics_open
 
     def _authorized(self, headers: dict) -> bool:
         given = headers.get(b"x-api-key")
@@ -57,7 +62,7 @@ class ApiKeyMiddleware:
         authorized = self._authorized(dict(scope["headers"]))
         # Open routes answer anyone, but say less to a caller without the key (serve.routes.Inference.lookup).
         scope[AUTHORIZED] = authorized
-        if is_open(scope["path"]):
+        if is_open(scope["path"]) and (self.metrics_open or normalize(scope["path"]) != METRICS_PATH):
             return await self.app(scope, receive, send)
         if not authorized:
             return await send_json(send, 401, {"error": "missing or wrong API key; send 'Authorization: Bearer KEY' "
@@ -96,11 +101,13 @@ class BodyLimitMiddleware:
         declared = headers.get(b"content-length")
         too_large = {"error": f"request body is over the {self.max_bytes}-byte limit; send fewer items per request"}
         if declared is not None:
-            try:
-                if int(declared) > self.max_bytes:
-                    return await send_json(send, 413, too_large)
-            except ValueError:
-                return await send_json(send, 400, {"error": "Content-Length is not an integer"})
+            # Digits only, counted before int() (which raises past 4,300 digits): more than 18 is past any limit.
+            digits = declared.strip()
+            if not digits.isdigit():
+                return await send_json(send, 400, {"error": "Content-Length is not a non-negative integer"})
+            digits = digits.lstrip(b"0") or b"0"
+            if len(digits) > 18 or int(digits) > self.max_bytes:
+                return await send_json(send, 413, too_large)
         received = 0
         started = False
         body_done = False

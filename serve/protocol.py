@@ -31,12 +31,23 @@ class RequestError(Exception):
         self.expected = expected
         self.param = param  # the request field at fault, and a stable code: protocols that name them (OpenAI) do
         self.code = code
+        self.model: str | None = None  # the served model the request reached, where it reached one (metrics)
+
+    def __reduce__(self) -> tuple:  # crosses the process boundary of serve.offload whole (Exception pickles args only)
+        return _rebuild_error, (str(self), self.status, self.expected, self.param, self.code, self.model)
 
     def body(self) -> dict:
         body: dict = {"error": str(self)}
         if self.expected is not None:
             body["expected"] = self.expected
         return body
+
+
+def _rebuild_error(message: str, status: int, expected: Any, param: str | None, code: str | None,
+                   model: str | None) -> RequestError:
+    error = RequestError(message, status, expected, param, code)
+    error.model = model
+    return error
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,13 @@ def _to_array(data: Any, spec: TensorSpec, where: str, expected: Any) -> np.ndar
         if not np.all(np.isfinite(array)):
             raise RequestError(f"{where} holds NaN, infinity or a number beyond {spec.dtype}'s range, which "
                                f"{spec.name!r} does not allow", expected=expected)
+    elif spec.dtype == "bool":
+        # The rule binary BOOL data follows (serve.v2_binary.read_array): each element false or true, 0 or 1.
+        if array.dtype.kind == "f" or (array.dtype.kind in "iu" and array.size
+                                       and (array.max() > 1 or array.min() < 0)):
+            raise RequestError(f"{where} must hold booleans (true/false or 0/1) for {spec.name!r}",
+                               expected=expected)
+        array = array.astype(np.bool_)
     elif spec.dtype.startswith("int"):
         if array.dtype.kind == "f":
             raise RequestError(f"{where} must hold integers for {spec.name!r} ({spec.dtype})", expected=expected)
@@ -345,6 +363,9 @@ def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
         if tensor["datatype"] != "BYTES":
             raise RequestError(f"input 'text' has datatype {tensor['datatype']!r}; it must be BYTES", expected=expected)
         shape = shape_of(tensor)
+        if len(shape) != 1:  # as check_shape refuses a wrong rank for every other input
+            raise RequestError(f"input 'text' has shape {shape}; it needs rank 1 ([-1]: one string per item)",
+                               expected=expected)
         if "text" in chunks:
             if math.prod(shape) > model.request_limit:
                 raise model.too_many("input 'text'", math.prod(shape), "texts", expected)
@@ -366,6 +387,12 @@ def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
                 f"input {spec.name!r} has datatype {tensor['datatype']!r}; it must be {spec.v2_datatype}",
                 expected=expected)
         shape = shape_of(tensor)
+        # Checked before a value is converted: an 8 MiB body of zeros must not cost a parse of millions of numbers.
+        if shape[0] > model.request_limit:
+            raise model.too_many(where, shape[0], "items", expected)
+        if spec.name not in chunks and isinstance(tensor["data"], list) and len(tensor["data"]) > math.prod(shape):
+            raise RequestError(f"{where}: shape {shape} needs {math.prod(shape)} values but data has more",
+                               expected=expected)
         if spec.name in chunks:
             array = _checked(section.array(chunks[spec.name], spec.v2_datatype, shape, where), spec, where, expected)
         else:

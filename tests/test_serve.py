@@ -204,8 +204,12 @@ def test_auth(digits_artifacts):
         assert httpx.post(f"{url}/predict", json=GOOD, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.post(f"{url}/predict", json=GOOD, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
         assert httpx.post(f"{url}/predict", json=GOOD, headers={"X-API-Key": API_KEY}).status_code == 200
-        for path in ("/v2/health/live", "/v2/health/ready", "/metrics", "/v2/models/digits/ready"):
+        for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/digits/ready"):
             assert httpx.get(f"{url}{path}").status_code == 200, path
+        # /metrics names every model and variant: behind the key (--metrics-open opens it)
+        anonymous = httpx.get(f"{url}/metrics")
+        assert anonymous.status_code == 401 and "digits" not in anonymous.text
+        assert "kiln_info" in httpx.get(f"{url}/metrics", headers={"X-API-Key": API_KEY}).text
         assert API_KEY not in server.log_path.read_text()
     finally:
         server.stop()

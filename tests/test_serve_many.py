@@ -165,7 +165,8 @@ def test_auth_covers_the_new_routes(two_models):
 def test_metrics_are_labelled_by_model(two_models):
     httpx.post(f"{two_models.url}/v2/models/digits/predict", json={"image": np.zeros((8, 8)).tolist()}, headers=AUTH)
     httpx.post(f"{two_models.url}/v2/models/minilm/predict", json={"text": "hello"}, headers=AUTH)
-    text = httpx.get(f"{two_models.url}/metrics").text
+    assert httpx.get(f"{two_models.url}/metrics").status_code == 401  # it names the models: behind the key
+    text = httpx.get(f"{two_models.url}/metrics", headers=AUTH).text
     for model in ("digits", "minilm"):
         assert re.search(rf'^kiln_batch_size_count{{model="{model}"}} [1-9]', text, re.M), model
         assert re.search(rf'^kiln_info{{how="forced",model="{model}",variant="onnx-fp32"}} 1$', text, re.M)

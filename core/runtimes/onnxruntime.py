@@ -33,11 +33,23 @@ class OnnxRuntimeRuntime:
         self.signature = signature
         self.variant = variant
         self.threads = session_options.intra_op_num_threads
+        # The arena keeps the high-water mark of every run; a run with this option frees its unused chunks at
+        # the end. Not on every run (9% of MiniLM's throughput at concurrency 32): on release_memory.
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._one_row: dict | None = None
 
     def run(self, inputs: Arrays) -> Arrays:
         feed = dict(zip(self.signature.input_names, cast_inputs(self.signature, inputs)))
         outputs = self.session.run(self.signature.output_names, feed)
+        if self._one_row is None:
+            self._one_row = {name: array[:1].copy() for name, array in feed.items()}
         return dict(zip(self.signature.output_names, outputs))
+
+    def release_memory(self) -> None:
+        """The arena's unused chunks back to the system: a one-row run with arena shrinkage (core.memory)."""
+        if self._one_row is not None:
+            self.session.run(self.signature.output_names, self._one_row, self._shrink)
 
 
 SPEC = RuntimeSpec(name="onnxruntime", suffix=".onnx", requires="onnxruntime", v2_platform="onnxruntime_onnx",
