@@ -30,7 +30,7 @@ def format_report(manifest: Manifest) -> str:
     lines.append("batch_invariance: the worst cosine between an item run alone and inside a batch of others "
                  "(1.0: answers do not depend on the requests batched with them)")
     for skipped in manifest.skipped:
-        lines.append(f"skipped: {skipped['variant']}: {skipped['reason']}")
+        lines.append(f"left out: {skipped['variant']}: {skipped['reason']}")
     for v in manifest.variants:
         note = (v.pruning or {}).get("note")
         if note:

@@ -81,6 +81,8 @@ class ModelBundle:
     fine_tune: Callable[[Any, int], None] | None = None
     # Why a figure could not be measured, for the manifest and the report ("task accuracy: not measured ...").
     data_note: str | None = None
+    # The texts behind `evaluation` (text models), so a failed check can name the item it was worst on.
+    evaluation_texts: list[str] | None = None
 
     def examples(self, batch_size: int, seq_len: int | None = None) -> Arrays:
         if self.example_batch is not None:

@@ -231,7 +231,8 @@ def load(path: str | Path, data: str | Path | list[str] | None = None, name: str
     dataset = Dataset(arrays, labels if info.task == "classification" else None)
     if calibration_count is None:
         calibration_count = max(1, min(MAX_CALIBRATION, int(len(texts) * CALIBRATION_FRACTION)))
-    evaluation = dataset.take(slice(calibration_count, None)) if len(texts) > calibration_count + 1 else dataset
+    held_out = len(texts) > calibration_count + 1
+    evaluation = dataset.take(slice(calibration_count, None)) if held_out else dataset
 
     def example_batch(batch_size: int, seq_len: int | None = None) -> dict[str, np.ndarray]:
         picked = [texts[i % len(texts)] for i in range(batch_size)]
@@ -267,6 +268,7 @@ def load(path: str | Path, data: str | Path | list[str] | None = None, name: str
         extra_files=dict(info.tokenizer_files),
         example_batch=example_batch,
         data_note=data_note,
+        evaluation_texts=texts[calibration_count:] if held_out else list(texts),
         hints=ExportHints(
             recommended_variants=recommended,
             int8_mode="dynamic",  # transformer activations vary per input: no fixed calibrated ranges
