@@ -26,11 +26,36 @@ def load_tokenizer(tokenizer_file: Path | str, max_length: int = DEFAULT_MAX_LEN
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     tokenizer.enable_truncation(max_length)
-    if pad_to:
-        tokenizer.enable_padding(length=pad_to)
-    else:
-        tokenizer.enable_padding()
+    pad_id, pad_token = pad_of(tokenizer, Path(tokenizer_file).parent)
+    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token, length=pad_to or None)
     return tokenizer
+
+
+PAD_TOKENS = ("[PAD]", "<pad>", "<|padding|>", "[pad]")
+
+
+def pad_of(tokenizer: Any, folder: Path) -> tuple[int, str]:
+    """The tokenizer's own pad token (RoBERTa-likes pad with id 1, not 0): its padding settings, else the
+    tokenizer_config.json beside it, else a usual pad token in its vocabulary, else id 0."""
+    import json
+
+    if tokenizer.padding:
+        return int(tokenizer.padding["pad_id"]), str(tokenizer.padding["pad_token"])
+    candidates: list[str] = []
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            pad = json.loads(config.read_text()).get("pad_token")
+        except (OSError, ValueError):
+            pad = None
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if isinstance(pad, str):
+            candidates.append(pad)
+    for token in (*candidates, *PAD_TOKENS):
+        found = tokenizer.token_to_id(token)
+        if found is not None:
+            return int(found), token
+    return 0, "[PAD]"
 
 
 def encode(tokenizer: Any, texts: list[str], input_names: list[str] | tuple[str, ...]) -> dict[str, np.ndarray]:

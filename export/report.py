@@ -25,6 +25,8 @@ def format_report(manifest: Manifest) -> str:
     if manifest.reference_accuracy is not None:
         lines.append(f"eager fp32 accuracy: {manifest.reference_accuracy * 100:.2f}% on "
                      f"{manifest.reference['items']} held-out items")
+    if manifest.source.get("family"):
+        lines.append(f"family: {manifest.source['family']}")
     if manifest.reference.get("note"):
         lines.append(f"note: {manifest.reference['note']}")
     lines.append("batch_invariance: the worst cosine between an item run alone and inside a batch of others "

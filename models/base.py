@@ -10,6 +10,7 @@ optimum keeps an `OnnxConfig` per architecture beside the model itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,9 @@ class ExportHints:
     int8_mode: str = "static"
     # Regex of graph node names kept in fp32 by INT8 quantization (the layers most sensitive to it).
     int8_keep_fp32: str | None = None
-    # Builds a module for ONNX export when it differs from the eager one (eager attention, so ONNX Runtime fuses it).
-    onnx_module_factory: Callable[[], Any] | None = None
+    # A context that sets the given eager module up for ONNX export and restores it after (a transformer switched to
+    # the attention implementation ONNX Runtime fuses), so the model is loaded once, not once per format.
+    onnx_module: Callable[[Any], AbstractContextManager[Any]] | None = None
     # ONNX Runtime's transformer optimizer settings, e.g. {"model_type": "bert", "num_heads": 12, "hidden_size": 384}.
     onnx_optimizer: dict[str, Any] = field(default_factory=dict)
 
