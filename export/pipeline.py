@@ -61,6 +61,19 @@ def build_variant(spec: VariantSpec, bundle: ModelBundle, recipe: Recipe, source
     return entry, failures
 
 
+def release_memory() -> None:
+    """Collect what the last variant left (its module copies, export graphs, runtime sessions) and hand the freed
+    heap back to the system, so the export's peak is one variant's, not the sum of all of them."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is still reused by the next variant
+        pass
+
+
 def worst_item_text(bundle: ModelBundle, index: int) -> str:
     """The input a cosine miss was worst on, so a user sees whether real sentences or an odd string lost it."""
     texts = bundle.evaluation_texts
@@ -138,6 +151,8 @@ def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool
                         raise
                     leave_out(skipped, spec, f"could not be built: {one_line(exc, 300)}", staging, progress)
                     continue
+                finally:  # this variant's graphs, sessions and compiled modules go before the next is built
+                    release_memory()
                 if failed and optional and droppable(spec):
                     leave_out(skipped, spec, "failed verification: " + "; ".join(failed)
                               + recovery_hint(spec, bundle), staging, progress)

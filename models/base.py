@@ -52,6 +52,9 @@ class ExportHints:
     recommended_variants: tuple[str, ...] = ("torchscript-fp32", "onnx-fp32", "onnx-int8")
     # "static" (calibrated QDQ) suits convnets; "dynamic" suits transformers, whose activations vary per input.
     int8_mode: str = "static"
+    # torchao INT8 (pt2-int8): how activations are quantized per token. "asymmetric" (a zero point) suits inputs that
+    # are far from symmetric around 0, as a transformer's GELU outputs are; "symmetric" is torchao's default.
+    int8_activations: str = "symmetric"
     # Regex of graph node names kept in fp32 by INT8 quantization (the layers most sensitive to it).
     int8_keep_fp32: str | None = None
     # A context that sets the given eager module up for ONNX export and restores it after (a transformer switched to
@@ -59,6 +62,9 @@ class ExportHints:
     onnx_module: Callable[[Any], AbstractContextManager[Any]] | None = None
     # ONNX Runtime's transformer optimizer settings, e.g. {"model_type": "bert", "num_heads": 12, "hidden_size": 384}.
     onnx_optimizer: dict[str, Any] = field(default_factory=dict)
+    # Recipe values this model needs unless the user sets them: a family's opset, its tolerances ({"tolerances": {
+    # "int8_cosine_min": 0.98}}); under a --recipe file's values and every flag.
+    recipe_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 # Inputs of a given batch size, padded to a given sequence length for text models (None: the model's own length).

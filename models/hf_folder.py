@@ -319,8 +319,11 @@ def load(path: str | Path, data: str | Path | list[str] | None = None, name: str
         hints=ExportHints(
             recommended_variants=recommended,
             int8_mode="dynamic",  # transformer activations vary per input: no fixed calibrated ranges
+            int8_activations="asymmetric",  # GELU outputs are one-sided (kiln.export.emit_pt2.int8_copy)
             onnx_module=lambda module: attention_switched(module, family.onnx_attention),
             onnx_optimizer=optimizer,
+            recipe_defaults={**({"opset": family.opset} if family.opset else {}),
+                             **({"tolerances": dict(family.tolerances)} if family.tolerances else {})},
         ),
     )
 

