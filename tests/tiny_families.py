@@ -146,6 +146,7 @@ def save_folder(family: str, task: str, root: Path, seed: int = 0) -> Path:
     vocab = save_tokenizer(kind, inner)
     build_model(kind, task, vocab, seed).save_pretrained(inner)
     encoder = Transformer(str(inner), max_seq_length=POSITIONS)
-    pooling = Pooling(encoder.get_word_embedding_dimension(), pooling_mode=kind.pooling)
+    dimension = getattr(encoder, "get_embedding_dimension", None) or encoder.get_word_embedding_dimension
+    pooling = Pooling(dimension(), pooling_mode=kind.pooling)
     SentenceTransformer(modules=[encoder, pooling, Normalize()], device="cpu").save(str(folder))
     return folder
