@@ -167,7 +167,8 @@ class Manifest:
     created: str | None = None
     export_seconds: float | None = None
     selection: dict[str, Any] | None = None
-    skipped: list[dict[str, str]] = field(default_factory=list)  # recommended variants this machine could not build
+    # Recommended variants left out, each {"variant", "reason"}: no toolchain here, not buildable, or verification missed.
+    skipped: list[dict[str, str]] = field(default_factory=list)
     flops: dict[str, Any] | None = None  # eager FLOPs per item and the shape counted at (kiln.export.flops)
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)

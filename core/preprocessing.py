@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from kiln.core.errors import KilnError, ManifestError, ModelSourceError, one_line
-from kiln.core.paths import MAX_TOKENIZER_BYTES, read_capped
+from kiln.core.paths import MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES, read_capped
 
 DEFAULT_MAX_LENGTH = 128
 # What a Hugging Face fast tokenizer's encoding gives, by the input name a transformer takes it as.
@@ -23,7 +23,7 @@ ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "toke
 
 def parse_tokenizer(data: bytes, shown: str, max_length: int = DEFAULT_MAX_LENGTH, pad_to: int | None = None,
                     error: type[KilnError] = ModelSourceError,
-                    fix: str = "save the tokenizer again with save_pretrained") -> Any:
+                    fix: str = "save the tokenizer again with save_pretrained", pad_token: str | None = None) -> Any:
     """A fast tokenizer from tokenizer.json's bytes: truncate to `max_length`; pad to the longest text of each batch,
     or to `pad_to`. Bytes that do not parse are one `error` naming `shown`, never the library's own exception."""
     from tokenizers import Tokenizer
@@ -34,17 +34,48 @@ def parse_tokenizer(data: bytes, shown: str, max_length: int = DEFAULT_MAX_LENGT
         raise error(f"tokenizer {shown!r} is not a valid Hugging Face tokenizer.json ({one_line(exc, 160)}); "
                     f"{fix}") from exc
     tokenizer.enable_truncation(max_length)
-    if pad_to:
-        tokenizer.enable_padding(length=pad_to)
-    else:
-        tokenizer.enable_padding()
+    pad_id, pad = pad_of(tokenizer, pad_token)
+    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad, length=pad_to or None)
     return tokenizer
 
 
-def load_tokenizer(tokenizer_file: Path | str, max_length: int = DEFAULT_MAX_LENGTH, pad_to: int | None = None) -> Any:
-    """A model folder's tokenizer.json (size-capped: kiln.core.paths), as `parse_tokenizer` makes it."""
+def load_tokenizer(tokenizer_file: Path | str, max_length: int = DEFAULT_MAX_LENGTH, pad_to: int | None = None,
+                   config_file: Path | str | None = None) -> Any:
+    """A model folder's tokenizer.json (size-capped: kiln.core.paths), as `parse_tokenizer` makes it, with the pad
+    token its tokenizer_config.json names (`config_file`, a path its caller checked; default: the one beside it)."""
     data = read_capped(Path(tokenizer_file), MAX_TOKENIZER_BYTES, "tokenizer", ModelSourceError)
-    return parse_tokenizer(data, str(tokenizer_file), max_length, pad_to)
+    config = Path(config_file) if config_file else Path(tokenizer_file).parent / "tokenizer_config.json"
+    settings = read_capped(config, MAX_CONFIG_BYTES, "tokenizer config", ModelSourceError) if config.is_file() else None
+    return parse_tokenizer(data, str(tokenizer_file), max_length, pad_to, pad_token=configured_pad(settings))
+
+
+PAD_TOKENS = ("[PAD]", "<pad>", "<|padding|>", "[pad]")
+
+
+def configured_pad(config: bytes | None) -> str | None:
+    """The pad token a tokenizer_config.json names (a string or an AddedToken object), or None."""
+    import json
+
+    if config is None:
+        return None
+    try:
+        pad = json.loads(config).get("pad_token")
+    except (ValueError, AttributeError):
+        return None
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    return pad if isinstance(pad, str) else None
+
+
+def pad_of(tokenizer: Any, pad_token: str | None = None) -> tuple[int, str]:
+    """The tokenizer's own pad token (RoBERTa-likes pad with id 1, not 0): its padding settings, else the pad token
+    its tokenizer_config.json names, else a usual pad token in its vocabulary, else id 0."""
+    if tokenizer.padding:
+        return int(tokenizer.padding["pad_id"]), str(tokenizer.padding["pad_token"])
+    for token in (*([pad_token] if pad_token else []), *PAD_TOKENS):
+        found = tokenizer.token_to_id(token)
+        if found is not None:
+            return int(found), token
+    return 0, "[PAD]"
 
 
 def encode(tokenizer: Any, texts: list[str], input_names: list[str] | tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -71,8 +102,12 @@ class TextPreprocessor:
         # The bytes parsed are the bytes hashed: listed in the manifest's files, inside the folder, size-capped.
         name = spec.tokenizer
         data = manifest.read_listed(name, MAX_TOKENIZER_BYTES, "tokenizer")
+        config = "tokenizer_config.json"  # its pad token, where the export copied it (hashed like the tokenizer)
+        listed = any(entry["file"] == config for entry in manifest.files)
         self.tokenizer = parse_tokenizer(data, str(manifest.folder / name), self.max_length, pad_to, ManifestError,
-                                         "re-export the folder")
+                                         "re-export the folder", configured_pad(
+                                             manifest.read_listed(config, MAX_CONFIG_BYTES, "tokenizer config")
+                                             if listed else None))
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         return encode_capped(self.tokenizer, texts, self.input_names, self.max_length)

@@ -66,21 +66,25 @@ def takes_varargs(module: Any) -> bool:
     return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
 
 
-def int8_copy(module: Any) -> Any:
+def int8_copy(module: Any, activations: str = "symmetric") -> Any:
     """torchao's dynamic INT8: INT8 weights per channel, activations quantized per token (per row) at run time.
 
     Per-row activation scales keep an item's answer independent of the items batched with it, unlike ONNX
-    Runtime's dynamic INT8, whose one scale per tensor is computed over the whole batch.
+    Runtime's dynamic INT8, whose one scale per tensor is computed over the whole batch. Asymmetric activations
+    (a zero point per token) spend the 8 bits on the range a GELU output really has: on MiniLM they took the worst
+    item's cosine to fp32 from 0.978 to 0.992 (README), for about 9% more time at batch 16.
     """
     import copy
 
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        from torchao.quantization.quant_primitives import MappingType
     except ImportError as exc:
         raise ToolchainMissing("pt2-int8 needs torchao, which is not installed; pip install torchao, or leave out "
                                "the pt2-int8 variant") from exc
     quantized = copy.deepcopy(module).eval()
-    quantize_(quantized, Int8DynamicActivationInt8WeightConfig())
+    mapping = MappingType.ASYMMETRIC if activations == "asymmetric" else MappingType.SYMMETRIC
+    quantize_(quantized, Int8DynamicActivationInt8WeightConfig(act_mapping_type=mapping))
     return quantized
 
 
@@ -100,7 +104,7 @@ class Pt2Emitter:
 
             module = bf16_copy(module)
         elif job.spec.precision == "int8":
-            module = int8_copy(module)
+            module = int8_copy(module, job.bundle.hints.int8_activations)
         module = module.eval()
         if takes_varargs(module):
             shapes = (shapes,)  # `forward(*inputs)`: one varargs entry holding every input's dims
@@ -120,7 +124,7 @@ class Pt2Emitter:
         quantization = None
         if job.spec.precision == "int8":
             quantization = {"mode": "dynamic", "library": "torchao", "weights": "int8 per channel",
-                            "activations": "int8 per token (row)"}
+                            "activations": f"int8 per token (row), {job.bundle.hints.int8_activations}"}
         return EmitResult({
             "exporter": "torch.export",
             "compiler": compiler_version(compiler),

@@ -19,8 +19,17 @@ def count_flops(module: Any, arrays: dict[str, np.ndarray], names: list[str]) ->
 
     tensors = [torch.from_numpy(np.ascontiguousarray(arrays[n])) for n in names]
     counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        module(*tensors)
+    # The counter's module tracker hooks the gradients of inputs that require them; a parameter used as a layer's
+    # input (DeBERTa-v2's relative-position table) has none under inference mode, so count with grads off.
+    trained = [p for p in module.parameters() if p.requires_grad] if hasattr(module, "parameters") else []
+    for parameter in trained:
+        parameter.requires_grad_(False)
+    try:
+        with counter, torch.inference_mode():
+            module(*tensors)
+    finally:
+        for parameter in trained:
+            parameter.requires_grad_(True)
     return float(counter.get_total_flops()) / len(tensors[0])
 
 

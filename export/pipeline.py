@@ -43,8 +43,11 @@ def build_variant(spec: VariantSpec, bundle: ModelBundle, recipe: Recipe, source
     build_s = time.perf_counter() - started
     runtime = open_artifact(target, spec.runtime, bundle.signature, spec.name, RuntimeOptions())
     figures = verify.measure(runtime, bundle, references[spec.pruning], references[None])
+    worst = {"parity": figures.pop("parity_worst_item"), "task": figures.pop("worst_item")}
     failures = verify.check(spec.name, spec.precision, figures, reference_accuracy,
                             recipe.tolerances, bundle.task)
+    failures = [f + worst_item_text(bundle, worst["parity" if "its eager model" in f else "task"])
+                if "cosine_min" in f else f for f in failures]
     shown = {k: v for k, v in figures.items() if isinstance(v, float)}
     invariance = figures["batch_invariance"]
     progress(f"[kiln] verify: {spec.name}: " + ", ".join(f"{k} {v:.5g}" for k, v in shown.items())
@@ -57,6 +60,53 @@ def build_variant(spec: VariantSpec, bundle: ModelBundle, recipe: Recipe, source
         build={**result.build, "seconds": round(build_s, 2)},
     )
     return entry, failures
+
+
+def release_memory() -> None:
+    """Collect what the last variant left (its module copies, export graphs, runtime sessions) and hand the freed
+    heap back to the system, so the export's peak is one variant's, not the sum of all of them."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is still reused by the next variant
+        pass
+
+
+def worst_item_text(bundle: ModelBundle, index: int) -> str:
+    """The input a cosine miss was worst on, so a user sees whether real sentences or an odd string lost it."""
+    texts = bundle.evaluation_texts
+    if not texts or not 0 <= index < len(texts):
+        return ""
+    text = texts[index]
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    return f" (worst item #{index}: {shown!r})"
+
+
+def droppable(spec: VariantSpec) -> bool:
+    """Whether a recommended variant may be left out when it fails: not a format's unpruned fp32 baseline, which is
+    the reference every other variant of the format is compared with (its failure means the format itself fails)."""
+    return not (spec.precision == "fp32" and spec.pruning is None)
+
+
+def recovery_hint(spec: VariantSpec, bundle: ModelBundle) -> str:
+    """What would bring a dropped INT8 variant back: data like the user's, or a budget chosen for this model."""
+    if spec.precision != "int8":
+        return ""
+    data = ("--data with your own texts (it was judged on built-in varied ones), or "
+            if "hf_folder" in bundle.source and not bundle.source.get("data") else "")
+    return (f"; to keep it: {data}a --recipe naming it with a budget chosen for this model "
+            "([tolerances] int8_cosine_min)")
+
+
+def leave_out(skipped: list[dict[str, str]], spec: VariantSpec, reason: str, staging: Path,
+              progress: Progress) -> None:
+    """Drop a recommended variant: its file goes, and the manifest and report carry one line saying why."""
+    (staging / f"{spec.name}{runtime_spec(spec.runtime).suffix}").unlink(missing_ok=True)
+    progress(f"[kiln] left out: {spec.name}: {reason}")
+    skipped.append({"variant": spec.name, "reason": reason})
 
 
 def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool = False,
@@ -81,24 +131,41 @@ def run_export(bundle: ModelBundle, recipe: Recipe, out: str | Path, force: bool
             sources = prune.prepare_sources(bundle, recipe.pruning_needed, recipe.prune.amount,
                                             recipe.prune.fine_tune_epochs, references[None], example_inputs(bundle),
                                             progress)
-            entries, failures, skipped, shared = [], [], [], {}
+            entries: list[VariantEntry] = []
+            failures: list[str] = []
+            skipped: list[dict[str, str]] = []
+            shared: dict[str, Any] = {}
             for spec in recipe.specs:
+                optional = spec.name in recipe.optional_variants
                 try:
                     entry, failed = build_variant(spec, bundle, recipe, sources, staging, shared, references,
                                                   accuracy, progress)
                 except ToolchainMissing as exc:  # collected: the variants that need no such tool still export
-                    if spec.name in recipe.optional_variants:
-                        progress(f"[kiln] skip: {spec.name}: {exc}")
-                        skipped.append({"variant": spec.name, "reason": one_line(exc)})
+                    if optional:
+                        leave_out(skipped, spec, one_line(exc), staging, progress)
                     else:
                         failures.append(f"{spec.name}: {one_line(exc)}")
+                    continue
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # a proposed variant that cannot be built is left out, not fatal
+                    if not (optional and droppable(spec)):
+                        raise
+                    leave_out(skipped, spec, f"could not be built: {one_line(exc, 300)}", staging, progress)
+                    continue
+                finally:  # this variant's graphs, sessions and compiled modules go before the next is built
+                    release_memory()
+                if failed and optional and droppable(spec):
+                    leave_out(skipped, spec, "failed verification: " + "; ".join(failed)
+                              + recovery_hint(spec, bundle), staging, progress)
                     continue
                 entries.append(entry)
                 failures += failed
             if failures:
                 raise VerificationError(failures)
             if not entries:
-                raise ExportError("every variant was skipped (" + "; ".join(s["reason"] for s in skipped) + ")")
+                raise ExportError("every variant was left out (" + "; ".join(
+                    f"{s['variant']}: {s['reason']}" for s in skipped) + ")")
             shutil.rmtree(staging / ".scratch")
             files = []
             for target, source in bundle.extra_files.items():

@@ -150,9 +150,11 @@ def build_recipe(recommended: tuple[str, ...], recipe_file: str | Path | None = 
                  variants: list[str] | None = None, opset: int | None = None, select: bool = False,
                  max_accuracy_drop: float | None = None, min_cosine: float | None = None,
                  min_batch_invariance: float | None = None, prune: str | None = None,
-                 fine_tune_epochs: int | None = None, accept_unstable: bool = False) -> Recipe:
-    """The recipe a command line or an API call asks for: the model's recommended set, a TOML file's values over
-    it, then each option given (None or False: not given) over those."""
+                 fine_tune_epochs: int | None = None, accept_unstable: bool = False,
+                 model_defaults: dict | None = None) -> Recipe:
+    """The recipe a command line or an API call asks for: the model's recommended set and its own defaults (a
+    family's opset or tolerances), a TOML file's values over them, then each option given (None or False: not
+    given) over those."""
     overrides: dict = {}
     if variants:
         overrides["variants"] = list(variants)
@@ -178,6 +180,12 @@ def build_recipe(recommended: tuple[str, ...], recipe_file: str | Path | None = 
     if fine_tune_epochs is not None:
         pruning["fine_tune_epochs"] = fine_tune_epochs
     data = Recipe.from_toml(recipe_file).to_dict() if recipe_file else {"variants": list(recommended)}
+    written = tomllib.loads(Path(recipe_file).read_text()) if recipe_file else {}  # what the file itself sets
+    for key, value in (model_defaults or {}).items():
+        if key == "tolerances":
+            data["tolerances"] = {**value, **written.get("tolerances", {})}
+        elif key not in written:
+            data[key] = value
     data.update(overrides)
     data["optional_variants"] = [] if (variants or recipe_file) else list(recommended)
     if pruning:

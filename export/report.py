@@ -25,12 +25,14 @@ def format_report(manifest: Manifest) -> str:
     if manifest.reference_accuracy is not None:
         lines.append(f"eager fp32 accuracy: {manifest.reference_accuracy * 100:.2f}% on "
                      f"{manifest.reference['items']} held-out items")
+    if manifest.source.get("family"):
+        lines.append(f"family: {manifest.source['family']}")
     if manifest.reference.get("note"):
         lines.append(f"note: {manifest.reference['note']}")
     lines.append("batch_invariance: the worst cosine between an item run alone and inside a batch of others "
                  "(1.0: answers do not depend on the requests batched with them)")
     for skipped in manifest.skipped:
-        lines.append(f"skipped: {skipped['variant']}: {skipped['reason']}")
+        lines.append(f"left out: {skipped['variant']}: {skipped['reason']}")
     for v in manifest.variants:
         note = (v.pruning or {}).get("note")
         if note:

@@ -41,6 +41,8 @@ def measure(runtime: Runtime, bundle: ModelBundle, parity_reference: np.ndarray,
     if "accuracy" in task:
         figures["accuracy"] = task["accuracy"]
     figures["evaluation_items"] = parity["items"]
+    figures["parity_worst_item"] = parity["worst_item"]  # where the cosine is lowest (popped before the manifest)
+    figures["worst_item"] = task["worst_item"]
     figures["batch_invariance"] = batch_invariance(runtime, bundle.evaluation.inputs,
                                                    bundle.signature.output_names[0])
     return figures
@@ -88,6 +90,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
         "max_rel_error": float(diff.max() / scale),
         "cosine_min": float(cosine.min()),
         "cosine_mean": float(cosine.mean()),
+        "worst_item": int(cosine.argmin()),
         "items": len(ref),
     }
     if task == "classification":

@@ -56,7 +56,8 @@ def export_model(model: str, out: str | Path, *, variants: list[str] | None = No
 
     progress = progress or to_stderr
     bundle = resolve(model, checkpoint, inputs, outputs, data, name, task)
-    built = build_recipe(bundle.hints.recommended_variants, recipe, variants=variants, select=select, **options)
+    built = build_recipe(bundle.hints.recommended_variants, recipe, variants=variants, select=select,
+                         model_defaults=bundle.hints.recipe_defaults, **options)
     manifest = run_export(bundle, built, out, force=force, progress=progress)
     if built.select:
         from kiln.bench.driver import select_default

@@ -10,6 +10,7 @@ optimum keeps an `OnnxConfig` per architecture beside the model itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,19 @@ class ExportHints:
     recommended_variants: tuple[str, ...] = ("torchscript-fp32", "onnx-fp32", "onnx-int8")
     # "static" (calibrated QDQ) suits convnets; "dynamic" suits transformers, whose activations vary per input.
     int8_mode: str = "static"
+    # torchao INT8 (pt2-int8): how activations are quantized per token. "asymmetric" (a zero point) suits inputs that
+    # are far from symmetric around 0, as a transformer's GELU outputs are; "symmetric" is torchao's default.
+    int8_activations: str = "symmetric"
     # Regex of graph node names kept in fp32 by INT8 quantization (the layers most sensitive to it).
     int8_keep_fp32: str | None = None
-    # Builds a module for ONNX export when it differs from the eager one (eager attention, so ONNX Runtime fuses it).
-    onnx_module_factory: Callable[[], Any] | None = None
+    # A context that sets the given eager module up for ONNX export and restores it after (a transformer switched to
+    # the attention implementation ONNX Runtime fuses), so the model is loaded once, not once per format.
+    onnx_module: Callable[[Any], AbstractContextManager[Any]] | None = None
     # ONNX Runtime's transformer optimizer settings, e.g. {"model_type": "bert", "num_heads": 12, "hidden_size": 384}.
     onnx_optimizer: dict[str, Any] = field(default_factory=dict)
+    # Recipe values this model needs unless the user sets them: a family's opset, its tolerances ({"tolerances": {
+    # "int8_cosine_min": 0.98}}); under a --recipe file's values and every flag.
+    recipe_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,8 @@ class ModelBundle:
     fine_tune: Callable[[Any, int], None] | None = None
     # Why a figure could not be measured, for the manifest and the report ("task accuracy: not measured ...").
     data_note: str | None = None
+    # The texts behind `evaluation` (text models), so a failed check can name the item it was worst on.
+    evaluation_texts: list[str] | None = None
 
     def examples(self, batch_size: int, seq_len: int | None = None) -> Arrays:
         if self.example_batch is not None:

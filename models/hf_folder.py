@@ -15,9 +15,11 @@ load test need to tokenize exactly as the export did.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,7 @@ from kiln.core.paths import MAX_CONFIG_BYTES, check_tree, inside, read_json, reg
 from kiln.core.preprocessing import DEFAULT_MAX_LENGTH, ENCODING_FIELDS, encode, load_tokenizer
 from kiln.core.signature import Signature, TensorSpec
 from kiln.models.base import Dataset, ExportHints, ModelBundle, unsafe_pickle
+from kiln.models.families import ATTENTION_IMPLEMENTATIONS, Family, family_for, other_attention
 from kiln.models.text_data import load_text_data
 
 if TYPE_CHECKING:
@@ -41,8 +44,6 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
 CALIBRATION_FRACTION = 0.3
 MAX_CALIBRATION = 32
-# ONNX Runtime's transformer optimizer fuses attention for these model types (kiln.export.emit_onnx).
-FUSABLE = {"bert", "roberta", "distilbert", "xlm-roberta", "electra", "camembert", "mpnet"}
 
 
 @dataclass
@@ -58,6 +59,10 @@ class FolderInfo:
     max_length: int = DEFAULT_MAX_LENGTH
     labels: list[str] = field(default_factory=list)
     tokenizer_files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def family(self) -> Family:
+        return family_for(self.config)
 
 
 def _read_json(folder: Path, relative: str | Path, what: str, kind: type = dict) -> Any:
@@ -118,6 +123,9 @@ def inspect_folder(path: Path, task: str | None = None) -> FolderInfo:
                 folder = inside(path, module.get("path", "1_Pooling"), "pooling module folder", ModelSourceError)
                 pooling = _read_json(folder, "config.json", "pooling config")
                 chosen = [mode for key, mode in POOLING_MODES.items() if pooling.get(key)]
+                if isinstance(pooling.get("pooling_mode"), str):  # sentence-transformers >= 5 writes one name
+                    chosen = [pooling["pooling_mode"].lower()] if pooling["pooling_mode"].lower() in \
+                        POOLING_MODES.values() else []
                 if len(chosen) != 1:
                     raise ModelSourceError(f"{str(path)!r}: pooling {pooling} is not exactly one of mean, CLS or max, "
                                            "which kiln supports")
@@ -150,6 +158,8 @@ def _max_length(path: Path, config: dict[str, Any]) -> int:
 
 
 def _load_transformer(info: FolderInfo, attn_implementation: str) -> Any:
+    """The model with `attn_implementation`, or with the other one where transformers refuses it for the
+    architecture (DeBERTa-v2 has no sdpa path); an error names the implementations tried, not the architecture."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import transformers
@@ -160,20 +170,30 @@ def _load_transformer(info: FolderInfo, attn_implementation: str) -> Any:
     auto = {"classification": transformers.AutoModelForSequenceClassification,
             "token-classification": transformers.AutoModelForTokenClassification,
             "embedding": transformers.AutoModel}[info.task]
-    try:
-        model, loading = auto.from_pretrained(str(info.path), local_files_only=True, trust_remote_code=False,
-                                              attn_implementation=attn_implementation, output_loading_info=True)
-    except ValueError as exc:
-        raise ModelSourceError(f"{str(info.path)!r}: architecture {info.architecture or info.config.get('model_type')!r} "
-                               f"is not one transformers knows for {info.task} ({one_line(exc, 160)}); use a "
-                               "built-in architecture or --task") from exc
-    except pickle.UnpicklingError:
-        weights = ", ".join(sorted(p.name for p in info.path.glob("*.bin"))) or "its weights file"
-        raise unsafe_pickle(f"{str(info.path)!r}: {weights}", "save the model as safetensors "
-                            "(model.save_pretrained(folder, safe_serialization=True)) and export that") from None
-    except (OSError, RuntimeError) as exc:
-        raise ModelSourceError(f"{str(info.path)!r}: the weights do not load ({one_line(exc, 200)}); save the model "
-                               "again with save_pretrained") from exc
+    name = info.architecture or info.config.get("model_type")
+    refused: list[str] = []
+    for implementation in (attn_implementation, other_attention(attn_implementation)):
+        try:
+            model, loading = auto.from_pretrained(str(info.path), local_files_only=True, trust_remote_code=False,
+                                                  attn_implementation=implementation, output_loading_info=True)
+            break
+        except ValueError as exc:
+            if "attention" not in str(exc).lower() and "attn" not in str(exc).lower():
+                raise ModelSourceError(f"{str(info.path)!r}: architecture {name!r} is not one transformers knows "
+                                       f"for {info.task} ({one_line(exc, 160)}); use a built-in architecture or "
+                                       "--task") from exc
+            refused.append(f"{implementation}: {one_line(exc, 120)}")
+        except pickle.UnpicklingError:
+            weights = ", ".join(sorted(p.name for p in info.path.glob("*.bin"))) or "its weights file"
+            raise unsafe_pickle(f"{str(info.path)!r}: {weights}", "save the model as safetensors "
+                                "(model.save_pretrained(folder, safe_serialization=True)) and export that") from None
+        except (OSError, RuntimeError) as exc:
+            raise ModelSourceError(f"{str(info.path)!r}: the weights do not load ({one_line(exc, 200)}); save the "
+                                   "model again with save_pretrained") from exc
+    else:
+        raise ModelSourceError(f"{str(info.path)!r}: transformers knows {name!r} but loads it with neither attention "
+                               f"implementation kiln exports ({'; '.join(refused)}); upgrade transformers or export "
+                               "a folder whose architecture supports sdpa or eager attention")
     missing = [k for k in loading.get("missing_keys", ()) if not k.startswith(("pooler.", "bert.pooler."))]
     if missing or loading.get("mismatched_keys"):
         raise ModelSourceError(f"{str(info.path)!r}: the weights do not match config.json (missing {sorted(missing)[:5]}, "
@@ -182,19 +202,45 @@ def _load_transformer(info: FolderInfo, attn_implementation: str) -> Any:
     return model.eval()
 
 
-def input_names(model: Any) -> list[str]:
-    """The tokenizer outputs the architecture's forward really takes, in a fixed order."""
+def input_names(model: Any, info: FolderInfo | None = None) -> list[str]:
+    """The tokenizer outputs the architecture takes, in a fixed order: the family table's, else (a family kiln does
+    not know) the ones its forward names."""
+    if info is not None and info.family.known:
+        return info.family.input_names(info.config)
     taken = inspect.signature(model.forward).parameters
     return [name for name in ENCODING_FIELDS if name in taken]
 
 
-def build_module(info: FolderInfo, attn_implementation: str = "sdpa") -> Any:
+@contextlib.contextmanager
+def attention_switched(module: Any, implementation: str) -> Iterator[Any]:
+    """The same module (the same weights) with another attention implementation while the context lasts."""
+    inner = module.inner
+    before = inner.config._attn_implementation
+    if implementation == before:
+        yield module
+        return
+    try:
+        inner.set_attn_implementation(implementation)
+    except (ValueError, ImportError, AttributeError):
+        yield module  # transformers refuses it here: export with the implementation the model has
+        return
+    try:
+        yield module
+    finally:
+        inner.set_attn_implementation(before)
+
+
+def build_module(info: FolderInfo, attn_implementation: str | None = None) -> Any:
     """The transformer wrapped to take the signature's inputs positionally and return one tensor."""
     import torch
     from torch import nn
 
+    attn_implementation = attn_implementation or info.family.attention
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ModelSourceError(f"attention implementation {attn_implementation!r} is not one of "
+                               f"{ATTENTION_IMPLEMENTATIONS}")
     model = _load_transformer(info, attn_implementation)
-    names = input_names(model)
+    names = input_names(model, info)
     pooling, normalize, task = info.pooling, info.normalize, info.task
 
     class TextModel(nn.Module):
@@ -242,24 +288,26 @@ def load(path: str | Path, data: str | Path | list[str] | None = None, name: str
     module = build_module(info)
     names = module.input_names
     signature = signature_for(info, names)
-    tokenizer = load_tokenizer(info.tokenizer_files["tokenizer.json"], info.max_length)
+    tokenizer_files = info.tokenizer_files["tokenizer.json"], info.tokenizer_files.get("tokenizer_config.json")
+    tokenizer = load_tokenizer(tokenizer_files[0], info.max_length, config_file=tokenizer_files[1])
     texts, labels, data_note = load_text_data(data, info.labels)
     arrays = encode(tokenizer, texts, names)
     dataset = Dataset(arrays, labels if info.task == "classification" else None)
     if calibration_count is None:
         calibration_count = max(1, min(MAX_CALIBRATION, int(len(texts) * CALIBRATION_FRACTION)))
-    evaluation = dataset.take(slice(calibration_count, None)) if len(texts) > calibration_count + 1 else dataset
+    held_out = len(texts) > calibration_count + 1
+    evaluation = dataset.take(slice(calibration_count, None)) if held_out else dataset
 
     def example_batch(batch_size: int, seq_len: int | None = None) -> dict[str, np.ndarray]:
         picked = [texts[i % len(texts)] for i in range(batch_size)]
-        padded = load_tokenizer(info.tokenizer_files["tokenizer.json"], seq_len or info.max_length,
-                                pad_to=seq_len) if seq_len else tokenizer
+        padded = load_tokenizer(tokenizer_files[0], seq_len or info.max_length, pad_to=seq_len,
+                                config_file=tokenizer_files[1]) if seq_len else tokenizer
         return encode(padded, picked, names)
 
-    model_type = str(info.config.get("model_type", ""))
+    family = info.family
     optimizer = {}
-    if model_type in FUSABLE:
-        optimizer = {"model_type": "bert" if model_type in ("xlm-roberta", "camembert", "electra") else model_type,
+    if family.ort_model_type:
+        optimizer = {"model_type": family.ort_model_type,
                      "num_heads": int(info.config.get("num_attention_heads") or info.config.get("n_heads") or 0),
                      "hidden_size": int(info.config.get("hidden_size") or info.config.get("dim") or 0)}
     preprocessing = {
@@ -276,21 +324,35 @@ def load(path: str | Path, data: str | Path | list[str] | None = None, name: str
         module=module,
         signature=signature,
         task=info.task,
-        source=source or {"hf_folder": str(info.path.resolve()), "task": info.task,
-                          "data": None if data is None or isinstance(data, list) else str(Path(data).resolve())},
+        source={**(source or {"hf_folder": str(info.path.resolve()), "task": info.task,
+                              "data": None if data is None or isinstance(data, list) else str(Path(data).resolve())}),
+                "family": family_note(info)},
         calibration=dataset.take(slice(0, calibration_count)),
         evaluation=evaluation,
         preprocessing=preprocessing,
         extra_files=dict(info.tokenizer_files),
         example_batch=example_batch,
         data_note=data_note,
+        evaluation_texts=texts[calibration_count:] if held_out else list(texts),
         hints=ExportHints(
             recommended_variants=recommended,
             int8_mode="dynamic",  # transformer activations vary per input: no fixed calibrated ranges
-            onnx_module_factory=lambda: build_module(info, attn_implementation="eager"),  # fuses in ONNX Runtime
+            int8_activations="asymmetric",  # GELU outputs are one-sided (kiln.export.emit_pt2.int8_copy)
+            onnx_module=lambda module: attention_switched(module, family.onnx_attention),
             onnx_optimizer=optimizer,
+            recipe_defaults={**({"opset": family.opset} if family.opset else {}),
+                             **({"tolerances": dict(family.tolerances)} if family.tolerances else {})},
         ),
     )
+
+
+def family_note(info: FolderInfo) -> str:
+    """The family table's row the export used, or a note that it used the generic defaults."""
+    model_type = info.config.get("model_type")
+    if info.family.known:
+        return str(model_type)
+    return (f"generic defaults (model_type {model_type!r} is not in kiln's family table: inputs from its forward, "
+            "sdpa attention, ONNX Runtime's basic graph optimization)")
 
 
 class HFFolderSource:

@@ -13,6 +13,10 @@ from kiln.core.errors import DataError
 
 SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
 NOT_MEASURED = "task accuracy: not measured (no --data)"
+NO_LABELS = ("task accuracy: not measured (the texts in --data carry no labels; give .jsonl lines "
+             "{\"text\": ..., \"label\": ...} to measure it)")
+UNLABELLED_EMBEDDER = ("task accuracy: none for an embedder (its texts carry no labels); parity to eager fp32 "
+                       "checked on your {count} texts")
 EDGE_CASES = (
     "a",
     " . ",
@@ -70,7 +74,11 @@ def load_text_data(data: str | Path | list[str] | None,
                         "(.txt) or {\"text\", \"label\"} a line (.jsonl)")
     if len(texts) < 2:
         raise DataError(f"data file {path.name!r} holds {len(texts)} text(s); give at least 2 (more is better)")
-    return texts, found_labels, None if found_labels is not None else NOT_MEASURED
+    if found_labels is not None:
+        return texts, found_labels, None
+    if not labels:  # an embedder: parity is what its texts measure
+        return texts, None, UNLABELLED_EMBEDDER.format(count=len(texts))
+    return texts, None, NO_LABELS
 
 
 def _label_ids(raw: list[object], labels: list[str], path: Path) -> np.ndarray:

@@ -237,3 +237,16 @@ def test_variant_spec_lookup():
     assert variant_spec("onnx-int8") is VARIANTS["onnx-int8"]
     with pytest.raises(RecipeError, match="unknown variant 'onnx-int4'"):
         variant_spec("onnx-int4")
+
+
+def test_a_models_own_defaults_go_beneath_the_recipe_file_and_flags(tmp_path):
+    """A family's opset and tolerances apply unless the user sets them (kiln.models.families)."""
+    model = {"opset": 18, "tolerances": {"int8_cosine_min": 0.98, "bf16_cosine_min": 0.998}}
+    plain = build_recipe(("onnx-fp32",), model_defaults=model)
+    assert plain.opset == 18 and plain.tolerances.int8_cosine_min == 0.98
+    assert build_recipe(("onnx-fp32",), opset=17, model_defaults=model).opset == 17
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('variants = ["onnx-int8"]\nopset = 19\n[tolerances]\nint8_cosine_min = 0.995\n')
+    built = build_recipe(("onnx-fp32",), recipe, model_defaults=model)
+    assert built.opset == 19 and built.tolerances.int8_cosine_min == 0.995
+    assert built.tolerances.bf16_cosine_min == 0.998  # the model's, where the file says nothing

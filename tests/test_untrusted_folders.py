@@ -386,7 +386,8 @@ def test_the_untouched_artifact_passes_every_consumer(tmp_path):
     from kiln.core.preprocessing import text_preprocessor
 
     out = runtime.run(text_preprocessor(read_manifest(folder))(["hello world", "hello"]))
-    assert out["sentence_embedding"].tolist() == [[5.0, 2.0], [2.0, 1.0]]
+    # [sum of ids, sum of mask]: "hello" is padded with the tokenizer's own [PAD] (id 1; kiln.core.preprocessing.pad_of)
+    assert out["sentence_embedding"].tolist() == [[5.0, 2.0], [3.0, 1.0]]
     for name, consume in CONSUMERS.items():
         consume(folder, tmp_path / f"out-{name.replace(' ', '-')}")
     assert (tmp_path / "out-deploy-triton" / "tiny" / "1" / "model.onnx").read_bytes() == \
