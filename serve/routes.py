@@ -26,8 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kiln.core.runner import WorkItem
 from kiln.serve import openai_embeddings, v2_binary
-from kiln.serve.api import WorkItem
 from kiln.serve.channel import WorkerGateway
 from kiln.serve.guards import AUTHORIZED, MODEL
 from kiln.serve.protocol import Request as ParsedRequest

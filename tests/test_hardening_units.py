@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from kiln.core.errors import UsageError
+from kiln.core.runner import WorkItem
 from kiln.core.signature import Signature, TensorSpec
-from kiln.serve.api import WorkItem
 from kiln.serve.batching import EXPLORE_AFTER_S, AdaptiveBatchedLoop, BatchCostModel
 from kiln.serve.channel import SEND_AHEAD, Answer, Request, Result, WorkerGateway, _Worker
 from kiln.serve.connections import ConnectionLimits, error_response, make_protocol

@@ -9,8 +9,8 @@ import socket
 import numpy as np
 import pytest
 
+from kiln.core.runner import WorkItem
 from kiln.core.signature import Signature, TensorSpec
-from kiln.serve.api import WorkItem
 from kiln.serve.batching import WAIT_GAIN, BatchCostModel
 from kiln.serve.channel import HEADER, Answer, Hello, Request, Result, WorkerChannel, encode, read_frame
 from kiln.serve.kinds import KINDS, TENSORS, Classification, Embedding, kind_for, softmax
