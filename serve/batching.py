@@ -14,7 +14,9 @@ there a wait only leaves the cores idle while requests queue. When every backlog
 A batch is bounded twice: by requests (max_batch_size) and by items (max_batch_items, the sum of the
 requests' item counts: 32 requests of 64 sequences are 2,048 sequences, not 32). A request that would take a
 batch past the item cap is not dropped: it is carried over and opens the next batch. The HTTP process refuses
-any single request larger than the cap (413), so every request fits a batch of its own.
+any single request larger than the cap (413), so every request fits a batch of its own. Both bounds are one
+admission policy (serve.admission.RowsAdmission), asked request by request; another policy (a token budget)
+replaces it without touching this loop.
 
 Each request carries its deadline. The worker drops a request unrun (an expired Answer, 504 for its client)
 when it takes it off the channel past its deadline, and again just before the batch runs when the batch
@@ -54,6 +56,7 @@ from queue import Empty
 
 from litserve.loops.base import _SENTINEL_VALUE, LitLoop, _StopLoopError
 
+from kiln.serve.admission import BatchAdmission, RowsAdmission
 from kiln.serve.channel import Answer, Request, WorkerChannel
 
 logger = logging.getLogger(__name__)
@@ -129,8 +132,9 @@ class AdaptiveBatchedLoop(LitLoop):
     """The inference worker's loop: gathers a batch off the worker channel, runs it, answers it, until stopped."""
 
     def __init__(self, max_batch_delay_s: float = 0.002, channel_path: str | None = None,
-                 max_batch_items: int | None = None) -> None:
+                 max_batch_items: int | None = None, admission: BatchAdmission | None = None) -> None:
         super().__init__()
+        self.admission = admission  # None: RowsAdmission from the API's max_batch_size and max_batch_items
         self.max_batch_delay_s = max_batch_delay_s
         self.channel_path = channel_path
         self.max_batch_items = max_batch_items
@@ -308,30 +312,38 @@ class AdaptiveBatchedLoop(LitLoop):
             return [], []
         return [(0, request.uid, request.item) for request in taken], []
 
+    def admission_for(self, lit_api) -> BatchAdmission:
+        """The batch admission policy (serve.admission): the one given, or today's rule, requests up to the API's
+        max_batch_size and items up to max_batch_items."""
+        if self.admission is None:
+            self.admission = RowsAdmission(lit_api.max_batch_size, self.max_batch_items)
+        return self.admission
+
     def _gather(self, lit_api, first: Request, taken: list[Request]) -> None:
         """Appends `first` and what else the batch takes off the channel to `taken` (those past their deadline are
-        answered 504 instead); a request past the item cap is carried over to open the next batch."""
-        cap = self.max_batch_items or math.inf
+        answered 504 instead); a request the admission policy has no room for is carried over to open the next
+        batch."""
+        admission = self.admission_for(lit_api)
+        admission.new_batch()
         now = time.monotonic()
-        items = 0
         request = first
         deadline = None
         while True:
-            if taken and items + request.item.count > cap and request.deadline > now:
-                self._carried = request  # the cap is reached: this one opens the next batch
+            if not admission.fits(request.item) and request.deadline > now:
+                self._carried = request  # the batch is full for this one: it opens the next batch
                 return
             if request.deadline <= now:
                 self._expire(request)  # its client has had its 504 already
             else:
                 taken.append(request)
-                items += request.item.count
-            if len(taken) >= lit_api.max_batch_size or items >= cap or self._channel is None:
+                admission.admit(request.item)
+            if not admission.has_capacity() or self._channel is None:
                 return
             request = self._receive(0.0)  # what arrived while the last batch ran
             if request is None:
                 if len(taken) < 2 or self.max_batch_delay_s <= 0 or self._channel is None:
                     return
-                if deadline is None and not lit_api.cost_model.worth_waiting(items):
+                if deadline is None and not lit_api.cost_model.worth_waiting(admission.items):
                     return
                 if deadline is None:
                     deadline = time.monotonic() + self.max_batch_delay_s
