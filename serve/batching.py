@@ -57,7 +57,7 @@ from queue import Empty
 from litserve.loops.base import _SENTINEL_VALUE, LitLoop, _StopLoopError
 
 from kiln.serve.admission import BatchAdmission, RowsAdmission
-from kiln.serve.channel import Answer, Request, WorkerChannel
+from kiln.serve.channel import Answer, Job, WorkerChannel
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class AdaptiveBatchedLoop(LitLoop):
         self.channel_path = channel_path
         self.max_batch_items = max_batch_items
         self._channel: WorkerChannel | None = None
-        self._carried: Request | None = None  # taken off the channel but past the item cap: opens the next batch
+        self._carried: Job | None = None  # taken off the channel but past the item cap: opens the next batch
 
     def pre_setup(self, lit_api, spec=None) -> None:
         """LitServer's check at construction: this loop runs `batch` and `predict` only, so nothing else is served."""
@@ -228,7 +228,7 @@ class AdaptiveBatchedLoop(LitLoop):
         except OSError:  # the HTTP process is gone; its requests are lost with it
             self._lose_channel()
 
-    def _expire(self, request: Request) -> None:
+    def _expire(self, request: Job) -> None:
         """Answers a request 504 without running it (LitServe's own timeout path would log an error line per
         request, which under overload floods the log)."""
         if self._channel is not None:
@@ -243,7 +243,7 @@ class AdaptiveBatchedLoop(LitLoop):
                 raise _StopLoopError() from None
             return None
 
-    def _shed(self, taken: list[Request], lit_api) -> list[Request]:
+    def _shed(self, taken: list[Job], lit_api) -> list[Job]:
         """The batch's requests that can still meet their deadline; the others are answered 504 unrun.
 
         Past its deadline now: dropped. Otherwise requests join, those with the most time left first, while the
@@ -296,7 +296,7 @@ class AdaptiveBatchedLoop(LitLoop):
         if first is None:
             self._check_stop(request_queue)
             return [], []
-        taken: list[Request] = []
+        taken: list[Job] = []
         try:
             self._gather(lit_api, first, taken)
             taken = self._shed(taken, lit_api)
@@ -319,7 +319,7 @@ class AdaptiveBatchedLoop(LitLoop):
             self.admission = RowsAdmission(lit_api.max_batch_size, self.max_batch_items)
         return self.admission
 
-    def _gather(self, lit_api, first: Request, taken: list[Request]) -> None:
+    def _gather(self, lit_api, first: Job, taken: list[Job]) -> None:
         """Appends `first` and what else the batch takes off the channel to `taken` (those past their deadline are
         answered 504 instead); a request the admission policy has no room for is carried over to open the next
         batch."""

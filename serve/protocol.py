@@ -215,7 +215,7 @@ def check_texts(texts: Any, where: str, model: ServedModel, expected: Any) -> li
 
 
 @dataclass
-class Request:
+class InferenceRequest:
     """A validated request: either named arrays (first axis = items) or texts."""
 
     arrays: dict[str, np.ndarray] | None
@@ -229,17 +229,17 @@ class Request:
     binary_outputs: frozenset[str] = frozenset()  # V2 outputs answered as raw bytes (the binary tensor extension)
 
 
-def parse_predict(body: Any, model: ServedModel) -> Request:
+def parse_predict(body: Any, model: ServedModel) -> InferenceRequest:
     expected = model.expected_predict
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object", expected=expected)
     if model.text:
         if "text" in body and "texts" not in body:
             text = body["text"]
-            return Request(None, check_texts([text], "'text'", model, expected), 1, True)
+            return InferenceRequest(None, check_texts([text], "'text'", model, expected), 1, True)
         if "texts" in body and "text" not in body:
             texts = check_texts(body["texts"], "'texts'", model, expected)
-            return Request(None, texts, len(texts), False)
+            return InferenceRequest(None, texts, len(texts), False)
         raise RequestError("send exactly one of 'text' (a string) or 'texts' (a list of strings)", expected=expected)
     specs = model.signature.inputs
     if "inputs" in body:
@@ -265,7 +265,7 @@ def parse_predict(body: Any, model: ServedModel) -> Request:
     counts = {len(a) for a in arrays.values()}
     if len(counts) != 1:
         raise RequestError("all inputs must hold the same number of items", expected=expected)
-    return Request(arrays, None, counts.pop(), single)
+    return InferenceRequest(arrays, None, counts.pop(), single)
 
 
 def _binary_flag(parameters: Any, key: str, where: str, expected: Any) -> bool | None:
@@ -280,7 +280,7 @@ def _binary_flag(parameters: Any, key: str, where: str, expected: Any) -> bool |
     return value
 
 
-def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
+def parse_v2(body: Any, model: ServedModel, section: Any = None) -> InferenceRequest:
     """A V2 inference request. `section` is the binary part of the body (serve.v2_binary.BinarySection) where the
     request used the binary tensor extension: inputs with `parameters.binary_data_size` take their bytes from it,
     in the order they are listed."""
@@ -376,7 +376,7 @@ def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
             raise RequestError(f"input 'text': shape {shape} needs {math.prod(shape)} strings but data has {len(data)}",
                                expected=expected)
         texts = check_texts(data, "input 'text'", model, expected)
-        return Request(None, texts, len(texts), False, requested, request_id, binary_outputs=binary)
+        return InferenceRequest(None, texts, len(texts), False, requested, request_id, binary_outputs=binary)
 
     arrays = {}
     for spec in model.signature.inputs:
@@ -406,7 +406,7 @@ def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
     counts = {len(a) for a in arrays.values()}
     if len(counts) != 1:
         raise RequestError("all inputs must hold the same number of items", expected=expected)
-    return Request(arrays, None, counts.pop(), False, requested, request_id, binary_outputs=binary)
+    return InferenceRequest(arrays, None, counts.pop(), False, requested, request_id, binary_outputs=binary)
 
 
 def _checked(array: np.ndarray, spec: TensorSpec, where: str, expected: Any) -> np.ndarray:
@@ -433,7 +433,7 @@ def _flatten(data: Any, where: str, expected: Any, depth: int = 0) -> list:
     return out
 
 
-def v2_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Request) -> dict:
+def v2_response(model: ServedModel, outputs: dict[str, np.ndarray], request: InferenceRequest) -> dict:
     names = request.requested_outputs or model.output_names
     tensors = []
     for spec in model.signature.outputs:
@@ -453,6 +453,6 @@ def v2_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Req
     return body
 
 
-def predict_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Request) -> dict:
+def predict_response(model: ServedModel, outputs: dict[str, np.ndarray], request: InferenceRequest) -> dict:
     """The `/predict` answer: shaped by the model's kind (serve.kinds), one item or a batch as the request was."""
     return model.kind.predict_response(outputs, model.output_names, request.single)
