@@ -54,10 +54,11 @@ import threading
 import time
 from queue import Empty
 
-from litserve.loops.base import _SENTINEL_VALUE, LitLoop, _StopLoopError
+from litserve.loops.base import LitLoop
 
 from kiln.serve.admission import BatchAdmission, RowsAdmission
 from kiln.serve.channel import Answer, Job, WorkerChannel
+from kiln.serve.litserve_private import SENTINEL_VALUE, StopLoopError
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class AdaptiveBatchedLoop(LitLoop):
         try:
             while True:
                 self.run(lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner)
-        except (_StopLoopError, KeyboardInterrupt):  # Ctrl-C reaches the whole group; the main process stops it
+        except (StopLoopError, KeyboardInterrupt):  # Ctrl-C reaches the whole group; the main process stops it
             return
 
     def run(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status,
@@ -206,12 +207,12 @@ class AdaptiveBatchedLoop(LitLoop):
     def _check_stop(self, request_queue) -> None:
         """LitServe asks a worker to stop through its own queue; a SIGTERM with no channel also ends it."""
         try:
-            if request_queue.get_nowait() == _SENTINEL_VALUE:
-                raise _StopLoopError()
+            if request_queue.get_nowait() == SENTINEL_VALUE:
+                raise StopLoopError()
         except Empty:
             pass
         if STOPPING.is_set() and self._channel is None:
-            raise _StopLoopError()
+            raise StopLoopError()
 
     def _lose_channel(self) -> None:
         if self._channel is not None:
@@ -240,7 +241,7 @@ class AdaptiveBatchedLoop(LitLoop):
         except (ConnectionError, OSError):
             self._lose_channel()
             if STOPPING.is_set():
-                raise _StopLoopError() from None
+                raise StopLoopError() from None
             return None
 
     def _shed(self, taken: list[Job], lit_api) -> list[Job]:
@@ -300,7 +301,7 @@ class AdaptiveBatchedLoop(LitLoop):
         try:
             self._gather(lit_api, first, taken)
             taken = self._shed(taken, lit_api)
-        except _StopLoopError:
+        except StopLoopError:
             raise
         except Exception:  # taken off the channel, so answered: 500, rather than left to their deadline
             logger.exception("the worker failed gathering a batch of %d request(s); each is answered 500", len(taken))
