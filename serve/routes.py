@@ -382,25 +382,20 @@ def add_error_handlers(app: FastAPI) -> None:
 def add_routes(app: FastAPI, inference: Inference, metrics, version: str) -> None:
     """The FastAPI routes: the inference ones mostly serve the OpenAPI schema (InferenceFastPath answers first)."""
     add_error_handlers(app)
-    endpoints = inference.endpoints
-
-    def metadata(endpoint: Endpoint) -> dict:
-        model = endpoint.model
-        return {"name": model.name, "versions": [model.version], "platform": model.platform,
-                "parameters": dict(model.served_variant),
-                "inputs": model.v2_inputs, "outputs": model.v2_outputs}
-
-    def ready_models() -> bool:
-        return all(endpoint.gateway.ready() for endpoint in endpoints.values())
-
-    def found(name: str, model_version: str | None = None, reveal: bool = True) -> Endpoint | Response:
-        try:
-            return inference.lookup(name, model_version, reveal)
-        except RequestError as error:
-            return error_response(error)
-
     for route in INFERENCE_ROUTES:
         app.add_api_route(route.path, _endpoint(route, inference), methods=["POST"], name=route.endpoint)
+    add_health_routes(app, inference, version)
+    add_model_routes(app, inference)
+    add_repository_routes(app, inference)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def add_health_routes(app: FastAPI, inference: Inference, version: str) -> None:
+    """The server's metadata, liveness and readiness (V2), and LitServe's probe path."""
+    endpoints = inference.endpoints
 
     @app.get("/v2")
     async def server_metadata():
@@ -413,11 +408,27 @@ def add_routes(app: FastAPI, inference: Inference, metrics, version: str) -> Non
 
     @app.get("/v2/health/ready")  # ready when every model is: a load balancer sends any model's requests here
     async def ready():
-        ok = ready_models()
+        ok = all(endpoint.gateway.ready() for endpoint in endpoints.values())
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     # LitServe's probe path (its own answered plain text "ok"): the same answer as /v2/health/ready.
     app.add_api_route("/health", ready, methods=["GET"], name="health")
+
+
+def add_model_routes(app: FastAPI, inference: Inference) -> None:
+    """Each model's metadata and readiness (V2)."""
+
+    def metadata(endpoint: Endpoint) -> dict:
+        model = endpoint.model
+        return {"name": model.name, "versions": [model.version], "platform": model.platform,
+                "parameters": dict(model.served_variant),
+                "inputs": model.v2_inputs, "outputs": model.v2_outputs}
+
+    def found(name: str, model_version: str | None = None, reveal: bool = True) -> Endpoint | Response:
+        try:
+            return inference.lookup(name, model_version, reveal)
+        except RequestError as error:
+            return error_response(error)
 
     @app.get("/v2/models/{name}")
     async def model_metadata(name: str):
@@ -437,6 +448,11 @@ def add_routes(app: FastAPI, inference: Inference, metrics, version: str) -> Non
         ok = endpoint.gateway.ready()
         return JSONResponse({"name": endpoint.model.name, "ready": ok}, status_code=200 if ok else 503)
 
+
+def add_repository_routes(app: FastAPI, inference: Inference) -> None:
+    """Triton's model repository extension (the index; load and unload are issue #21)."""
+    endpoints = inference.endpoints
+
     @app.post("/v2/repository/index")
     async def repository_index(request: Request):
         """Triton's model repository extension: every model with its state. `{"ready": true}` lists only the
@@ -448,20 +464,20 @@ def add_routes(app: FastAPI, inference: Inference, metrics, version: str) -> Non
             return error_response(error)
         if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
             return error_response(RequestError("the body must be empty or {\"ready\": true|false}", 400))
-        index = []
-        for endpoint in endpoints.values():
-            gateway = endpoint.gateway
-            ok = gateway.ready()
-            if body.get("ready") and not ok:
-                continue
-            entry = {"name": endpoint.model.name, "version": endpoint.model.version,
-                     "state": "READY" if ok else "UNAVAILABLE"}
-            if not ok:
-                entry["reason"] = (f"{gateway.connected} of {gateway.expected} inference workers connected "
-                                   "(starting, or restarting after a crash)")
-            index.append(entry)
-        return JSONResponse(index)
+        return JSONResponse(repository_index_entries(endpoints, body.get("ready", False)))
 
-    @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+def repository_index_entries(endpoints: dict[str, Endpoint], ready_only: bool) -> list[dict]:
+    index = []
+    for endpoint in endpoints.values():
+        gateway = endpoint.gateway
+        ok = gateway.ready()
+        if ready_only and not ok:
+            continue
+        entry = {"name": endpoint.model.name, "version": endpoint.model.version,
+                 "state": "READY" if ok else "UNAVAILABLE"}
+        if not ok:
+            entry["reason"] = (f"{gateway.connected} of {gateway.expected} inference workers connected "
+                               "(starting, or restarting after a crash)")
+        index.append(entry)
+    return index
