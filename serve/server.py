@@ -191,11 +191,13 @@ def build_server(config: ServeConfig, state_dir: str):
 
 def uvicorn_options(config: ServeConfig, metrics) -> dict:
     """What kiln passes to uvicorn (through LitServer.run) for its connection layer (serve.connections)."""
-    from kiln.serve.connections import http_implementation, make_protocol
+    from kiln.serve.connections import http_implementation
 
     limits = config.connection_limits()
     options: dict = {"ws": "none", "timeout_keep_alive": 5}
     if http_implementation() == "httptools":
+        from kiln.serve.http_protocol import make_protocol
+
         options["http"] = make_protocol(limits, metrics)
     else:  # uvicorn's h11 path: its own limits only (text/plain answers, no head deadline, no probe exemption)
         print("kiln: warning: httptools is not installed; uvicorn's h11 parser serves without kiln's head deadline, "

@@ -18,7 +18,8 @@ from kiln.core.runner import WorkItem
 from kiln.core.signature import Signature, TensorSpec
 from kiln.serve.batching import EXPLORE_AFTER_S, AdaptiveBatchedLoop, BatchCostModel
 from kiln.serve.channel import SEND_AHEAD, Answer, Job, Result, WorkerGateway, _Worker
-from kiln.serve.connections import ConnectionLimits, error_response, make_protocol
+from kiln.serve.connections import ConnectionLimits, error_response
+from kiln.serve.http_protocol import make_protocol
 from kiln.serve.metrics import Metrics
 from kiln.serve.protocol import RequestError, ServedModel, parse_predict, parse_v2
 from kiln.serve.server import TENSOR_BATCH_ITEMS, TEXT_BATCH_ITEMS, ServeConfig
