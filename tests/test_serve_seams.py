@@ -54,9 +54,9 @@ def test_the_inference_call_checks_the_key_the_model_and_the_limit_and_counts_ea
     ok, unauthorized, missing, too_many = asyncio.run(calls())
     assert isinstance(ok, Result) and ok.outputs["y"].shape == (2, 3)
     assert (unauthorized, missing, too_many) == (401, 404, 413)
-    text = metrics.render()
-    for status in (200, 401, 404, 413):
-        assert 'route="grpc:ModelInfer"' in text and f'status="{status}"' in text
+    assert metrics.requests == {("grpc:ModelInfer", "CALL", "200", "m"): 1, ("grpc:ModelInfer", "CALL", "401", ""): 1,
+                                ("grpc:ModelInfer", "CALL", "404", ""): 1, ("grpc:ModelInfer", "CALL", "413", "m"): 1}
+    assert 'kiln_requests_total{route="grpc:ModelInfer",method="CALL",status="401",model=""} 1' in metrics.render()
     assert metrics.in_flight == 0
 
 
