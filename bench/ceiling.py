@@ -13,23 +13,24 @@ import time
 
 import numpy as np
 
-from kiln.core.preprocessing import TextPreprocessor, text_preprocessor
+from kiln.core.runner import ModelRunner, WorkItem
 
 
-def _prepare(preprocess: TextPreprocessor | None, items: list, batch_size: int):
-    """The batch as the server's worker builds it: texts tokenized per batch with the same preprocessor
-    (kiln.core.preprocessing), arrays stacked. Returns a function that gives the runtime's inputs, so text
-    runs pay for tokenizing as the server does."""
+def _prepare(runner: ModelRunner, items: list, batch_size: int):
+    """The batch as the server's worker builds it (core.runner.ModelRunner.prepare_inputs, the same code): texts
+    tokenized per batch, arrays stacked. Returns a function that gives the runtime's inputs, so text runs pay for
+    tokenizing as the server does."""
     batch = [items[i % len(items)] for i in range(batch_size)]
     if isinstance(batch[0], str):
-        assert preprocess is not None
-        return lambda: preprocess(batch)
-    stacked = {k: np.concatenate([b[k] for b in batch]) for k in batch[0]}
+        work = [WorkItem(None, [text], 1, 0.0) for text in batch]
+        return lambda: runner.prepare_inputs(work)
+    stacked = runner.prepare_inputs([WorkItem(b, None, len(next(iter(b.values()))), 0.0) for b in batch])
     return lambda: stacked
 
 
-def measure(runtime, preprocess: TextPreprocessor | None, items: list, batch_size: int, seconds: float, start_at: float | None = None) -> dict:
-    prepare = _prepare(preprocess, items, batch_size)
+def measure(runner: ModelRunner, items: list, batch_size: int, seconds: float, start_at: float | None = None) -> dict:
+    runtime = runner.runtime
+    prepare = _prepare(runner, items, batch_size)
     for _ in range(3):
         runtime.run(prepare())
     if start_at is not None:
@@ -45,17 +46,14 @@ def measure(runtime, preprocess: TextPreprocessor | None, items: list, batch_siz
 
 
 def _child(connection, artifact_dir: str, variant: str | None, threads: int | None, items: list) -> None:
-    from kiln.core.manifest import read_manifest
-    from kiln.core.runtime import RuntimeOptions, load
-
-    runtime = load(artifact_dir, variant, RuntimeOptions(threads))
-    preprocess = text_preprocessor(read_manifest(artifact_dir))
+    runner = ModelRunner(artifact_dir, variant, threads)  # the manifest read once, as in the server's worker
     connection.send("ready")
     while True:
         request = connection.recv()
         if request is None:
+            runner.close()
             return
-        connection.send(measure(runtime, preprocess, items, *request))
+        connection.send(measure(runner, items, *request))
 
 
 class Ceiling:

@@ -37,6 +37,11 @@ class Runtime(Protocol):
 
     def run(self, inputs: Arrays) -> Arrays: ...
 
+    def close(self) -> None:
+        """Let go of what the runtime holds (its session, its module) so that a model retired from a running
+        server gives its memory back; `run` may not be called after. Closing twice is harmless."""
+        ...
+
 
 class CheckedRuntime:
     """A runtime whose `run` checks its inputs against the signature first (core.signature.check_arrays): what
@@ -53,6 +58,9 @@ class CheckedRuntime:
     def run(self, inputs: Arrays) -> Arrays:
         check_arrays(self.signature, inputs)
         return self.runtime.run(inputs)
+
+    def close(self) -> None:
+        self.runtime.close()
 
     def __getattr__(self, name: str) -> Any:  # the runtime's own extras (its session, its module)
         return getattr(self.runtime, name)

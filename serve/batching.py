@@ -14,7 +14,9 @@ there a wait only leaves the cores idle while requests queue. When every backlog
 A batch is bounded twice: by requests (max_batch_size) and by items (max_batch_items, the sum of the
 requests' item counts: 32 requests of 64 sequences are 2,048 sequences, not 32). A request that would take a
 batch past the item cap is not dropped: it is carried over and opens the next batch. The HTTP process refuses
-any single request larger than the cap (413), so every request fits a batch of its own.
+any single request larger than the cap (413), so every request fits a batch of its own. Both bounds are one
+admission policy (serve.admission.RowsAdmission), asked request by request; another policy (a token budget)
+replaces it without touching this loop.
 
 Each request carries its deadline. The worker drops a request unrun (an expired Answer, 504 for its client)
 when it takes it off the channel past its deadline, and again just before the batch runs when the batch
@@ -52,9 +54,11 @@ import threading
 import time
 from queue import Empty
 
-from litserve.loops.base import _SENTINEL_VALUE, LitLoop, _StopLoopError
+from litserve.loops.base import LitLoop
 
-from kiln.serve.channel import Answer, Request, WorkerChannel
+from kiln.serve.admission import BatchAdmission, RowsAdmission
+from kiln.serve.channel import Answer, Job, WorkerChannel
+from kiln.serve.litserve_private import SENTINEL_VALUE, StopLoopError
 
 logger = logging.getLogger(__name__)
 
@@ -129,13 +133,14 @@ class AdaptiveBatchedLoop(LitLoop):
     """The inference worker's loop: gathers a batch off the worker channel, runs it, answers it, until stopped."""
 
     def __init__(self, max_batch_delay_s: float = 0.002, channel_path: str | None = None,
-                 max_batch_items: int | None = None) -> None:
+                 max_batch_items: int | None = None, admission: BatchAdmission | None = None) -> None:
         super().__init__()
+        self.admission = admission  # None: RowsAdmission from the API's max_batch_size and max_batch_items
         self.max_batch_delay_s = max_batch_delay_s
         self.channel_path = channel_path
         self.max_batch_items = max_batch_items
         self._channel: WorkerChannel | None = None
-        self._carried: Request | None = None  # taken off the channel but past the item cap: opens the next batch
+        self._carried: Job | None = None  # taken off the channel but past the item cap: opens the next batch
 
     def pre_setup(self, lit_api, spec=None) -> None:
         """LitServer's check at construction: this loop runs `batch` and `predict` only, so nothing else is served."""
@@ -148,7 +153,7 @@ class AdaptiveBatchedLoop(LitLoop):
         try:
             while True:
                 self.run(lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner)
-        except (_StopLoopError, KeyboardInterrupt):  # Ctrl-C reaches the whole group; the main process stops it
+        except (StopLoopError, KeyboardInterrupt):  # Ctrl-C reaches the whole group; the main process stops it
             return
 
     def run(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status,
@@ -202,12 +207,12 @@ class AdaptiveBatchedLoop(LitLoop):
     def _check_stop(self, request_queue) -> None:
         """LitServe asks a worker to stop through its own queue; a SIGTERM with no channel also ends it."""
         try:
-            if request_queue.get_nowait() == _SENTINEL_VALUE:
-                raise _StopLoopError()
+            if request_queue.get_nowait() == SENTINEL_VALUE:
+                raise StopLoopError()
         except Empty:
             pass
         if STOPPING.is_set() and self._channel is None:
-            raise _StopLoopError()
+            raise StopLoopError()
 
     def _lose_channel(self) -> None:
         if self._channel is not None:
@@ -224,7 +229,7 @@ class AdaptiveBatchedLoop(LitLoop):
         except OSError:  # the HTTP process is gone; its requests are lost with it
             self._lose_channel()
 
-    def _expire(self, request: Request) -> None:
+    def _expire(self, request: Job) -> None:
         """Answers a request 504 without running it (LitServe's own timeout path would log an error line per
         request, which under overload floods the log)."""
         if self._channel is not None:
@@ -236,10 +241,10 @@ class AdaptiveBatchedLoop(LitLoop):
         except (ConnectionError, OSError):
             self._lose_channel()
             if STOPPING.is_set():
-                raise _StopLoopError() from None
+                raise StopLoopError() from None
             return None
 
-    def _shed(self, taken: list[Request], lit_api) -> list[Request]:
+    def _shed(self, taken: list[Job], lit_api) -> list[Job]:
         """The batch's requests that can still meet their deadline; the others are answered 504 unrun.
 
         Past its deadline now: dropped. Otherwise requests join, those with the most time left first, while the
@@ -292,11 +297,11 @@ class AdaptiveBatchedLoop(LitLoop):
         if first is None:
             self._check_stop(request_queue)
             return [], []
-        taken: list[Request] = []
+        taken: list[Job] = []
         try:
             self._gather(lit_api, first, taken)
             taken = self._shed(taken, lit_api)
-        except _StopLoopError:
+        except StopLoopError:
             raise
         except Exception:  # taken off the channel, so answered: 500, rather than left to their deadline
             logger.exception("the worker failed gathering a batch of %d request(s); each is answered 500", len(taken))
@@ -308,30 +313,38 @@ class AdaptiveBatchedLoop(LitLoop):
             return [], []
         return [(0, request.uid, request.item) for request in taken], []
 
-    def _gather(self, lit_api, first: Request, taken: list[Request]) -> None:
+    def admission_for(self, lit_api) -> BatchAdmission:
+        """The batch admission policy (serve.admission): the one given, or today's rule, requests up to the API's
+        max_batch_size and items up to max_batch_items."""
+        if self.admission is None:
+            self.admission = RowsAdmission(lit_api.max_batch_size, self.max_batch_items)
+        return self.admission
+
+    def _gather(self, lit_api, first: Job, taken: list[Job]) -> None:
         """Appends `first` and what else the batch takes off the channel to `taken` (those past their deadline are
-        answered 504 instead); a request past the item cap is carried over to open the next batch."""
-        cap = self.max_batch_items or math.inf
+        answered 504 instead); a request the admission policy has no room for is carried over to open the next
+        batch."""
+        admission = self.admission_for(lit_api)
+        admission.new_batch()
         now = time.monotonic()
-        items = 0
         request = first
         deadline = None
         while True:
-            if taken and items + request.item.count > cap and request.deadline > now:
-                self._carried = request  # the cap is reached: this one opens the next batch
+            if not admission.fits(request.item) and request.deadline > now:
+                self._carried = request  # the batch is full for this one: it opens the next batch
                 return
             if request.deadline <= now:
                 self._expire(request)  # its client has had its 504 already
             else:
                 taken.append(request)
-                items += request.item.count
-            if len(taken) >= lit_api.max_batch_size or items >= cap or self._channel is None:
+                admission.admit(request.item)
+            if not admission.has_capacity() or self._channel is None:
                 return
             request = self._receive(0.0)  # what arrived while the last batch ran
             if request is None:
                 if len(taken) < 2 or self.max_batch_delay_s <= 0 or self._channel is None:
                     return
-                if deadline is None and not lit_api.cost_model.worth_waiting(items):
+                if deadline is None and not lit_api.cost_model.worth_waiting(admission.items):
                     return
                 if deadline is None:
                     deadline = time.monotonic() + self.max_batch_delay_s

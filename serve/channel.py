@@ -9,9 +9,9 @@ kernel closes it when the worker dies, which tells the HTTP process at once whic
 The socket lives in a private (0700) temporary folder and only kiln's own processes connect to it,
 so the pickles it carries never come from a client.
 
-Both ends live here: `WorkerGateway` (the HTTP process's end: it sends `Request`s and waits for their
+Both ends live here: `WorkerGateway` (the HTTP process's end: it sends `Job`s and waits for their
 `Answer`s) and `WorkerChannel` (the worker's end, used by serve.batching's loop), with the messages they
-exchange: a worker opens with `Hello`, then receives `Request`s and sends one `Answer` per request.
+exchange: a worker opens with `Hello`, then receives `Job`s and sends one `Answer` per request.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Hello:
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
+class Job:
     """HTTP process -> worker: one validated request to run."""
 
     uid: int  # unique within the HTTP process; the Answer names it
@@ -74,7 +74,7 @@ class Result:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """Worker -> HTTP process: the outcome of one Request."""
+    """Worker -> HTTP process: the outcome of one Job."""
 
     uid: int
     result: Result | None = None  # None: LitServe's loop failed the request before or while running it
@@ -340,7 +340,7 @@ class WorkerGateway:
         future = asyncio.get_running_loop().create_future()
         worker.in_flight[uid] = future
         try:
-            worker.frames[uid] = encode(Request(uid, submitted, item, deadline))
+            worker.frames[uid] = encode(Job(uid, submitted, item, deadline))
             worker.outbox.append(uid)
             if not worker.scheduled and worker.draining is None:  # requests parsed in one loop turn: one write
                 worker.scheduled = True

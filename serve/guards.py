@@ -43,18 +43,38 @@ async def send_json(send, status: int, body: dict, headers: list | None = None) 
     await send({"type": "http.response.body", "body": payload})
 
 
-class ApiKeyMiddleware:
-    def __init__(self, app, api_key: str, metrics_open: bool = False) -> None:
-        self.app = app
-        self.key = api_key.encode()
-        self.metrics_open = metrics_open
+MISSING_KEY = "missing or wrong API key; send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
 
-    def _authorized(self, headers: dict) -> bool:
+
+class KeyCheck:
+    """The API-key check itself, apart from any transport: ApiKeyMiddleware runs it for HTTP, and a front end
+    without kiln's ASGI stack (gRPC metadata, a Ray replica's caller) runs it through serve.inference."""
+
+    def __init__(self, api_key: str) -> None:
+        self.key = api_key.encode()
+
+    def authorized(self, presented: bytes | None) -> bool:
+        """Whether `presented` (the key as sent, or None) is the key; constant time."""
+        return presented is not None and hmac.compare_digest(presented, self.key)
+
+    def presented_in(self, headers: dict) -> bytes | None:
+        """The key a request's headers carry: `X-API-Key`, or `Authorization: Bearer` (lower-case byte names, as in
+        an ASGI scope or gRPC metadata)."""
         given = headers.get(b"x-api-key")
         auth = headers.get(b"authorization", b"")
         if given is None and auth[:7].lower() == b"bearer ":
             given = auth[7:].strip()
-        return given is not None and hmac.compare_digest(given, self.key)
+        return given
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app, api_key: str, metrics_open: bool = False) -> None:
+        self.app = app
+        self.check = KeyCheck(api_key)
+        self.metrics_open = metrics_open
+
+    def _authorized(self, headers: dict) -> bool:
+        return self.check.authorized(self.check.presented_in(headers))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -65,9 +85,7 @@ class ApiKeyMiddleware:
         if is_open(scope["path"]) and (self.metrics_open or normalize(scope["path"]) != METRICS_PATH):
             return await self.app(scope, receive, send)
         if not authorized:
-            return await send_json(send, 401, {"error": "missing or wrong API key; send 'Authorization: Bearer KEY' "
-                                                        "or 'X-API-Key: KEY'"},
-                                   [(b"www-authenticate", b"Bearer")])
+            return await send_json(send, 401, {"error": MISSING_KEY}, [(b"www-authenticate", b"Bearer")])
         return await self.app(scope, receive, send)
 
 

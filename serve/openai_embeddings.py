@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.serve.protocol import Request, RequestError, ServedModel, check_texts
+from kiln.serve.protocol import InferenceRequest, RequestError, ServedModel, check_texts
 
 ENCODINGS = ("float", "base64")
 
@@ -34,7 +34,7 @@ def model_named(body: Any) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def parse(body: Any, model: ServedModel) -> Request:
+def parse(body: Any, model: ServedModel) -> InferenceRequest:
     if model.task != "embedding" or not model.text:
         raise _error(f"model {model.name!r} is not a text embedding model; /v1/embeddings serves those only",
                      404, "model", "model_not_found")
@@ -58,10 +58,10 @@ def parse(body: Any, model: ServedModel) -> Request:
     if dimensions is not None and dimensions != width:
         raise _error(f"'dimensions' {dimensions!r} is not available: this model's embeddings have {width}",
                      param="dimensions")
-    return Request(None, texts, len(texts), False, encoding=encoding)
+    return InferenceRequest(None, texts, len(texts), False, encoding=encoding)
 
 
-def respond(model: ServedModel, outputs: dict[str, np.ndarray], request: Request) -> dict[str, Any]:
+def respond(model: ServedModel, outputs: dict[str, np.ndarray], request: InferenceRequest) -> dict[str, Any]:
     vectors = np.ascontiguousarray(outputs[model.output_names[0]], dtype="<f4")
     data = []
     for index, vector in enumerate(vectors):

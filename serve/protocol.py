@@ -215,7 +215,7 @@ def check_texts(texts: Any, where: str, model: ServedModel, expected: Any) -> li
 
 
 @dataclass
-class Request:
+class InferenceRequest:
     """A validated request: either named arrays (first axis = items) or texts."""
 
     arrays: dict[str, np.ndarray] | None
@@ -229,17 +229,17 @@ class Request:
     binary_outputs: frozenset[str] = frozenset()  # V2 outputs answered as raw bytes (the binary tensor extension)
 
 
-def parse_predict(body: Any, model: ServedModel) -> Request:
+def parse_predict(body: Any, model: ServedModel) -> InferenceRequest:
     expected = model.expected_predict
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object", expected=expected)
     if model.text:
         if "text" in body and "texts" not in body:
             text = body["text"]
-            return Request(None, check_texts([text], "'text'", model, expected), 1, True)
+            return InferenceRequest(None, check_texts([text], "'text'", model, expected), 1, True)
         if "texts" in body and "text" not in body:
             texts = check_texts(body["texts"], "'texts'", model, expected)
-            return Request(None, texts, len(texts), False)
+            return InferenceRequest(None, texts, len(texts), False)
         raise RequestError("send exactly one of 'text' (a string) or 'texts' (a list of strings)", expected=expected)
     specs = model.signature.inputs
     if "inputs" in body:
@@ -265,7 +265,7 @@ def parse_predict(body: Any, model: ServedModel) -> Request:
     counts = {len(a) for a in arrays.values()}
     if len(counts) != 1:
         raise RequestError("all inputs must hold the same number of items", expected=expected)
-    return Request(arrays, None, counts.pop(), single)
+    return InferenceRequest(arrays, None, counts.pop(), single)
 
 
 def _binary_flag(parameters: Any, key: str, where: str, expected: Any) -> bool | None:
@@ -280,10 +280,11 @@ def _binary_flag(parameters: Any, key: str, where: str, expected: Any) -> bool |
     return value
 
 
-def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
+def parse_v2(body: Any, model: ServedModel, section: Any = None) -> InferenceRequest:
     """A V2 inference request. `section` is the binary part of the body (serve.v2_binary.BinarySection) where the
     request used the binary tensor extension: inputs with `parameters.binary_data_size` take their bytes from it,
-    in the order they are listed."""
+    in the order they are listed. Checked in this order, so the first fault found is the one a client is told:
+    the body's shape, the requested outputs, the inputs listed, then each input's values."""
     expected = model.expected_v2
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object with 'inputs'", expected=expected)
@@ -293,6 +294,20 @@ def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
     request_id = body.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise RequestError("'id' must be a string", expected=expected)
+    requested, binary = _v2_outputs(body, model, expected)
+    by_name, chunks = _v2_inputs(inputs, model, section, expected)
+    if model.text:
+        texts = _v2_texts(by_name["text"], chunks, model, section, expected)
+        return InferenceRequest(None, texts, len(texts), False, requested, request_id, binary_outputs=binary)
+    arrays = _v2_arrays(by_name, chunks, model, section, expected)
+    counts = {len(a) for a in arrays.values()}
+    if len(counts) != 1:
+        raise RequestError("all inputs must hold the same number of items", expected=expected)
+    return InferenceRequest(arrays, None, counts.pop(), False, requested, request_id, binary_outputs=binary)
+
+
+def _v2_outputs(body: dict, model: ServedModel, expected: Any) -> tuple[list[str] | None, frozenset[str]]:
+    """The outputs a V2 request asks for (None: all), and those to be answered as binary tensors."""
     all_binary = bool(_binary_flag(body.get("parameters"), "binary_data_output", "the request", expected))
     requested = None
     binary_outputs: set[str] = set()
@@ -311,6 +326,12 @@ def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
                 binary_outputs.add(out["name"])
     elif all_binary:
         binary_outputs = set(model.v2_output_names)
+    return requested, frozenset(binary_outputs)
+
+
+def _v2_inputs(inputs: list, model: ServedModel, section: Any, expected: Any) -> tuple[dict[str, dict], dict[str, Any]]:
+    """The listed input tensors by name, each checked for its keys, and the binary-section bytes of those sent
+    there; every model input is present and none other."""
     by_name: dict[str, dict] = {}
     chunks: dict[str, Any] = {}  # input name -> its bytes in the binary section
     for tensor in inputs:
@@ -345,39 +366,44 @@ def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
     missing_inputs = [w for w in wanted if w not in by_name]
     if missing_inputs:
         raise RequestError(f"input(s) {missing_inputs} are missing", expected=expected)
+    return by_name, chunks
 
-    def shape_of(tensor: dict) -> list[int]:
-        shape = tensor["shape"]
-        if (not isinstance(shape, list) or not shape or len(shape) > 8
-                or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
-            raise RequestError(f"input {tensor['name']!r}: 'shape' must be a list of integers", expected=expected)
-        if any(d < 0 for d in shape):
-            raise RequestError(f"input {tensor['name']!r}: shape {shape} has a negative dimension", expected=expected)
-        if math.prod(shape) > 64 * 1024 * 1024:
-            raise RequestError(f"input {tensor['name']!r}: shape {shape} is too large", status=413, expected=expected)
-        return shape
 
-    binary = frozenset(binary_outputs)
-    if model.text:
-        tensor = by_name["text"]
-        if tensor["datatype"] != "BYTES":
-            raise RequestError(f"input 'text' has datatype {tensor['datatype']!r}; it must be BYTES", expected=expected)
-        shape = shape_of(tensor)
-        if len(shape) != 1:  # as check_shape refuses a wrong rank for every other input
-            raise RequestError(f"input 'text' has shape {shape}; it needs rank 1 ([-1]: one string per item)",
-                               expected=expected)
-        if "text" in chunks:
-            if math.prod(shape) > model.request_limit:
-                raise model.too_many("input 'text'", math.prod(shape), "texts", expected)
-            data = section.strings(chunks["text"], math.prod(shape), "input 'text'")
-        else:
-            data = _flatten(tensor["data"], "input 'text'", expected)
-        if len(data) != math.prod(shape):
-            raise RequestError(f"input 'text': shape {shape} needs {math.prod(shape)} strings but data has {len(data)}",
-                               expected=expected)
-        texts = check_texts(data, "input 'text'", model, expected)
-        return Request(None, texts, len(texts), False, requested, request_id, binary_outputs=binary)
+def _v2_shape(tensor: dict, expected: Any) -> list[int]:
+    shape = tensor["shape"]
+    if (not isinstance(shape, list) or not shape or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        raise RequestError(f"input {tensor['name']!r}: 'shape' must be a list of integers", expected=expected)
+    if any(d < 0 for d in shape):
+        raise RequestError(f"input {tensor['name']!r}: shape {shape} has a negative dimension", expected=expected)
+    if math.prod(shape) > 64 * 1024 * 1024:
+        raise RequestError(f"input {tensor['name']!r}: shape {shape} is too large", status=413, expected=expected)
+    return shape
 
+
+def _v2_texts(tensor: dict, chunks: dict[str, Any], model: ServedModel, section: Any, expected: Any) -> list[str]:
+    """A text model's `text` input: BYTES of rank 1, as JSON strings or from the binary section."""
+    if tensor["datatype"] != "BYTES":
+        raise RequestError(f"input 'text' has datatype {tensor['datatype']!r}; it must be BYTES", expected=expected)
+    shape = _v2_shape(tensor, expected)
+    if len(shape) != 1:  # as check_shape refuses a wrong rank for every other input
+        raise RequestError(f"input 'text' has shape {shape}; it needs rank 1 ([-1]: one string per item)",
+                           expected=expected)
+    if "text" in chunks:
+        if math.prod(shape) > model.request_limit:
+            raise model.too_many("input 'text'", math.prod(shape), "texts", expected)
+        data = section.strings(chunks["text"], math.prod(shape), "input 'text'")
+    else:
+        data = _flatten(tensor["data"], "input 'text'", expected)
+    if len(data) != math.prod(shape):
+        raise RequestError(f"input 'text': shape {shape} needs {math.prod(shape)} strings but data has {len(data)}",
+                           expected=expected)
+    return check_texts(data, "input 'text'", model, expected)
+
+
+def _v2_arrays(by_name: dict[str, dict], chunks: dict[str, Any], model: ServedModel, section: Any,
+               expected: Any) -> dict[str, np.ndarray]:
+    """A tensor model's inputs as arrays, in signature order, each checked against its spec."""
     arrays = {}
     for spec in model.signature.inputs:
         tensor = by_name[spec.name]
@@ -386,7 +412,7 @@ def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
             raise RequestError(
                 f"input {spec.name!r} has datatype {tensor['datatype']!r}; it must be {spec.v2_datatype}",
                 expected=expected)
-        shape = shape_of(tensor)
+        shape = _v2_shape(tensor, expected)
         # Checked before a value is converted: an 8 MiB body of zeros must not cost a parse of millions of numbers.
         if shape[0] > model.request_limit:
             raise model.too_many(where, shape[0], "items", expected)
@@ -403,10 +429,7 @@ def parse_v2(body: Any, model: ServedModel, section: Any = None) -> Request:
             array = _to_array(flat, spec, where, expected).reshape(shape)
         check_shape(array, spec, where, model, expected)
         arrays[spec.name] = array
-    counts = {len(a) for a in arrays.values()}
-    if len(counts) != 1:
-        raise RequestError("all inputs must hold the same number of items", expected=expected)
-    return Request(arrays, None, counts.pop(), False, requested, request_id, binary_outputs=binary)
+    return arrays
 
 
 def _checked(array: np.ndarray, spec: TensorSpec, where: str, expected: Any) -> np.ndarray:
@@ -433,7 +456,7 @@ def _flatten(data: Any, where: str, expected: Any, depth: int = 0) -> list:
     return out
 
 
-def v2_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Request) -> dict:
+def v2_response(model: ServedModel, outputs: dict[str, np.ndarray], request: InferenceRequest) -> dict:
     names = request.requested_outputs or model.output_names
     tensors = []
     for spec in model.signature.outputs:
@@ -453,6 +476,6 @@ def v2_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Req
     return body
 
 
-def predict_response(model: ServedModel, outputs: dict[str, np.ndarray], request: Request) -> dict:
+def predict_response(model: ServedModel, outputs: dict[str, np.ndarray], request: InferenceRequest) -> dict:
     """The `/predict` answer: shaped by the model's kind (serve.kinds), one item or a batch as the request was."""
     return model.kind.predict_response(outputs, model.output_names, request.single)

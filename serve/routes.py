@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -27,11 +26,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.serve import openai_embeddings, v2_binary
-from kiln.serve.api import WorkItem
-from kiln.serve.channel import WorkerGateway
 from kiln.serve.guards import AUTHORIZED, MODEL
-from kiln.serve.protocol import Request as ParsedRequest
-from kiln.serve.protocol import RequestError, ServedModel, parse_predict, parse_v2, predict_response, v2_response
+from kiln.serve.inference import Endpoint, InferenceService
+from kiln.serve.protocol import (
+    InferenceRequest,
+    RequestError,
+    ServedModel,
+    parse_predict,
+    parse_v2,
+    predict_response,
+    v2_response,
+)
 
 JSON_TYPES = ("application/json", "")
 BINARY_TYPES = ("application/octet-stream", "application/vnd.sagemaker-triton.binary+json")
@@ -129,11 +134,11 @@ def decode_v2_body(headers: dict[str, str], raw: bytes, expected: Any) -> tuple[
     return decode_json(content_type, header, expected), v2_binary.BinarySection(rest, expected)
 
 
-def encode_json(body: dict, parsed: ParsedRequest | None) -> Reply:
+def encode_json(body: dict, parsed: InferenceRequest | None) -> Reply:
     return Reply(200, orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
-def encode_v2(body: dict, parsed: ParsedRequest | None) -> Reply:
+def encode_v2(body: dict, parsed: InferenceRequest | None) -> Reply:
     """JSON, or the binary tensor extension where the request asked for binary outputs."""
     if parsed is None or not parsed.binary_outputs:
         return encode_json(body, parsed)
@@ -150,11 +155,11 @@ class Wire:
 
     kind: str
     expected: Callable[[ServedModel], Any]  # the body shown to a client whose request is refused
-    parse: Callable[..., ParsedRequest]  # (body, model) or, for a wire with binary sections, (body, model, section)
-    respond: Callable[[ServedModel, dict, ParsedRequest], dict]
+    parse: Callable[..., InferenceRequest]  # (body, model) or, for a wire with binary sections, (body, model, section)
+    respond: Callable[[ServedModel, dict, InferenceRequest], dict]
     error_body: Callable[[RequestError], dict] = RequestError.body  # how a refusal is written on this protocol
     decode: Callable[[dict[str, str], bytes, Any], tuple[Any, Any]] = decode_body
-    encode: Callable[[dict, ParsedRequest | None], Reply] = encode_json
+    encode: Callable[[dict, InferenceRequest | None], Reply] = encode_json
     # Where the body, not the path, names the model (OpenAI's `model`): the name, or None where it does not say.
     model_in_body: Callable[[Any], str | None] | None = None
 
@@ -230,43 +235,19 @@ def match_inference(path: str, routes: tuple[InferenceRoute, ...] = INFERENCE_RO
     return None
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """One served model in the HTTP process: what it takes and answers, and the gateway to its workers."""
-
-    model: ServedModel
-    gateway: WorkerGateway
-
-
-class Inference:
-    """The inference path itself, shared by the FastAPI routes and the ASGI fast path below: finds the model a
-    request names, decodes and validates the request against it, and sends it to that model's workers."""
+class Inference(InferenceService):
+    """The inference path over HTTP, shared by the FastAPI routes and the ASGI fast path below: decodes and
+    validates a request's bytes against the model it names, runs it through the transport-neutral call
+    (serve.inference.InferenceService.run) and writes the Reply. Auth and request metrics are the middleware's."""
 
     def __init__(self, endpoints: dict[str, Endpoint], max_body_bytes: int = 8 * 1024 * 1024,
                  offload: Any = None) -> None:
-        self.endpoints = endpoints
+        super().__init__(endpoints)
         self.max_body_bytes = max_body_bytes  # a compressed body may inflate to this much at most
         self.offload = offload  # serve.offload.Offload: where large bodies are decoded (None: always here)
 
-    def lookup(self, name: str | None, version: str | None = None, reveal: bool = True) -> Endpoint:
-        """The model a route names; `name` None: the one model of a single-model server. A 404 names the served
-        models where `reveal` (the caller holds the API key, or there is none); an unauthenticated caller of an open
-        route (/v2/models/{name}/ready) is not told them."""
-        if name is None:
-            if len(self.endpoints) == 1:
-                return next(iter(self.endpoints.values()))
-            raise RequestError(f"this server serves {len(self.endpoints)} models ({', '.join(self.endpoints)}); "
-                               "name one: POST /v2/models/{name}/predict or /v2/models/{name}/infer", 404)
-        endpoint = self.endpoints.get(name)
-        if endpoint is None:
-            served = f"; this server serves {', '.join(repr(n) for n in self.endpoints)}" if reveal else ""
-            raise RequestError(f"no model named {name!r}{served}", 404, param="model", code="model_not_found")
-        if version is not None and version != endpoint.model.version:
-            raise RequestError(f"model {name!r} has no version {version!r}", 404)
-        return endpoint
-
     def prepare(self, wire: Wire, name: str | None, version: str | None, headers: dict[str, str],
-                raw: bytes) -> tuple[Endpoint, ParsedRequest]:
+                raw: bytes) -> tuple[Endpoint, InferenceRequest]:
         """Inflate, decode and validate a request against the model it names: the CPU work of the HTTP side, which
         serve.offload runs in its own process for large bodies. Raises RequestError (with `model` set once known)."""
         model_name = None
@@ -307,11 +288,10 @@ class Inference:
             else:
                 endpoint, parsed = self.prepare(wire, name, version, headers, raw)
             model = endpoint.model
-            result = await endpoint.gateway.submit(WorkItem(parsed.arrays, parsed.texts, parsed.count, time.time()))
+            result = await self.run(endpoint, parsed)
         except RequestError as error:
             return Reply(error.status, orjson.dumps(wire.error_body(error), option=orjson.OPT_SERIALIZE_NUMPY),
                          model=error.model)
-        parsed.tokens = result.tokens
         return replace(wire.encode(wire.respond(model, result.outputs, parsed), parsed), model=model.name)
 
 
@@ -402,25 +382,20 @@ def add_error_handlers(app: FastAPI) -> None:
 def add_routes(app: FastAPI, inference: Inference, metrics, version: str) -> None:
     """The FastAPI routes: the inference ones mostly serve the OpenAPI schema (InferenceFastPath answers first)."""
     add_error_handlers(app)
-    endpoints = inference.endpoints
-
-    def metadata(endpoint: Endpoint) -> dict:
-        model = endpoint.model
-        return {"name": model.name, "versions": [model.version], "platform": model.platform,
-                "parameters": dict(model.served_variant),
-                "inputs": model.v2_inputs, "outputs": model.v2_outputs}
-
-    def ready_models() -> bool:
-        return all(endpoint.gateway.ready() for endpoint in endpoints.values())
-
-    def found(name: str, model_version: str | None = None, reveal: bool = True) -> Endpoint | Response:
-        try:
-            return inference.lookup(name, model_version, reveal)
-        except RequestError as error:
-            return error_response(error)
-
     for route in INFERENCE_ROUTES:
         app.add_api_route(route.path, _endpoint(route, inference), methods=["POST"], name=route.endpoint)
+    add_health_routes(app, inference, version)
+    add_model_routes(app, inference)
+    add_repository_routes(app, inference)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def add_health_routes(app: FastAPI, inference: Inference, version: str) -> None:
+    """The server's metadata, liveness and readiness (V2), and LitServe's probe path."""
+    endpoints = inference.endpoints
 
     @app.get("/v2")
     async def server_metadata():
@@ -433,11 +408,27 @@ def add_routes(app: FastAPI, inference: Inference, metrics, version: str) -> Non
 
     @app.get("/v2/health/ready")  # ready when every model is: a load balancer sends any model's requests here
     async def ready():
-        ok = ready_models()
+        ok = all(endpoint.gateway.ready() for endpoint in endpoints.values())
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     # LitServe's probe path (its own answered plain text "ok"): the same answer as /v2/health/ready.
     app.add_api_route("/health", ready, methods=["GET"], name="health")
+
+
+def add_model_routes(app: FastAPI, inference: Inference) -> None:
+    """Each model's metadata and readiness (V2)."""
+
+    def metadata(endpoint: Endpoint) -> dict:
+        model = endpoint.model
+        return {"name": model.name, "versions": [model.version], "platform": model.platform,
+                "parameters": dict(model.served_variant),
+                "inputs": model.v2_inputs, "outputs": model.v2_outputs}
+
+    def found(name: str, model_version: str | None = None, reveal: bool = True) -> Endpoint | Response:
+        try:
+            return inference.lookup(name, model_version, reveal)
+        except RequestError as error:
+            return error_response(error)
 
     @app.get("/v2/models/{name}")
     async def model_metadata(name: str):
@@ -457,6 +448,11 @@ def add_routes(app: FastAPI, inference: Inference, metrics, version: str) -> Non
         ok = endpoint.gateway.ready()
         return JSONResponse({"name": endpoint.model.name, "ready": ok}, status_code=200 if ok else 503)
 
+
+def add_repository_routes(app: FastAPI, inference: Inference) -> None:
+    """Triton's model repository extension (the index; load and unload are issue #21)."""
+    endpoints = inference.endpoints
+
     @app.post("/v2/repository/index")
     async def repository_index(request: Request):
         """Triton's model repository extension: every model with its state. `{"ready": true}` lists only the
@@ -468,20 +464,20 @@ def add_routes(app: FastAPI, inference: Inference, metrics, version: str) -> Non
             return error_response(error)
         if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
             return error_response(RequestError("the body must be empty or {\"ready\": true|false}", 400))
-        index = []
-        for endpoint in endpoints.values():
-            gateway = endpoint.gateway
-            ok = gateway.ready()
-            if body.get("ready") and not ok:
-                continue
-            entry = {"name": endpoint.model.name, "version": endpoint.model.version,
-                     "state": "READY" if ok else "UNAVAILABLE"}
-            if not ok:
-                entry["reason"] = (f"{gateway.connected} of {gateway.expected} inference workers connected "
-                                   "(starting, or restarting after a crash)")
-            index.append(entry)
-        return JSONResponse(index)
+        return JSONResponse(repository_index_entries(endpoints, body.get("ready", False)))
 
-    @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+def repository_index_entries(endpoints: dict[str, Endpoint], ready_only: bool) -> list[dict]:
+    index = []
+    for endpoint in endpoints.values():
+        gateway = endpoint.gateway
+        ok = gateway.ready()
+        if ready_only and not ok:
+            continue
+        entry = {"name": endpoint.model.name, "version": endpoint.model.version,
+                 "state": "READY" if ok else "UNAVAILABLE"}
+        if not ok:
+            entry["reason"] = (f"{gateway.connected} of {gateway.expected} inference workers connected "
+                               "(starting, or restarting after a crash)")
+        index.append(entry)
+    return index

@@ -128,6 +128,7 @@ def build_server(config: ServeConfig, state_dir: str):
     from kiln.serve.batching import AdaptiveBatchedLoop
     from kiln.serve.channel import WorkerGateway
     from kiln.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, PathNormalizer
+    from kiln.serve.litserve_private import drop_gzip, hide_routes, wrap_lifespan
     from kiln.serve.metrics import Metrics
     from kiln.serve.offload import Offload
     from kiln.serve.repository import plan_models
@@ -165,32 +166,23 @@ def build_server(config: ServeConfig, state_dir: str):
         middlewares=middlewares,
         restart_workers=True,
     )
-    # LitServe gzips every response over 1 KB; embeddings and logits barely compress, and the wrapper costs
-    # every request a layer: kiln answers uncompressed.
-    from starlette.middleware.gzip import GZipMiddleware
-
-    server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
-    # The workers' own LitServe routes are internal: everything public goes through kiln's validated routes.
-    # LitServe's /info (its configuration) and FastAPI's /docs and /redoc (which load scripts from a CDN) are not
-    # part of kiln's surface either; /openapi.json stays, for clients and fuzzers. LitServe's "/" and "/health"
-    # answer plain text ("litserve running", "ok"): "/" goes, and kiln answers /health itself, in JSON.
-    hidden = {api.api_path for api in apis} | {"/info", "/docs", "/docs/oauth2-redirect", "/redoc", "/", "/health"}
-    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) not in hidden]
-    litserve_lifespan = server.app.router.lifespan_context
+    # LitServe's private parts (serve.litserve_private says why each): no gzip, only kiln's routes, and the
+    # gateways started and stopped with the HTTP process.
+    drop_gzip(server)
+    hide_routes(server, (api.api_path for api in apis))  # the workers' own LitServe routes are internal
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):  # the gateways live in the HTTP process, started with it
+    async def gateways(app):  # the gateways live in the HTTP process, started with it
         for endpoint in endpoints.values():
             await endpoint.gateway.start()
         try:
-            async with litserve_lifespan(app):
-                yield
+            yield
         finally:
             for endpoint in endpoints.values():
                 await endpoint.gateway.stop()
             await asyncio.to_thread(offload.close)
 
-    server.app.router.lifespan_context = lifespan
+    wrap_lifespan(server, gateways)
     from importlib.metadata import version
 
     add_routes(server.app, inference, metrics, version("kiln"))
@@ -199,11 +191,13 @@ def build_server(config: ServeConfig, state_dir: str):
 
 def uvicorn_options(config: ServeConfig, metrics) -> dict:
     """What kiln passes to uvicorn (through LitServer.run) for its connection layer (serve.connections)."""
-    from kiln.serve.connections import http_implementation, make_protocol
+    from kiln.serve.connections import http_implementation
 
     limits = config.connection_limits()
     options: dict = {"ws": "none", "timeout_keep_alive": 5}
     if http_implementation() == "httptools":
+        from kiln.serve.http_protocol import make_protocol
+
         options["http"] = make_protocol(limits, metrics)
     else:  # uvicorn's h11 path: its own limits only (text/plain answers, no head deadline, no probe exemption)
         print("kiln: warning: httptools is not installed; uvicorn's h11 parser serves without kiln's head deadline, "

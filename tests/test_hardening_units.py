@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from kiln.core.errors import UsageError
+from kiln.core.runner import WorkItem
 from kiln.core.signature import Signature, TensorSpec
-from kiln.serve.api import WorkItem
 from kiln.serve.batching import EXPLORE_AFTER_S, AdaptiveBatchedLoop, BatchCostModel
-from kiln.serve.channel import SEND_AHEAD, Answer, Request, Result, WorkerGateway, _Worker
-from kiln.serve.connections import ConnectionLimits, error_response, make_protocol
+from kiln.serve.channel import SEND_AHEAD, Answer, Job, Result, WorkerGateway, _Worker
+from kiln.serve.connections import ConnectionLimits, error_response
+from kiln.serve.http_protocol import make_protocol
 from kiln.serve.metrics import Metrics
 from kiln.serve.protocol import RequestError, ServedModel, parse_predict, parse_v2
 from kiln.serve.server import TENSOR_BATCH_ITEMS, TEXT_BATCH_ITEMS, ServeConfig
@@ -307,7 +308,7 @@ def test_answers_after_the_deadline_count_as_late_and_worker_drops_as_expired():
 
 
 class FakeChannel:
-    def __init__(self, requests: list[Request]) -> None:
+    def __init__(self, requests: list[Job]) -> None:
         self.incoming = list(requests)
         self.answers: list[Answer] = []
 
@@ -336,11 +337,11 @@ class FakeAPI:
         self.cost_model = BatchCostModel()
 
 
-def _request(uid: int, count: int, deadline: float = math.inf) -> Request:
-    return Request(uid, time.monotonic(), WorkItem(None, ["t"] * count, count, time.time()), deadline)
+def _request(uid: int, count: int, deadline: float = math.inf) -> Job:
+    return Job(uid, time.monotonic(), WorkItem(None, ["t"] * count, count, time.time()), deadline)
 
 
-def _loop(requests: list[Request], cap: int | None) -> tuple[AdaptiveBatchedLoop, FakeChannel]:
+def _loop(requests: list[Job], cap: int | None) -> tuple[AdaptiveBatchedLoop, FakeChannel]:
     loop = AdaptiveBatchedLoop(0.0, "/unused", cap)
     channel = FakeChannel(requests)
     loop._channel = channel  # type: ignore[assignment]

@@ -9,21 +9,20 @@ import socket
 import numpy as np
 import pytest
 
+from kiln.core.runner import WorkItem
 from kiln.core.signature import Signature, TensorSpec
-from kiln.serve.api import WorkItem
 from kiln.serve.batching import WAIT_GAIN, BatchCostModel
-from kiln.serve.channel import HEADER, Answer, Hello, Request, Result, WorkerChannel, encode, read_frame
+from kiln.serve.channel import HEADER, Answer, Hello, Job, Result, WorkerChannel, encode, read_frame
 from kiln.serve.kinds import KINDS, TENSORS, Classification, Embedding, kind_for, softmax
-from kiln.serve.protocol import Request as ParsedRequest
-from kiln.serve.protocol import ServedModel, predict_response
+from kiln.serve.protocol import InferenceRequest, ServedModel, predict_response
 from kiln.serve.routes import INFERENCE_ROUTES, PREDICT, V2, match_inference
 
 # --- channel messages ----------------------------------------------------------------------------------------------
 
 MESSAGES = [
     Hello("3"),
-    Request(7, 123.5, WorkItem({"x": np.arange(6, dtype=np.float32).reshape(2, 3)}, None, 2, 1.0)),
-    Request(8, 0.0, WorkItem(None, ["a sentence", "another"], 2, 2.0)),
+    Job(7, 123.5, WorkItem({"x": np.arange(6, dtype=np.float32).reshape(2, 3)}, None, 2, 1.0)),
+    Job(8, 0.0, WorkItem(None, ["a sentence", "another"], 2, 2.0)),
     Answer(7, Result({"y": np.ones((2, 10), np.float32)}, 0.001, 0.002, 3, 5, "123-4")),
     Answer(9, Result(None, 0.0, 0.5, 2, 2, "123-5", error="the runtime failed on this request: ValueError")),
     Answer(10, None, 504),
@@ -199,8 +198,8 @@ def _served(task: str, outputs: tuple[TensorSpec, ...] = (TensorSpec("logits", "
         inputs=(TensorSpec("x", "float32", ("batch", 2)),), outputs=outputs))
 
 
-def _request(single: bool, count: int) -> ParsedRequest:
-    return ParsedRequest({"x": np.zeros((count, 2), np.float32)}, None, count, single)
+def _request(single: bool, count: int) -> InferenceRequest:
+    return InferenceRequest({"x": np.zeros((count, 2), np.float32)}, None, count, single)
 
 
 def test_the_model_kind_is_looked_up_by_task():

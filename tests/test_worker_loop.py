@@ -17,8 +17,10 @@ import pytest
 from litserve.callbacks import CallbackRunner
 from litserve.loops.base import _SENTINEL_VALUE, LitLoop
 
+from kiln.core.runner import WorkItem
+from kiln.core.runner import split as _split
+from kiln.core.runner import tokens_per_request as _tokens_per_request
 from kiln.serve import batching
-from kiln.serve.api import WorkItem, _split, _tokens_per_request
 from kiln.serve.batching import AdaptiveBatchedLoop, BatchCostModel
 from kiln.serve.channel import Result, WorkerGateway
 from kiln.serve.metrics import Metrics

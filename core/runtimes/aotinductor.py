@@ -59,6 +59,10 @@ class AOTInductorRuntime:
     def run(self, inputs: Arrays) -> Arrays:
         return run_module(self.module, self.signature, inputs)
 
+    def close(self) -> None:
+        """The module's weights (and a package's compiled library) go with the last reference to them."""
+        self.module = None  # type: ignore[assignment]
+
 
 SPEC = RuntimeSpec(name="aotinductor", suffix=".pt2", requires="torch", v2_platform="pytorch_aotinductor",
                    open=AOTInductorRuntime, check=check)

@@ -46,6 +46,11 @@ class OnnxRuntimeRuntime:
             self._one_row = {name: array[:1].copy() for name, array in feed.items()}
         return dict(zip(self.signature.output_names, outputs))
 
+    def close(self) -> None:
+        """The session and its arena go with the last reference to them."""
+        self.session = None
+        self._one_row = None
+
     def release_memory(self) -> None:
         """The arena's unused chunks back to the system: a one-row run with arena shrinkage (core.memory)."""
         if self._one_row is not None:

@@ -39,6 +39,10 @@ class TorchRuntime:
     def run(self, inputs: Arrays) -> Arrays:
         return run_module(self.module, self.signature, inputs)
 
+    def close(self) -> None:
+        """The module's weights (and a package's compiled library) go with the last reference to them."""
+        self.module = None
+
 
 def run_module(module: Any, signature: Signature, inputs: Arrays) -> Arrays:
     """Call a torch module (TorchScript, eager, or an AOTInductor package's runner) on numpy inputs in signature

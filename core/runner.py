@@ -1,0 +1,134 @@
+"""The plain model runner: one variant opened once, requests turned into a batch, the batch run, its outputs split.
+
+It knows nothing of LitServe, sockets, signals or HTTP, so every host of a model uses the same one: the LitAPI
+in LitServe's inference worker (serve.api.KilnAPI), a Ray Serve replica (a ModelRunner made in the replica's
+`__init__`, then `runner.run(runner.prepare(items))` per batch) and the in-process ceiling (bench.ceiling, which
+builds its batches with `prepare_inputs`). It lives in core because bench and serve both use it and neither
+imports the other. What a host adds around it is its own: the worker's batching loop, cost model, SIGTERM
+handler and answers stay in serve.
+
+The manifest is read once: the runtime is opened from it (core.runtime.open_variant), and the text
+preprocessor and signature come from the same read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from itertools import accumulate
+
+import numpy as np
+
+
+@dataclass
+class WorkItem:
+    """One validated request as a model runs it: named arrays or texts, and how many items (rows) it holds."""
+
+    arrays: dict | None
+    texts: list | None
+    count: int
+    enqueued: float  # time.time() when the HTTP process queued it
+
+
+@dataclass
+class Batch:
+    items: list
+    inputs: dict
+    counts: list
+    started: float  # time.time() when the batch was cut
+
+
+@dataclass
+class BatchRun:
+    """What running a batch gave: per request, its outputs or why the runtime failed on it alone."""
+
+    outcomes: list[tuple[dict | None, str | None]]
+    infer_s: float  # the whole run, retries included
+    whole_s: float | None  # the batch as one run, when it succeeded so (a cost measure); None when it was retried
+    tokens: list[int] | None  # text models: real tokens per request
+
+
+class ModelRunner:
+    """Opens a variant of an artifact folder and runs batches of WorkItems through it.
+
+    `run` never raises for the runtime's sake: if the runtime fails on the whole batch, each request is run
+    alone, so one request that breaks the runtime fails only itself (its Result carries the error)."""
+
+    def __init__(self, artifact_dir: str, variant: str | None, threads: int | None) -> None:
+        from kiln.core.manifest import read_manifest
+        from kiln.core.preprocessing import text_preprocessor
+        from kiln.core.runtime import RuntimeOptions, open_variant
+
+        # Each runtime sets its own threads (torch's for TorchScript and AOTInductor, ONNX Runtime's own pool);
+        # torch is not imported for an ONNX variant at all, which keeps it out of the worker's memory.
+        manifest = read_manifest(artifact_dir)
+        self.signature = manifest.signature
+        self.runtime = open_variant(manifest, variant, RuntimeOptions(threads))
+        self.preprocess = text_preprocessor(manifest)
+
+    def warm_up(self) -> None:
+        """The first run allocates and picks kernels: pay that before reporting ready."""
+        self.run(self.prepare([self.example(1)]))
+
+    def example(self, count: int) -> WorkItem:
+        """A request of `count` items that fits the model's signature (warm-up; a probe)."""
+        if self.preprocess is not None:
+            return WorkItem(None, ["warm-up"] * count, count, time.time())
+        arrays = {}
+        for spec in self.signature.inputs:
+            shape = [count if i == 0 else (1 if isinstance(d, str) else d) for i, d in enumerate(spec.shape)]
+            arrays[spec.name] = np.zeros(shape, dtype=np.int64 if spec.dtype.startswith("int") else np.float32)
+        return WorkItem(arrays, None, count, time.time())
+
+    def prepare(self, items: list[WorkItem]) -> Batch:
+        """The runtime's inputs for several requests: texts tokenized together, arrays concatenated."""
+        started = time.time()
+        return Batch(items, self.prepare_inputs(items), [item.count for item in items], started)
+
+    def prepare_inputs(self, items: list[WorkItem]) -> dict:
+        if self.preprocess is not None:
+            return self.preprocess([t for item in items for t in item.texts or ()])
+        return {name: np.concatenate([(item.arrays or {})[name] for item in items]) for name in self.signature.input_names}
+
+    def run(self, batch: Batch) -> BatchRun:
+        """Runs the batch; if the runtime fails on it, each request alone. Never raises for the runtime's sake."""
+        t0 = time.time()
+        whole_s = None
+        outcomes: list[tuple[dict | None, str | None]]
+        try:
+            outcomes = [(outputs, None) for outputs in split(self.runtime.run(batch.inputs), batch.counts)]
+            whole_s = time.time() - t0
+        except Exception:
+            outcomes = []
+            for item in batch.items:
+                try:
+                    single = self.prepare([item])
+                    outcomes.append((split(self.runtime.run(single.inputs), single.counts)[0], None))
+                except Exception as exc:
+                    outcomes.append((None, f"the runtime failed on this request: {type(exc).__name__}"))
+        return BatchRun(outcomes, time.time() - t0, whole_s, tokens_per_request(batch.inputs, batch.counts))
+
+    def close(self) -> None:
+        """The runtime lets go of its model (core.runtime.Runtime.close): a retired model's memory goes back."""
+        self.runtime.close()
+
+
+def split(outputs: dict, counts: list[int]) -> list[dict]:
+    """Each request's rows of the batch's outputs. A batch of one request (every batch at low load) is its outputs
+    as they are: on a cache the model has just evicted, each numpy call made here costs tens of microseconds."""
+    if len(counts) == 1:
+        return [outputs]
+    bounds = list(accumulate(counts, initial=0))  # Python ints: np.cumsum of a short list costs more than the slicing
+    return [{k: v[bounds[i]:bounds[i + 1]] for k, v in outputs.items()} for i in range(len(counts))]
+
+
+def tokens_per_request(inputs: dict, counts: list[int]) -> list[int] | None:
+    """Real (unpadded) tokens per request, from the attention mask, for text models."""
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return None
+    if len(counts) == 1:
+        return [int(np.count_nonzero(mask))]
+    per_item = np.count_nonzero(mask, axis=1).tolist()
+    bounds = list(accumulate(counts, initial=0))
+    return [sum(per_item[bounds[i]:bounds[i + 1]]) for i in range(len(counts))]

@@ -1,0 +1,105 @@
+"""The transport-neutral inference call: `infer(model, request) -> Result`, over kiln's own types.
+
+A front end turns what arrived on its wire into a serve.protocol.InferenceRequest (validated against the
+model: HTTP does it with serve.protocol's parse functions), calls this, and writes the serve.channel.Result (the
+request's outputs, timings and token count) back in its own form; every refusal is a serve.protocol.RequestError
+whose `status` is an HTTP status (a gRPC front end maps it to its own codes: 401 UNAUTHENTICATED, 404 NOT_FOUND,
+413 and 422 INVALID_ARGUMENT, 503 UNAVAILABLE, 504 DEADLINE_EXCEEDED).
+
+Auth, limits and metrics are parts of this path, each one function any front end calls:
+- auth: serve.guards.KeyCheck.authorized (HTTP: ApiKeyMiddleware runs it before the body is read);
+- limits: the items a request may hold (ServedModel.request_limit), checked in `run` whoever built the request
+  (HTTP's parse refuses earlier with the same error); byte limits belong to the wire, which alone sees bytes;
+- metrics: Metrics.record_request with the front end's label (HTTP: MetricsMiddleware, which also counts the
+  refusals made below the app).
+`InferenceService.call` runs the three around `infer` for a front end that has none of kiln's ASGI stack (a gRPC
+servicer's method, a Ray Serve replica's `__call__`); HTTP (serve.routes.Inference, a subclass) calls
+`lookup` and `run` itself, with auth and metrics already done by its middleware.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from kiln.core.runner import WorkItem
+from kiln.serve.channel import Result, WorkerGateway
+from kiln.serve.guards import MISSING_KEY, KeyCheck
+from kiln.serve.protocol import InferenceRequest, RequestError, ServedModel
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One served model in the HTTP process: what it takes and answers, and the gateway to its workers."""
+
+    model: ServedModel
+    gateway: WorkerGateway
+
+
+class InferenceService:
+    """The served models, and the call that runs a request on one of them.
+
+    `guard` (the API key, or None where there is none) and `metrics` (serve.metrics.Metrics) are used by `call`
+    only: HTTP has them in its middleware."""
+
+    def __init__(self, endpoints: dict[str, Endpoint], guard: KeyCheck | None = None, metrics=None) -> None:
+        self.endpoints = endpoints
+        self.guard = guard
+        self.metrics = metrics
+
+    def lookup(self, name: str | None, version: str | None = None, reveal: bool = True) -> Endpoint:
+        """The model a request names; `name` None: the one model of a single-model server. A 404 names the served
+        models where `reveal` (the caller holds the API key, or there is none); an unauthenticated caller of an open
+        route (/v2/models/{name}/ready) is not told them."""
+        if name is None:
+            if len(self.endpoints) == 1:
+                return next(iter(self.endpoints.values()))
+            raise RequestError(f"this server serves {len(self.endpoints)} models ({', '.join(self.endpoints)}); "
+                               "name one: POST /v2/models/{name}/predict or /v2/models/{name}/infer", 404)
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            served = f"; this server serves {', '.join(repr(n) for n in self.endpoints)}" if reveal else ""
+            raise RequestError(f"no model named {name!r}{served}", 404, param="model", code="model_not_found")
+        if version is not None and version != endpoint.model.version:
+            raise RequestError(f"model {name!r} has no version {version!r}", 404)
+        return endpoint
+
+    async def run(self, endpoint: Endpoint, request: InferenceRequest) -> Result:
+        """Sends a validated request to the model's workers and waits for its Result (bounded by the gateway's
+        timeout). Raises RequestError: 413 past the model's item limit, 503/504/500 from the workers."""
+        model = endpoint.model
+        if request.count > model.request_limit:
+            raise model.too_many("the request", request.count, "items", None)
+        result = await endpoint.gateway.submit(WorkItem(request.arrays, request.texts, request.count, time.time()))
+        request.tokens = result.tokens
+        return result
+
+    async def infer(self, model: str | None, request: InferenceRequest, version: str | None = None) -> Result:
+        """The inference call of every front end: the model by name (None: the only one), then `run`."""
+        return await self.run(self.lookup(model, version), request)
+
+    async def call(self, model: str | None, request: InferenceRequest, *, front: str, api_key: bytes | None = None,
+                   version: str | None = None) -> Result:
+        """`infer` with auth and metrics around it, for a front end without kiln's ASGI stack: the key is checked
+        (401), and the call is counted in /metrics under `front` (the route label, e.g. "grpc:ModelInfer") with
+        its status and the model it reached."""
+        started = time.perf_counter()
+        status = 500
+        reached = ""
+        if self.metrics is not None:
+            self.metrics.in_flight += 1
+        try:
+            if self.guard is not None and not self.guard.authorized(api_key):
+                raise RequestError(MISSING_KEY, 401)
+            endpoint = self.lookup(model, version)
+            reached = endpoint.model.name
+            result = await self.run(endpoint, request)
+            status = 200
+            return result
+        except RequestError as error:
+            status = error.status
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.in_flight -= 1
+                self.metrics.record_request(front, "CALL", status, time.perf_counter() - started, reached)
