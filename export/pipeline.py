@@ -25,7 +25,7 @@ from kiln.export.emitter import EmitJob, emitter_for, example_inputs
 from kiln.export.flops import flops_record
 from kiln.export.publish import publish, staging_folder
 from kiln.export.recipe import Recipe
-from kiln.export.variants import VariantSpec
+from kiln.export.variants import FORMATS, VariantSpec
 from kiln.models.base import ModelBundle
 
 
@@ -36,7 +36,8 @@ def build_variant(spec: VariantSpec, bundle: ModelBundle, recipe: Recipe, source
     module, prune_report = sources[spec.pruning]
     if spec.pruning not in references:
         references[spec.pruning] = verify.eager_outputs(module, bundle)
-    target = staging / f"{spec.name}{runtime_spec(spec.runtime).suffix}"
+    # The file's suffix is its format's (the format's own runtime's), whichever runtime the variant names to open it.
+    target = staging / f"{spec.name}{runtime_spec(FORMATS[spec.format].runtime).suffix}"
     progress(f"[kiln] emit: {spec.name}")
     started = time.perf_counter()
     result = emitter_for(spec).emit(EmitJob(spec, module, bundle, recipe, target, staging / ".scratch", shared))
