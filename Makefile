@@ -31,7 +31,7 @@ run: $(ARTIFACTS)/manifest.json
 # mypy reads packages, and kiln's rooms live in top-level folders mapped onto kiln.*: it checks a link tree
 # laid out as the installed package is.
 TYPED := kiln kiln.cli kiln.serve.protocol kiln.serve.kinds kiln.serve.v2_binary kiln.serve.repository kiln.serve.metrics kiln.models.base kiln.models.registry kiln.export.variants \
-	kiln.export.recipe kiln.export.emitter kiln.bench.select kiln.deploy.common kiln.deploy.triton kiln.deploy.kserve
+	kiln.export.recipe kiln.export.emitter kiln.export.precision kiln.bench.select kiln.deploy.common kiln.deploy.triton kiln.deploy.kserve
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	rm -rf build/typecheck && mkdir -p build/typecheck/kiln

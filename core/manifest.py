@@ -1,7 +1,7 @@
 """manifest.json: the one file that bench, serve and deploy trust about an artifact folder.
 
 It records what each artifact is (format, runtime, precision, pruning, quantization), how to feed
-it (signature, preprocessing), that it is intact (bytes, sha256) and how good it is (measured
+it (signature, preprocessing), that it is intact (bytes, sha256 of each of its files) and how good it is (measured
 parity and accuracy). This module is the only place the schema is defined, written and validated:
 `Manifest` and `VariantEntry` are typed views of the JSON, `read_manifest` checks structure and
 `verify_file` checks integrity before a load. Keys this kiln does not know are kept in `extra` and
@@ -75,9 +75,29 @@ def _split_known(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], dict[
     return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
 
 
+@dataclass(frozen=True)
+class ArtifactFile:
+    """One file of a variant, as the manifest records it: a name inside the folder, its sha256 and its size."""
+
+    file: str
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of(cls, path: Path) -> "ArtifactFile":
+        return cls(path.name, sha256_file(path), path.stat().st_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "bytes": self.bytes}
+
+
 @dataclass
 class VariantEntry:
-    """One artifact in the folder and the figures its verification measured."""
+    """One artifact in the folder and the figures its verification measured.
+
+    An artifact may be several files: `file` (with `bytes` and `sha256`) is the one its runtime opens, and
+    `companions` the others it reads beside it ({file, sha256, bytes} each; an OpenVINO model's weights `.bin`
+    beside its `.xml`). A one-file variant has none and writes no `companions` key, as before there were any."""
 
     name: str
     file: str
@@ -99,9 +119,16 @@ class VariantEntry:
     # How much an item's answer depends on its batch: {"cosine_min", "max_abs_diff", "items", "batch"}.
     batch_invariance: dict[str, Any] | None = None
     build: dict[str, Any] = field(default_factory=dict)
+    companions: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     REQUIRED = ("name", "file", "format", "runtime", "precision", "pruning", "quantization", "bytes", "sha256")
+
+    @property
+    def artifact_files(self) -> list[ArtifactFile]:
+        """Every file of the variant, the one its runtime opens first."""
+        return [ArtifactFile(self.file, self.sha256, self.bytes),
+                *(ArtifactFile(c["file"], c["sha256"], c["bytes"]) for c in self.companions)]
 
     @property
     def pruning_method(self) -> str | None:
@@ -122,6 +149,8 @@ class VariantEntry:
         optional = ("max_rel_error", "parity_cosine_min", "top1_agreement", "accuracy", "parity_reference",
                     "evaluation_items", "max_abs_error", "cosine_min", "batch_invariance")
         data = {k: v for k, v in data.items() if not (k in optional and v is None)}
+        if not self.companions:  # a one-file variant is written as before variants could have more
+            del data["companions"]
         return {**data, **self.extra}
 
     @classmethod
@@ -203,8 +232,14 @@ class Manifest:
         )
 
     def path_of(self, variant: VariantEntry) -> Path:
-        """The variant's file, symlinks resolved; refused when that leads outside the folder (kiln.core.paths)."""
+        """The variant's file (the one its runtime opens), symlinks resolved; refused when that leads outside the
+        folder (kiln.core.paths)."""
         return inside(self.folder, variant.file, f"the file of variant {variant.name!r}", fix=REEXPORT)
+
+    def paths_of(self, variant: VariantEntry) -> list[Path]:
+        """Every file of the variant (`path_of` first), each symlink-resolved and refused outside the folder."""
+        return [self.path_of(variant), *(inside(self.folder, c.file, f"a file of variant {variant.name!r}",
+                                               fix=REEXPORT) for c in variant.artifact_files[1:])]
 
     def listed(self, relative: str) -> dict[str, str]:
         """The `files` entry of a file the manifest relies on besides the variants (the tokenizer)."""
@@ -225,17 +260,20 @@ class Manifest:
         return data
 
     def verify_file(self, name: str | None = None) -> Path:
-        """Check the variant's file against its recorded size and sha256, every listed file against its sha256, and
-        that the tokenizer parses: what a server, a bench or a deploy writer is about to use. Returns its path."""
+        """Check each of the variant's files against its recorded size and sha256, every listed file against its
+        sha256, and that the tokenizer parses: what a server, a bench or a deploy writer is about to use. Returns the
+        path of the file its runtime opens."""
         variant = self.variant(name)
-        path = self.path_of(variant)
-        if not path.is_file():
-            raise IntegrityError(f"artifact {variant.file!r} of variant {variant.name!r} is missing; re-export the folder")
-        if path.stat().st_size != variant.bytes or sha256_file(path) != variant.sha256:
-            raise IntegrityError(
-                f"artifact {variant.file!r} of variant {variant.name!r} does not match its sha256 in the "
-                "manifest (changed or truncated since export); re-export the folder and do not edit artifacts"
-            )
+        paths = self.paths_of(variant)
+        for path, recorded in zip(paths, variant.artifact_files, strict=True):
+            if not path.is_file():
+                raise IntegrityError(f"artifact {recorded.file!r} of variant {variant.name!r} is missing; "
+                                     "re-export the folder")
+            if path.stat().st_size != recorded.bytes or sha256_file(path) != recorded.sha256:
+                raise IntegrityError(
+                    f"artifact {recorded.file!r} of variant {variant.name!r} does not match its sha256 in the "
+                    "manifest (changed or truncated since export); re-export the folder and do not edit artifacts"
+                )
         for extra in self.files:
             extra_path = inside(self.folder, extra["file"], "listed file", fix=REEXPORT)
             if not extra_path.is_file() or sha256_file(extra_path) != extra["sha256"]:
@@ -246,7 +284,7 @@ class Manifest:
             from kiln.core.preprocessing import text_preprocessor
 
             text_preprocessor(self)  # a damaged tokenizer is refused here, as one line, before anything starts
-        return path
+        return paths[0]
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -333,6 +371,14 @@ def read_manifest(folder: str | Path) -> Manifest:
         if not isinstance(variant["file"], str) or not isinstance(variant["name"], str):
             raise ManifestError(f"a variant in {path} has a non-string name or file; re-export the folder")
         _check_relative(variant["file"], f"the file of variant {variant['name']!r}", path)
+        companions = variant.get("companions", [])
+        if not isinstance(companions, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("file"), str) and isinstance(c.get("sha256"), str)
+                and isinstance(c.get("bytes"), int) for c in companions):
+            raise ManifestError(f"variant {variant['name']!r} in {path}: companions is not a list of "
+                                "{file, sha256, bytes}; re-export the folder")
+        for companion in companions:
+            _check_relative(companion["file"], f"a file of variant {variant['name']!r}", path)
     files = data.get("files", [])
     if not isinstance(files, list) or not all(
             isinstance(f, dict) and isinstance(f.get("file"), str) and isinstance(f.get("sha256"), str) for f in files):

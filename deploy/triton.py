@@ -247,11 +247,16 @@ def write_triton(folder: str | Path, options: TritonOptions, progress: Progress 
     """Check everything, then write REPO/<name>/ atomically; returns the plan (its notes went to `progress`)."""
     manifest = read_manifest(folder)
     result = plan(manifest, options)
-    source = manifest.verify_file(result.entry.name)  # a tampered artifact is refused before anything is written
+    manifest.verify_file(result.entry.name)  # a tampered artifact is refused before anything is written
     target = Path(options.out) / result.name
     with staged_folder(target, options.force) as staging:
         (staging / VERSION).mkdir()
-        copy_verified(source, staging / VERSION / result.platform.file, result.entry.sha256)
+        # Each of the variant's files under the platform's name, its suffix kept (OpenVINO: model.xml, model.bin).
+        stem = Path(result.platform.file).stem
+        for source, recorded in zip(manifest.paths_of(result.entry), result.entry.artifact_files, strict=True):
+            name = result.platform.file if recorded.file == result.entry.file else (
+                stem + recorded.file[len(Path(result.entry.file).stem):])
+            copy_verified(source, staging / VERSION / name, recorded.sha256)
         (staging / "config.pbtxt").write_text(result.config)
         if result.readme is not None:
             (staging / "README.md").write_text(result.readme)

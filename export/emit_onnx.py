@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kiln.core.errors import ExportError, one_line
 from kiln.core.signature import Signature
-from kiln.export import quantize
+from kiln.export import precision, quantize
 from kiln.export.emitter import EmitJob, EmitResult
 
 
@@ -136,18 +136,13 @@ class OnnxEmitter:
         import shutil
 
         base, info = self.base_graph(job)
-        mode = job.spec.quantization
-        if mode == "auto":
-            mode = job.bundle.hints.int8_mode
+        config = precision.workflow(job.spec, job.bundle.hints)  # an INT8 workflow of kiln.export.quantize, or None
         quant_info = None
         try:
-            if mode == "static":
-                quant_info = quantize.quantize_static_(base, job.target, job.bundle.calibration,
-                                                      job.bundle.signature.input_names)
-            elif mode == "dynamic":
-                quant_info = quantize.quantize_dynamic_(base, job.target, keep_fp32=job.bundle.hints.int8_keep_fp32)
-            else:
+            if config is None:
                 shutil.copyfile(base, job.target)
+            else:
+                quant_info = precision.apply(config, base, job.target, job.bundle)
         except Exception as exc:
             raise ExportError(f"quantization of {job.spec.name} failed: {one_line(exc, 300)}; "
                               "drop the INT8 variant or try onnx-int8-dynamic") from exc

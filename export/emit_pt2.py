@@ -2,8 +2,9 @@
 
 The batch dimension (and a text model's sequence dimension) is exported dynamic, from a batch of 2: a batch of 1
 would specialize the dimension. Weights are frozen into the compiled graph (inductor's `freezing`), which lets it
-fold constants and pick kernels for them. BF16 wraps the module as the TorchScript emitter does: inputs are cast
-in and outputs back to float32, so the signature does not change. The package records nothing about how it was
+fold constants and pick kernels for them. BF16 and INT8 (torchao) are precision workflows applied to the eager
+module first (kiln.export.precision, shared with the TorchScript emitter): BF16 casts inputs in and outputs back
+to float32, so the signature does not change. The package records nothing about how it was
 built, so the emitter returns it for the manifest: torch version, compiler, inductor settings, compile seconds.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 from kiln.core.errors import ExportError, ToolchainMissing, one_line
 from kiln.core.signature import Signature
+from kiln.export import precision
 from kiln.export.emitter import EmitJob, EmitResult
 
 INDUCTOR_CONFIGS = {"freezing": True}
@@ -66,28 +68,6 @@ def takes_varargs(module: Any) -> bool:
     return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
 
 
-def int8_copy(module: Any, activations: str = "symmetric") -> Any:
-    """torchao's dynamic INT8: INT8 weights per channel, activations quantized per token (per row) at run time.
-
-    Per-row activation scales keep an item's answer independent of the items batched with it, unlike ONNX
-    Runtime's dynamic INT8, whose one scale per tensor is computed over the whole batch. Asymmetric activations
-    (a zero point per token) spend the 8 bits on the range a GELU output really has: on MiniLM they took the worst
-    item's cosine to fp32 from 0.978 to 0.992 (README), for about 9% more time at batch 16.
-    """
-    import copy
-
-    try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-        from torchao.quantization.quant_primitives import MappingType
-    except ImportError as exc:
-        raise ToolchainMissing("pt2-int8 needs torchao, which is not installed; pip install torchao, or leave out "
-                               "the pt2-int8 variant") from exc
-    quantized = copy.deepcopy(module).eval()
-    mapping = MappingType.ASYMMETRIC if activations == "asymmetric" else MappingType.SYMMETRIC
-    quantize_(quantized, Int8DynamicActivationInt8WeightConfig(act_mapping_type=mapping))
-    return quantized
-
-
 class Pt2Emitter:
     def emit(self, job: EmitJob) -> EmitResult:
         import torch
@@ -99,12 +79,9 @@ class Pt2Emitter:
         module = job.module
         sequence_max = int(job.bundle.preprocessing.get("max_length", MAX_SEQUENCE))
         shapes: tuple[Any, ...] = dynamic_shapes(job.bundle.signature, sequence_max)
-        if job.spec.precision == "bf16":
-            from kiln.export.emit_torchscript import bf16_copy
-
-            module = bf16_copy(module)
-        elif job.spec.precision == "int8":
-            module = int8_copy(module, job.bundle.hints.int8_activations)
+        config = precision.workflow(job.spec, job.bundle.hints)  # Bf16Weights, TorchaoInt8, or None
+        if config is not None:
+            module = precision.apply(config, module)
         module = module.eval()
         if takes_varargs(module):
             shapes = (shapes,)  # `forward(*inputs)`: one varargs entry holding every input's dims
@@ -121,10 +98,8 @@ class Pt2Emitter:
             raise ExportError(f"AOTInductor export of {job.spec.name} failed: {one_line(exc, 300)}; make the model "
                               "exportable with torch.export (no data-dependent control flow) or drop the pt2 "
                               "variants") from exc
-        quantization = None
-        if job.spec.precision == "int8":
-            quantization = {"mode": "dynamic", "library": "torchao", "weights": "int8 per channel",
-                            "activations": f"int8 per token (row), {job.bundle.hints.int8_activations}"}
+        record = getattr(config, "record", None)  # a quantization workflow says how it quantized
+        quantization = record() if record else None
         return EmitResult({
             "exporter": "torch.export",
             "compiler": compiler_version(compiler),

@@ -2,42 +2,24 @@
 
 BF16 keeps the model's signature: inputs are cast to bfloat16 inside the module and outputs back
 to float32, so a client and the server never see the difference, only the speed (AMX on this CPU).
+The copy is made by the precision workflow's handler (kiln.export.precision), shared with the pt2 emitter.
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
 from pathlib import Path
 
 from kiln.core.errors import ExportError, one_line
+from kiln.export import precision
 from kiln.export.emitter import EmitJob, EmitResult
 
 
-def bf16_copy(module):
-    import torch
-    from torch import nn
-
-    class BFloat16Module(nn.Module):
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            cast = [x.to(torch.bfloat16) if x.is_floating_point() else x for x in inputs]
-            return self.inner(*cast).float()
-
-    return BFloat16Module(copy.deepcopy(module).to(torch.bfloat16)).eval()
-
-
-def emit_torchscript(module, example_inputs: tuple, path: Path, precision: str = "fp32") -> dict:
-    """Write `path`; returns how it was made (trace or script, frozen)."""
+def emit_torchscript(module, example_inputs: tuple, path: Path) -> dict:
+    """Write `path` from `module` as given (its precision workflow already applied); returns how it was made
+    (trace or script, frozen)."""
     import torch
 
-    if precision == "bf16":
-        module = bf16_copy(module)
-    elif precision != "fp32":
-        raise ValueError(f"TorchScript artifacts are fp32 or bf16, not {precision}")
     module = module.eval()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # TorchScript is deprecated in this torch; it still works
@@ -59,8 +41,10 @@ def emit_torchscript(module, example_inputs: tuple, path: Path, precision: str =
 
 class TorchScriptEmitter:
     def emit(self, job: EmitJob) -> EmitResult:
+        config = precision.workflow(job.spec, job.bundle.hints)  # Bf16Weights, or None
         try:
-            info = emit_torchscript(job.module, job.example_inputs(), job.target, job.spec.precision)
+            module = job.module if config is None else precision.apply(config, job.module)
+            info = emit_torchscript(module, job.example_inputs(), job.target)
         except Exception as exc:
             raise ExportError(f"TorchScript export of {job.spec.name} failed: {one_line(exc, 300)}; "
                               "make the model traceable or drop TorchScript variants") from exc

@@ -1,4 +1,4 @@
-"""The one interface every artifact format's emitter implements: an `EmitJob` in, a file and an `EmitResult` out.
+"""The one interface every artifact format's emitter implements: an `EmitJob` in, files and an `EmitResult` out.
 
 The pipeline hands each emitter the eager module the variant starts from (pruned or not), the model's bundle
 (signature, examples, calibration data, export hints) and where to write; it never knows which format it is.
@@ -24,7 +24,7 @@ class EmitJob:
     module: Any  # the eager torch module this variant is made from (after pruning, where it is pruned)
     bundle: "ModelBundle"
     recipe: "Recipe"
-    target: Path  # the artifact file to write
+    target: Path  # the artifact file to write (the one its runtime opens); others beside it: EmitResult.companions
     scratch: Path  # a folder for intermediate files, removed before publishing
     shared: dict[str, Any] = field(default_factory=dict)  # per-export cache across variants (e.g. an fp32 base graph)
 
@@ -45,11 +45,14 @@ def example_inputs(bundle: "ModelBundle", batch: int = 2) -> tuple[Any, ...]:
 class EmitResult:
     build: dict[str, Any]  # how the artifact was made (exporter, optimizer, fused ops...)
     quantization: dict[str, Any] | None = None
+    # Further files the artifact is made of, written beside `target` and named `<target's stem>.<anything>` (an
+    # OpenVINO model's weights `.bin` beside its `.xml`): each is hashed into the manifest and checked before a load.
+    companions: list[Path] = field(default_factory=list)
 
 
 class Emitter(Protocol):
     def emit(self, job: EmitJob) -> EmitResult:
-        """Write `job.target`; raise ExportError with what failed and what to do."""
+        """Write `job.target` (and any companions it names); raise ExportError with what failed and what to do."""
         ...
 
 

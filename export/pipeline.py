@@ -17,7 +17,7 @@ import numpy as np
 
 from kiln.core.console import Progress, to_stderr
 from kiln.core.errors import ExportError, KilnError, ToolchainMissing, UsageError, VerificationError, one_line
-from kiln.core.manifest import Manifest, VariantEntry, fp32_default, library_versions, sha256_file
+from kiln.core.manifest import ArtifactFile, Manifest, VariantEntry, fp32_default, library_versions, sha256_file
 from kiln.core.paths import check_model_name, regular_file
 from kiln.core.runtime import RuntimeOptions, open_artifact, runtime_spec
 from kiln.export import prune, verify
@@ -25,7 +25,7 @@ from kiln.export.emitter import EmitJob, emitter_for, example_inputs
 from kiln.export.flops import flops_record
 from kiln.export.publish import publish, staging_folder
 from kiln.export.recipe import Recipe
-from kiln.export.variants import VariantSpec
+from kiln.export.variants import FORMATS, VariantSpec
 from kiln.models.base import ModelBundle
 
 
@@ -36,11 +36,13 @@ def build_variant(spec: VariantSpec, bundle: ModelBundle, recipe: Recipe, source
     module, prune_report = sources[spec.pruning]
     if spec.pruning not in references:
         references[spec.pruning] = verify.eager_outputs(module, bundle)
-    target = staging / f"{spec.name}{runtime_spec(spec.runtime).suffix}"
+    # The file's suffix is its format's (the format's own runtime's), whichever runtime the variant names to open it.
+    target = staging / f"{spec.name}{runtime_spec(FORMATS[spec.format].runtime).suffix}"
     progress(f"[kiln] emit: {spec.name}")
     started = time.perf_counter()
     result = emitter_for(spec).emit(EmitJob(spec, module, bundle, recipe, target, staging / ".scratch", shared))
     build_s = time.perf_counter() - started
+    companions = [companion_of(target, path) for path in result.companions]
     runtime = open_artifact(target, spec.runtime, bundle.signature, spec.name, RuntimeOptions())
     figures = verify.measure(runtime, bundle, references[spec.pruning], references[None])
     worst = {"parity": figures.pop("parity_worst_item"), "task": figures.pop("worst_item")}
@@ -52,14 +54,30 @@ def build_variant(spec: VariantSpec, bundle: ModelBundle, recipe: Recipe, source
     invariance = figures["batch_invariance"]
     progress(f"[kiln] verify: {spec.name}: " + ", ".join(f"{k} {v:.5g}" for k, v in shown.items())
              + f", batch invariance cosine {invariance['cosine_min']:.6f} (max abs diff {invariance['max_abs_diff']:.3g})")
+    primary = ArtifactFile.of(target)
     entry = VariantEntry(
-        name=spec.name, file=target.name, format=spec.format, runtime=spec.runtime, precision=spec.precision,
-        pruning=prune_report, quantization=result.quantization, bytes=target.stat().st_size,
-        sha256=sha256_file(target), **figures,
-        parity_reference="eager fp32" if spec.pruning is None else f"eager fp32 after {spec.pruning} pruning",
+        name=spec.name, file=primary.file, format=spec.format, runtime=spec.runtime, precision=spec.precision,
+        pruning=prune_report, quantization=result.quantization, bytes=primary.bytes, sha256=primary.sha256,
+        **figures, parity_reference="eager fp32" if spec.pruning is None else f"eager fp32 after {spec.pruning} pruning",
         build={**result.build, "seconds": round(build_s, 2)},
+        companions=[ArtifactFile.of(path).to_dict() for path in companions],
     )
     return entry, failures
+
+
+def companion_of(target: Path, path: Path) -> Path:
+    """A further file of the artifact at `target`, which must lie beside it as `<target's stem>.<anything>`: so a
+    variant that is left out takes all its files with it (`variant_files`)."""
+    path = Path(path)
+    if path.parent != target.parent or not path.name.startswith(f"{target.stem}.") or not path.is_file():
+        raise ExportError(f"the emitter of {target.stem} named {str(path)!r} as a file of the artifact; an artifact's "
+                          f"files are written beside it as {target.stem}.<suffix>: fix the emitter")
+    return path
+
+
+def variant_files(staging: Path, spec: VariantSpec) -> list[Path]:
+    """Every file a variant's emitter wrote (`<name>.<suffix>`: the artifact and its companions)."""
+    return [p for p in staging.iterdir() if p.is_file() and p.name.startswith(f"{spec.name}.")]
 
 
 def release_memory() -> None:
@@ -103,8 +121,9 @@ def recovery_hint(spec: VariantSpec, bundle: ModelBundle) -> str:
 
 def leave_out(skipped: list[dict[str, str]], spec: VariantSpec, reason: str, staging: Path,
               progress: Progress) -> None:
-    """Drop a recommended variant: its file goes, and the manifest and report carry one line saying why."""
-    (staging / f"{spec.name}{runtime_spec(spec.runtime).suffix}").unlink(missing_ok=True)
+    """Drop a recommended variant: its files go, and the manifest and report carry one line saying why."""
+    for path in variant_files(staging, spec):
+        path.unlink(missing_ok=True)
     progress(f"[kiln] left out: {spec.name}: {reason}")
     skipped.append({"variant": spec.name, "reason": reason})
 

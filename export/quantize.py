@@ -2,7 +2,9 @@
 
 Weights are QInt8 per-channel: on this CPU (AVX-512 VNNI) QUInt8 weights gave no speedup and
 per-tensor scales hurt MiniLM's embeddings badly. Static quantization calibrates activation
-ranges on the model's own calibration set; dynamic quantization computes them per batch.
+ranges on the model's own calibration set; dynamic quantization computes them per batch. Both write a new file
+from an exported one (`*_copy`: nothing is changed in place) and are the handlers of their configs in
+kiln.export.precision, registered when this module is imported.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from kiln.models.base import Dataset
+from kiln.export.precision import OnnxDynamicInt8, OnnxStaticInt8, register
+from kiln.models.base import Dataset, ModelBundle
 
 
 class _Calibration:
@@ -26,7 +29,8 @@ class _Calibration:
         pass
 
 
-def quantize_static_(source: Path, target: Path, calibration: Dataset, input_names: list[str]) -> dict:
+def static_int8_copy(source: Path, target: Path, calibration: Dataset, input_names: list[str],
+                     batch_size: int = 16) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     with warnings.catch_warnings():
@@ -34,7 +38,7 @@ def quantize_static_(source: Path, target: Path, calibration: Dataset, input_nam
         quantize_static(
             str(source),
             str(target),
-            _Calibration(calibration, input_names),
+            _Calibration(calibration, input_names, batch_size),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             weight_type=QuantType.QInt8,
@@ -48,7 +52,7 @@ def quantize_static_(source: Path, target: Path, calibration: Dataset, input_nam
             "calibration": "MinMax", "calibration_items": len(calibration)}
 
 
-def quantize_dynamic_(source: Path, target: Path, op_types: list[str] | None = None,
+def dynamic_int8_copy(source: Path, target: Path, op_types: list[str] | None = None,
                       keep_fp32: str | None = None) -> dict:
     """Fused Attention ops stay fp32 (only MatMul/Gemm are quantized), as do nodes matching `keep_fp32`."""
     import re
@@ -75,6 +79,17 @@ def quantize_dynamic_(source: Path, target: Path, op_types: list[str] | None = N
         )
     return {"mode": "dynamic", "weights": "QInt8 per-channel", "activations": "dynamic uint8", "op_types": op_types,
             "kept_fp32": len(excluded)}
+
+
+@register(OnnxStaticInt8)
+def apply_static_int8(config: OnnxStaticInt8, source: Path, target: Path, bundle: ModelBundle) -> dict:
+    return static_int8_copy(source, target, bundle.calibration, bundle.signature.input_names,
+                            config.calibration_batch)
+
+
+@register(OnnxDynamicInt8)
+def apply_dynamic_int8(config: OnnxDynamicInt8, source: Path, target: Path, bundle: ModelBundle) -> dict:
+    return dynamic_int8_copy(source, target, keep_fp32=config.keep_fp32)
 
 
 def int8_node_counts(path: Path) -> dict[str, int]:

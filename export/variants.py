@@ -1,8 +1,9 @@
 """The variant registry: what each named variant is, and which emitter makes each format.
 
 One frozen `VariantSpec` per variant in place of positional tuples, and one `FormatSpec` per artifact format
-naming its emitter module and the runtime that opens it (kiln.core.runtime's registry), as torchao pairs one
-config dataclass with one registered handler: a new variant is one row here, a new format one emitter module
+naming its emitter module and the runtime that opens it by default (kiln.core.runtime's registry), and a variant may
+name another runtime for its format's file (an ONNX file opened by a second runtime). As torchao pairs one
+config dataclass with one registered handler, a new variant is one row here, a new format one emitter module
 and one row here, and the pipeline never changes. The emitters' interface (kiln.export.emitter) names these rows,
 so this module names emitters only by module path, and the two do not import each other.
 """
@@ -21,7 +22,7 @@ QUANTIZATION_MODES = ("auto", "static", "dynamic")  # auto: the model's own pref
 @dataclass(frozen=True)
 class FormatSpec:
     name: str
-    runtime: str  # a name in kiln.core.runtime's registry
+    runtime: str  # a name in kiln.core.runtime's registry: the runtime its variants name unless they name another
     emitter: str  # a module with `EMITTER`, an Emitter (kiln.export.emitter.emitter_for loads it)
 
 
@@ -32,20 +33,21 @@ class VariantSpec:
     precision: str = "fp32"
     quantization: str | None = None
     pruning: str | None = None
+    # The runtime that opens the file, a name in kiln.core.runtime's registry (tests/test_unit_recipe.py checks every
+    # row's); left empty: the format's own (FormatSpec.runtime), filled in on construction.
+    runtime: str = ""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise RecipeError(f"variant {self.name!r}: format {self.format!r} is unknown; use one of {', '.join(FORMATS)}")
+        if not self.runtime:
+            object.__setattr__(self, "runtime", FORMATS[self.format].runtime)
         if self.precision not in PRECISIONS:
             raise RecipeError(f"variant {self.name!r}: precision {self.precision!r} is not one of {PRECISIONS}")
         if self.quantization not in (None, *QUANTIZATION_MODES):
             raise RecipeError(f"variant {self.name!r}: quantization {self.quantization!r} is not one of {QUANTIZATION_MODES}")
         if self.pruning not in (None, *PRUNING_METHODS):
             raise RecipeError(f"variant {self.name!r}: pruning {self.pruning!r} is not one of {PRUNING_METHODS}")
-
-    @property
-    def runtime(self) -> str:
-        return FORMATS[self.format].runtime
 
 
 FORMATS: dict[str, FormatSpec] = {f.name: f for f in (

@@ -155,6 +155,29 @@ def test_triton_onnx_config_matches_the_manifest(tmp_path):
     assert not [p for p in repo.iterdir() if p.name.startswith(".")]  # no staging left
 
 
+def test_triton_copies_every_file_of_a_variant_and_refuses_a_changed_one(tmp_path):
+    """A variant of several files (an OpenVINO model's .xml and .bin) is copied whole, each file under the platform's
+    name with its own suffix and checked against its own sha256."""
+    from kiln.core.errors import IntegrityError
+    from kiln.deploy.triton import TritonOptions, write_triton
+
+    folder = make_folder(tmp_path / "a")
+    weights = folder / "onnx-fp32.weights.bin"
+    weights.write_bytes(b"stand-in weights " * 40)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["variants"][0]["companions"] = [{"file": weights.name, "sha256": sha256(weights),
+                                              "bytes": weights.stat().st_size}]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    repo = tmp_path / "repo"
+    write_triton(folder, TritonOptions(out=repo), progress=lambda line: None)
+    assert sorted(p.name for p in (repo / "digits" / "1").iterdir()) == ["model.onnx", "model.weights.bin"]
+    assert (repo / "digits" / "1" / "model.weights.bin").read_bytes() == weights.read_bytes()
+    weights.write_bytes(b"changed")
+    with pytest.raises(IntegrityError, match=r"weights\.bin. of variant .onnx-fp32. does not match"):
+        write_triton(folder, TritonOptions(out=tmp_path / "repo2"), progress=lambda line: None)
+    assert not (tmp_path / "repo2" / "digits").exists()
+
+
 def test_triton_torchscript_uses_the_index_naming_rule(tmp_path):
     folder = make_folder(tmp_path / "a")
     repo = tmp_path / "repo"

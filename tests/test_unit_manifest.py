@@ -275,3 +275,67 @@ def test_write_json_atomic_keeps_the_mode_and_cleans_up_on_failure(tmp_path):
         write_json_atomic(target, {"unserialisable": object()})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
     assert json.loads(target.read_text()) == {"new": True}  # the old file is untouched by a failed write
+
+
+def two_file_manifest(folder: Path) -> Manifest:
+    """A manifest whose onnx-fp32 is two files, as an OpenVINO model (`.xml` + `.bin`) will be."""
+    manifest = make_manifest(folder)
+    weights = folder / "model.bin"
+    weights.write_bytes(b"weights" * 100)
+    manifest.variants[0].companions = [{"file": "model.bin", "sha256": sha256_file(weights),
+                                        "bytes": weights.stat().st_size}]
+    manifest.save()
+    return read_manifest(folder)
+
+
+def test_a_variant_of_several_files_round_trips_and_one_file_variants_are_written_as_before(tmp_path):
+    manifest = two_file_manifest(tmp_path)
+    written = raw(tmp_path)
+    assert written["variants"][0]["companions"][0]["file"] == "model.bin"
+    assert "companions" not in written["variants"][1]  # a one-file variant: the same keys as before
+    assert [f.file for f in manifest.variants[0].artifact_files] == ["model.onnx", "model.bin"]
+    assert [f.file for f in manifest.variants[1].artifact_files] == ["model.int8.onnx"]
+    assert manifest.paths_of(manifest.variants[0]) == [tmp_path / "model.onnx", tmp_path / "model.bin"]
+    assert manifest.verify_file() == tmp_path / "model.onnx"  # the file its runtime opens
+
+
+def test_verify_file_checks_every_file_of_a_variant(tmp_path):
+    manifest = two_file_manifest(tmp_path)
+    weights = tmp_path / "model.bin"
+    data = bytearray(weights.read_bytes())
+    data[3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"'model\.bin' of variant 'onnx-fp32' does not match its sha256"):
+        manifest.verify_file("onnx-fp32")
+    weights.unlink()
+    with pytest.raises(IntegrityError, match=r"'model\.bin' of variant 'onnx-fp32' is missing"):
+        manifest.verify_file("onnx-fp32")
+    manifest.verify_file("onnx-int8")  # the others are still fine
+
+
+@pytest.mark.parametrize("companions, message", [
+    ([{"file": "../outside.bin", "sha256": "0" * 64, "bytes": 1}], "points outside its folder"),
+    ([{"file": "/etc/passwd", "sha256": "0" * 64, "bytes": 1}], "points outside its folder"),
+    ([{"file": "model.bin", "sha256": "0" * 64}], "companions is not a list"),
+    ("model.bin", "companions is not a list"),
+])
+def test_read_manifest_keeps_every_file_of_a_variant_inside_the_folder(tmp_path, companions, message):
+    make_manifest(tmp_path).save()
+    data = raw(tmp_path)
+    data["variants"][0]["companions"] = companions
+    write_raw(tmp_path, data)
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(tmp_path)
+
+
+def test_a_companion_symlinked_outside_the_folder_is_refused(tmp_path):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"secret")
+    manifest = make_manifest(folder)
+    (folder / "model.bin").symlink_to(secret)
+    manifest.variants[0].companions = [{"file": "model.bin", "sha256": sha256_file(secret), "bytes": 6}]
+    manifest.save()
+    with pytest.raises(ManifestError, match="outside the folder"):
+        read_manifest(folder).verify_file("onnx-fp32")

@@ -250,3 +250,71 @@ def test_a_models_own_defaults_go_beneath_the_recipe_file_and_flags(tmp_path):
     built = build_recipe(("onnx-fp32",), recipe, model_defaults=model)
     assert built.opset == 19 and built.tolerances.int8_cosine_min == 0.995
     assert built.tolerances.bf16_cosine_min == 0.998  # the model's, where the file says nothing
+
+
+def test_a_variant_may_name_another_runtime_for_its_format():
+    assert VariantSpec("onnx-fp32-b", "onnx").runtime == FORMATS["onnx"].runtime
+    assert VariantSpec("onnx-fp32-b", "onnx", runtime="second-runtime").runtime == "second-runtime"
+
+
+def test_every_variant_resolves_to_one_precision_workflow_with_a_registered_handler():
+    from dataclasses import FrozenInstanceError
+
+    import kiln.export.quantize  # noqa: F401  registers the ONNX INT8 handlers, as the ONNX emitter's import does
+    from kiln.export import precision
+    from kiln.models.base import ExportHints
+
+    expected = {"bf16": precision.Bf16Weights, "pt2-int8": precision.TorchaoInt8}
+    for mode, onnx_int8 in (("static", precision.OnnxStaticInt8), ("dynamic", precision.OnnxDynamicInt8)):
+        hints = ExportHints(int8_mode=mode, int8_activations="asymmetric", int8_keep_fp32="pooler")
+        for name, spec in VARIANTS.items():
+            config = precision.workflow(spec, hints)
+            if spec.precision == "fp32":
+                assert config is None, name
+                continue
+            wanted = expected.get(name) or expected.get(spec.precision)
+            if spec.format == "onnx":
+                wanted = {"auto": onnx_int8, "static": precision.OnnxStaticInt8,
+                          "dynamic": precision.OnnxDynamicInt8}[spec.quantization]
+            assert type(config) is wanted, name
+            assert type(config) in precision.HANDLERS, name
+            with pytest.raises(FrozenInstanceError):
+                config.extra = 1  # a config is a frozen value, as torchao's are
+    hints = ExportHints(int8_activations="asymmetric", int8_keep_fp32="pooler")
+    assert precision.workflow(VARIANTS["pt2-int8"], hints) == precision.TorchaoInt8("asymmetric")
+    assert precision.workflow(VARIANTS["onnx-int8-dynamic"], hints) == precision.OnnxDynamicInt8("pooler")
+
+
+def test_a_precision_without_a_workflow_or_a_handler_is_one_clear_error():
+    from dataclasses import dataclass
+
+    from kiln.core.errors import ExportError
+    from kiln.export import precision
+    from kiln.models.base import ExportHints
+
+    with pytest.raises(ExportError, match="no bf16 workflow for the onnx format"):
+        precision.workflow(VariantSpec("onnx-bf16", "onnx", "bf16"), ExportHints())
+
+    @dataclass(frozen=True)
+    class Unregistered:
+        pass
+
+    with pytest.raises(ExportError, match="no handler is registered for Unregistered"):
+        precision.apply(Unregistered(), object())
+
+
+def test_an_artifacts_files_lie_beside_it_and_go_with_a_variant_left_out(tmp_path):
+    from kiln.core.errors import ExportError
+    from kiln.export.pipeline import companion_of, leave_out
+
+    target = tmp_path / "onnx-int8.onnx"
+    for name in ("onnx-int8.onnx", "onnx-int8.weights.bin", "onnx-int8-dynamic.onnx", "manifest.json"):
+        (tmp_path / name).write_bytes(b"x")
+    assert companion_of(target, tmp_path / "onnx-int8.weights.bin") == tmp_path / "onnx-int8.weights.bin"
+    for wrong in (tmp_path / "onnx-int8-dynamic.onnx", tmp_path / "sub" / "onnx-int8.bin", tmp_path / "onnx-int8.gone"):
+        with pytest.raises(ExportError, match="fix the emitter"):
+            companion_of(target, wrong)
+    skipped: list[dict[str, str]] = []
+    leave_out(skipped, VARIANTS["onnx-int8"], "missed", tmp_path, progress=lambda line: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "onnx-int8-dynamic.onnx"]
+    assert skipped == [{"variant": "onnx-int8", "reason": "missed"}]
