@@ -1,7 +1,7 @@
 """TorchScript artifacts: trace (script as fallback), freeze, save; BF16 as a cast-wrapped copy.
 
 BF16 keeps the model's signature: inputs are cast to bfloat16 inside the module and outputs back
-to float32, so a client and the server never see the difference, only the speed (AMX on this CPU).
+to float32, so a client and the server never see the difference, only the speed (fast where the CPU has AMX or AVX-512 BF16, emulated and slow elsewhere).
 The copy is made by the precision workflow's handler (kiln.export.precision), shared with the pt2 emitter.
 """
 
