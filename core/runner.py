@@ -66,10 +66,6 @@ class ModelRunner:
         self.runtime = open_variant(manifest, variant, RuntimeOptions(threads))
         self.preprocess = text_preprocessor(manifest)
 
-    def warm_up(self) -> None:
-        """The first run allocates and picks kernels: pay that before reporting ready."""
-        self.run(self.prepare([self.example(1)]))
-
     def example(self, count: int) -> WorkItem:
         """A request of `count` items that fits the model's signature (warm-up; a probe)."""
         if self.preprocess is not None:

@@ -60,16 +60,17 @@ class Offload:
         return len(raw) > self.threshold or headers.get("content-encoding", "").strip().lower() not in ("", "identity")
 
     def small_inflate(self, headers: dict[str, str], raw: bytes) -> bytes | None:
-        """A compressed body inflated, where it inflates to at most the threshold; None: larger (or not valid
-        compressed data, or not compressed: the helper's full decode says what is wrong)."""
+        """A compressed body inflated, where it inflates to at most the threshold; None where it is larger (the
+        helper's). A small body that is not valid compressed data comes back as sent, still encoded, so the inline
+        path refuses it (400, as without the helper) and no helper process is started for it."""
         from kiln.serve.routes import decompress
 
         if len(raw) > self.threshold:
             return None
         try:
             return decompress(raw, headers.get("content-encoding", ""), self.threshold, None)
-        except RequestError:
-            return None
+        except RequestError as error:
+            return None if error.status == 413 else raw
 
     def _executor(self):
         if self._pool is None:

@@ -279,8 +279,9 @@ class Inference(InferenceService):
         try:
             if self.offload is not None and self.offload.wants(headers, raw):
                 inflated = self.offload.small_inflate(headers, raw)
-                if inflated is not None:  # a small compressed body: inflated here, parsed inline
-                    headers = {k: v for k, v in headers.items() if k != "content-encoding"}
+                if inflated is not None:  # a small compressed body: inflated here (or refused here), parsed inline
+                    if inflated is not raw:
+                        headers = {k: v for k, v in headers.items() if k != "content-encoding"}
                     endpoint, parsed = self.prepare(wire, name, version, headers, inflated)
                 else:
                     model_name, parsed = await self.offload.prepare(wire.kind, name, version, headers, raw)

@@ -767,19 +767,21 @@ def test_large_bodies_are_decoded_in_the_helper_and_small_ones_inline():
     async def calls():
         gz = {"content-encoding": "gzip"}
         one = await inference.answer(V2, "m", None, gz, gzip.compress(small))
+        corrupt = await inference.answer(V2, "m", None, gz, gzip.compress(small)[:-6] + b"garbage")
         started = offload._pool is not None
         two = await inference.answer(V2, "m", None, gz, gzip.compress(padded))
         assert offload._pool is not None  # the large one did
         three = await inference.answer(V2, "m", None, {}, padded)
         four = await inference.answer(V2, "m", None, {}, too_many.encode() + b" " * 5000)
         five = await inference.answer(V2, "nope", None, gz, gzip.compress(padded))
-        return started, one, two, three, four, five
+        return started, one, corrupt, two, three, four, five
 
     try:
-        started, one, two, three, four, five = asyncio.run(calls())
+        started, one, corrupt, two, three, four, five = asyncio.run(calls())
     finally:
         offload.close()
-    assert not started  # the small compressed body never reached the helper
+    assert not started  # neither small compressed body (valid, corrupt) reached the helper
+    assert corrupt.status == 400 and "not valid gzip" in json.loads(corrupt.payload)["error"]
     assert one.status == two.status == three.status == 200 and one.payload == two.payload == three.payload
     assert four.status == 413 and four.model == "m" and "at most 64" in json.loads(four.payload)["error"]
     assert five.status == 404 and five.model is None
