@@ -9,7 +9,8 @@ deployment per model, each sized as the KServe writer sizes a replica (kiln.depl
   highest concurrency of the last `kiln loadtest` that held its p99 budget, else the default; Ray's upscale and
   downscale delays from --upscale-delay-s/--downscale-delay-s (Ray's own defaults otherwise);
 - max_ongoing_requests: --max-ongoing-requests, else kiln serve's --max-batch-size (a replica batches what it holds);
-- max_replicas_per_node: --max-replicas-per-node, where replicas must spread over nodes (fault tolerance).
+- max_replicas_per_node: --max-replicas-per-node, where replicas must spread over nodes (fault tolerance);
+- args.batching: --batching, kiln serve's batching rule in each replica (default) or Ray's @serve.batch.
 The artifact folders are named by absolute path: each node must see them there (a shared or synced filesystem).
 The API key is read on the cluster from the environment variable --api-key-env names (set it where `ray start`
 runs), never written into the file.
@@ -38,6 +39,7 @@ DEFAULT_MAX_REPLICAS = 3
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "127.0.0.1"  # Ray's own default; pass --host 0.0.0.0 for clients on other machines
 PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
+BATCHERS = ("kiln", "ray")  # kiln.serve.ray_app.BATCHERS: kiln serve's batching rule, or Ray's @serve.batch
 INGRESS_MAX_ONGOING = 1024  # the ingress only parses and forwards; the models' own limits hold the load
 _SERVE_DEFAULTS = ServeConfig(artifact_dirs=(".",))
 
@@ -60,6 +62,7 @@ class RayOptions:
     port: int = DEFAULT_PORT
     proxy_location: str = "EveryNode"
     max_replicas_per_node: int | None = None
+    batching: str = "kiln"
     upscale_delay_s: float | None = None
     downscale_delay_s: float | None = None
     force: bool = False
@@ -74,6 +77,8 @@ class RayOptions:
             raise UsageError(f"--host {self.host!r} is not supported; use 127.0.0.1 (default) or 0.0.0.0")
         if not 1024 <= self.port <= 65535:
             raise UsageError(f"--port {self.port} must be in 1024..65535")
+        if self.batching not in BATCHERS:
+            raise UsageError(f"--batching {self.batching!r} is not one of {', '.join(BATCHERS)}")
         if self.proxy_location not in PROXY_LOCATIONS:
             raise UsageError(f"--proxy-location {self.proxy_location!r} is not one of {', '.join(PROXY_LOCATIONS)}")
         if self.api_key_env is not None and not self.api_key_env.replace("_", "a").isalnum():
@@ -162,7 +167,7 @@ def plan(manifests: list[Manifest], options: RayOptions) -> RayPlan:
             "import_path": IMPORT_PATH,
             "args": {"models": [{"name": m.name, "folder": str(m.folder), "variant": m.entry.name,
                                  "threads": m.threads} for m in models],
-                     "serve": serve_args},
+                     "serve": serve_args, "batching": options.batching},
             "deployments": deployments,
         }],
     }

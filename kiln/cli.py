@@ -423,6 +423,8 @@ def add_deploy_ray_parser(targets: Any) -> None:
     rp.add_argument("--port", default=str(ray.DEFAULT_PORT), metavar="PORT", help="default %(default)s")
     rp.add_argument("--proxy-location", default="EveryNode", choices=ray.PROXY_LOCATIONS,
                     help="where Ray runs HTTP proxies (default %(default)s; HeadOnly for several nodes on one machine)")
+    rp.add_argument("--batching", default="kiln", choices=ray.BATCHERS,
+                    help="a replica batches as kiln serve does (default), or with Ray's @serve.batch")
     rp.add_argument("--max-replicas-per-node", metavar="N",
                     help="at most N replicas of a model on one node (default: Ray's placement alone)")
     rp.add_argument("--upscale-delay-s", metavar="S", help="autoscaling upscale_delay_s (default: Ray's)")
@@ -557,7 +559,7 @@ def run_deploy_ray(args: argparse.Namespace) -> int:
         max_batch_size=parse_int("--max-batch-size", args.max_batch_size, example=32),
         max_batch_delay_ms=parse_float("--max-batch-delay-ms", args.max_batch_delay_ms, example=2.0, allow_zero=True),
         host=args.host, port=parse_int("--port", args.port, minimum=1024, example=8000),
-        proxy_location=args.proxy_location,
+        proxy_location=args.proxy_location, batching=args.batching,
         max_replicas_per_node=optional_int("--max-replicas-per-node", args.max_replicas_per_node, 1),
         upscale_delay_s=optional_seconds("--upscale-delay-s", args.upscale_delay_s),
         downscale_delay_s=optional_seconds("--downscale-delay-s", args.downscale_delay_s), force=args.force)

@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import deque
 from dataclasses import dataclass, fields
 from typing import Any
 
 from kiln.core.errors import UsageError
 from kiln.core.runner import ModelRunner, WorkItem
+from kiln.serve.admission import RowsAdmission
+from kiln.serve.batching import BatchCostModel
 from kiln.serve.channel import Result, batch_results
 from kiln.serve.protocol import RequestError
 
+BATCHERS = ("kiln", "ray")  # args.batching: kiln serve's rule (KilnBatcher) or Ray's @serve.batch
 INGRESS_NAME = "kiln-ingress"  # the ingress deployment's name in the config (models take their own names)
 # ServeConfig fields a Ray config's `args.serve` may set: the request limits and batching of `kiln serve`. The rest
 # (host, port, workers, connection limits) belong to Ray's proxy and autoscaler there.
@@ -55,6 +59,9 @@ def parse_args(args: dict[str, Any]):
     if not isinstance(args, dict) or not isinstance(args.get("models"), list) or not args["models"]:
         raise UsageError("the Ray config's args need `models`: a list of {name, folder, variant, threads}; write it "
                          "with `kiln deploy ray`")
+    unknown_keys = set(args) - {"models", "serve", "batching"}
+    if unknown_keys:
+        raise UsageError(f"the Ray config's args take models, serve and batching; not {', '.join(sorted(unknown_keys))}")
     known = {f.name for f in fields(ModelArgs)}
     models = []
     for entry in args["models"]:
@@ -83,6 +90,9 @@ def build(args: dict[str, Any]):
     from kiln.serve.repository import plan_models
 
     models, config = parse_args(args)
+    batching = args.get("batching", "kiln")
+    if batching not in BATCHERS:
+        raise UsageError(f"args.batching {batching!r} is not one of {', '.join(BATCHERS)}")
     plans = plan_models(config)
     names = {m.name for m in models}
     for plan in plans:
@@ -93,26 +103,33 @@ def build(args: dict[str, Any]):
     for plan in plans:
         deployment = serve.deployment(ModelReplica, name=plan.name)
         handles[plan.name] = deployment.bind(plan.folder, plan.variant.name, plan.threads, config.max_batch_delay_ms,
-                                             config.batch_items(plan.manifest.is_text))
+                                             config.batch_items(plan.manifest.is_text), config.max_batch_size,
+                                             batching)
     ingress = serve.deployment(serve.ingress()(KilnIngress), name=INGRESS_NAME)
     return ingress.bind(handles, args)
 
 
 class ModelReplica:
-    """One replica of one model: a ModelRunner, and Ray's batching in front of it."""
+    """One replica of one model: a ModelRunner, and a batcher in front of it (`batching`: BATCHERS)."""
 
     def __init__(self, folder: str, variant: str, threads: int | None, max_batch_delay_ms: float,
-                 batch_items: int) -> None:
-        from ray import serve
-
+                 batch_items: int, max_requests: int, batching: str = "kiln") -> None:
         self.runner = ModelRunner(folder, variant, threads)
         # Warm-up: the first run allocates and picks kernels; pay that before Ray reports the replica running.
         self.runner.run(self.runner.prepare([self.runner.example(1)]))
         self.batches_run = 0
-        # A batch holds at most `batch_items` items (kiln serve's --max-batch-items), whatever its request count;
-        # max_ongoing_requests (the config's) bounds the requests.
-        self.infer = serve.batch(max_batch_size=batch_items, batch_wait_timeout_s=max_batch_delay_ms / 1000.0,
-                                 batch_size_fn=lambda items: sum(item.count for item in items))(self.run_batch)
+        self.cost_model = BatchCostModel()
+        delay_s = max_batch_delay_ms / 1000.0
+        if batching == "ray":
+            from ray import serve
+
+            # At most `batch_items` items (kiln serve's --max-batch-items), whatever the request count; a batch
+            # waits up to `delay_s` to fill, every time it is not full.
+            self.infer = serve.batch(max_batch_size=batch_items, batch_wait_timeout_s=delay_s,
+                                     batch_size_fn=lambda items: sum(item.count for item in items))(self.run_batch)
+        else:
+            self.infer = KilnBatcher(self.run_batch, RowsAdmission(max_requests, batch_items), self.cost_model,
+                                     delay_s).submit
 
     async def __call__(self, item: WorkItem) -> Result:
         return await self.infer(item)
@@ -121,6 +138,8 @@ class ModelReplica:
         batch = self.runner.prepare(items)
         # The runtime releases the GIL: the replica's loop keeps taking requests (the next batch) meanwhile.
         ran = await asyncio.to_thread(self.runner.run, batch)
+        if ran.whole_s is not None:
+            self.cost_model.learn(sum(batch.counts), ran.whole_s)
         self.batches_run += 1
         return batch_results(batch, ran, f"{os.getpid()}-{self.batches_run}")
 
@@ -129,6 +148,62 @@ class ModelReplica:
         import ray
 
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
+class KilnBatcher:
+    """kiln serve's batching rule (serve.batching.AdaptiveBatchedLoop) on a replica's event loop: no request waits
+    for a batch window. A batch is what queued while the last one ran, cut by the admission policy; a backlog batch
+    (two or more) waits up to `delay_s` for more only where the cost model measured fuller batches cheaper per item.
+    Ray's `@serve.batch` instead waits out its timeout whenever a batch is not full, a lone request included."""
+
+    def __init__(self, run, admission, cost_model: BatchCostModel, delay_s: float) -> None:
+        self.run = run  # async (items) -> one Result per item
+        self.admission = admission
+        self.cost_model = cost_model
+        self.delay_s = delay_s
+        self.pending: deque[tuple[WorkItem, asyncio.Future]] = deque()
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    async def submit(self, item: WorkItem) -> Result:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((item, future))
+        self.wake.set()
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._loop())
+        return await future
+
+    def _take(self, taken: list) -> None:
+        while self.pending and self.admission.has_capacity() and self.admission.fits(self.pending[0][0]):
+            entry = self.pending.popleft()
+            if not entry[1].done():  # its caller gave up (Ray cancelled it): not run
+                self.admission.admit(entry[0])
+                taken.append(entry)
+
+    async def _loop(self) -> None:
+        while True:
+            if not self.pending:
+                self.wake.clear()
+                await self.wake.wait()
+            self.admission.new_batch()
+            taken: list = []
+            self._take(taken)
+            if len(taken) >= 2 and self.admission.has_capacity() and self.cost_model.worth_waiting(
+                    self.admission.items):
+                await asyncio.sleep(self.delay_s)
+                self._take(taken)
+            if not taken:
+                continue
+            try:
+                results = await self.run([item for item, _ in taken])
+            except Exception as exc:  # outside the runtime (ModelRunner.run never raises for it): fail this batch
+                for _, future in taken:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(taken, results):
+                if not future.done():
+                    future.set_result(result)
 
 
 class RayGateway:
