@@ -51,6 +51,16 @@ def wait(url: str, timeout: float = 180) -> None:
     raise TimeoutError(url)
 
 
+def direct_url() -> str:
+    """The ingress replica's own HTTP server (Ray's direct ingress ports, 30000-31000 by default)."""
+    for line in sh("ss", "-ltnpH").splitlines():
+        address = line.split()[3]
+        port = int(address.rsplit(":", 1)[1])
+        if "ServeRepli" in line and 30000 <= port < 31000:
+            return f"http://127.0.0.1:{port}"
+    raise RuntimeError("no direct-ingress listener")
+
+
 def bodies() -> dict[str, tuple[str, bytes, dict]]:
     image = (np.random.default_rng(0).random((1, 1, 8, 8)) * 16).round(2)
     v2 = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": image.ravel().tolist()}]}
@@ -78,9 +88,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--batching", default="kiln,ray")
     parser.add_argument("--levels", default="1,32")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1: clients reach the ingress replica's own HTTP server "
+                             "(found with ss), not Ray's proxy; measured as ray-direct")
     args = parser.parse_args()
     sh("ip", "link", "set", "lo", "up")
     env = {**os.environ, "KILN_API_KEY": KEY, "RAY_USAGE_STATS_ENABLED": "0"}
+    if args.direct_ingress:
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     config = yaml.safe_load((Path(args.config_dir) / "serve.yaml").read_text())
     app = config["applications"][0]
     app["args"].setdefault("serve", {})["api_key_env"] = "KILN_API_KEY"
@@ -110,6 +125,10 @@ def main() -> int:
             sh(str(BIN / "serve"), "deploy", str(path), "-a", "http://127.0.0.1:8265", env=env)
             time.sleep(3)
             wait(ray_url + "/v2/health/ready")
+            targets = [("kiln", kiln_url), (f"ray-{batching}", ray_url)]
+            if args.direct_ingress:
+                targets.append((f"ray-direct-{batching}", direct_url()))
+                print(f"direct ingress at {targets[-1][1]}", file=sys.stderr, flush=True)
             for name in names[:-1]:  # each model answers before the clock starts (a redeploy restarts replicas)
                 deadline = time.monotonic() + 120
                 while measure(ray_url, rows[name], 1, 0.3)["errors"] and time.monotonic() < deadline:
@@ -120,8 +139,7 @@ def main() -> int:
             for r in range(args.rounds):
                 for name in names:
                     for level in levels:
-                        order = [("kiln", kiln_url), (f"ray-{batching}", ray_url)]
-                        for target, url in order if r % 2 == 0 else order[::-1]:
+                        for target, url in targets if r % 2 == 0 else targets[::-1]:
                             figures = measure(url, rows[name], level, args.seconds)
                             results.setdefault(f"{name} c{level} {target}", []).append(figures)
                             print(f"round {r} {name} c{level} {target}: {figures['rps']:.0f} req/s, p50 "
