@@ -146,7 +146,7 @@ def main() -> int:
                                   f"{figures['p50']:.2f} ms, {figures['errors']} errors", file=sys.stderr, flush=True)
     finally:
         with contextlib.suppress(Exception):
-            sh(str(BIN / "ray"), "stop", "--force", env=env)
+            sh(str(BIN / "ray"), "stop", "--force", "--grace-period", "1", env=env)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(kiln.pid, signal.SIGTERM)
         kiln.wait(30)

@@ -260,7 +260,7 @@ def main() -> int:
     parser.add_argument("folders", nargs="+")
     parser.add_argument("--cpus", type=int, default=1, help="CPUs per node")
     parser.add_argument("--concurrency", type=int, default=12)
-    parser.add_argument("--upscale-wait", type=float, default=60)
+    parser.add_argument("--upscale-wait", type=float, default=120)
     parser.add_argument("--downscale-wait", type=float, default=90)
     args = parser.parse_args()
     t0 = time.monotonic()
@@ -320,7 +320,9 @@ def main() -> int:
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         with contextlib.suppress(Exception):
-            run("ray", "stop", "--force", env=env, timeout=60)  # this PID namespace's Ray only
+            stop_started = time.monotonic()
+            run("ray", "stop", "--force", "--grace-period", "1", env=env, timeout=60)  # this PID namespace's Ray only
+            log(f"ray stop took {time.monotonic() - stop_started:.1f} s")
         if kiln is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(kiln.pid, signal.SIGTERM)

@@ -162,3 +162,46 @@ def test_ray_cluster_two_nodes(digits_artifacts, minilm_artifacts, tmp_path):
 def _on_loopback(listener: str) -> bool:
     host = listener.split()[0].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
     return host.startswith("127.") or host == "::1"
+
+
+def test_kiln_batcher_never_holds_a_lone_request_and_cuts_a_backlog_by_admission():
+    """The replica's batching (kiln.serve.ray_app.KilnBatcher) is kiln serve's rule: a lone request runs at once
+    (no window), what queued while a batch ran forms the next batch, cut by requests and items; a request whose
+    caller gave up is not run."""
+    import asyncio
+    import time
+
+    from kiln.core.runner import WorkItem
+    from kiln.serve.admission import RowsAdmission
+    from kiln.serve.batching import BatchCostModel
+    from kiln.serve.ray_app import KilnBatcher
+
+    batches: list[list[int]] = []
+
+    async def run(items):
+        batches.append([item.count for item in items])
+        await asyncio.sleep(0.02)
+        return [f"rows {item.count}" for item in items]
+
+    def item(count: int) -> WorkItem:
+        return WorkItem(None, ["x"] * count, count, time.time())
+
+    async def scenario():
+        batcher = KilnBatcher(run, RowsAdmission(3, 4), BatchCostModel(), delay_s=5.0)
+        started = time.perf_counter()
+        assert await batcher.submit(item(1)) == "rows 1"
+        lone_s = time.perf_counter() - started
+        first = asyncio.create_task(batcher.submit(item(1)))
+        await asyncio.sleep(0.005)  # the first batch is running: the rest queue behind it
+        rest = [asyncio.create_task(batcher.submit(item(n))) for n in (1, 1, 1, 1, 3, 2)]
+        gave_up = asyncio.create_task(batcher.submit(item(1)))
+        await asyncio.sleep(0)
+        gave_up.cancel()
+        answers = await asyncio.gather(first, *rest)
+        return lone_s, answers
+
+    lone_s, answers = asyncio.run(scenario())
+    assert lone_s < 1.0  # not the 5 s delay: one request never waits for company
+    assert answers == ["rows 1", "rows 1", "rows 1", "rows 1", "rows 1", "rows 3", "rows 2"]
+    # [1] alone; [1] alone (running when the rest came); then at most 3 requests and 4 items per batch, in order
+    assert batches == [[1], [1], [1, 1, 1], [1, 3], [2]]
