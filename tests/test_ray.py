@@ -204,3 +204,20 @@ def test_kiln_batcher_never_holds_a_lone_request_and_cuts_a_backlog_by_admission
     assert answers == ["rows 1", "rows 1", "rows 1", "rows 1", "rows 1", "rows 3", "rows 2"]
     # [1] alone; [1] alone (running when the rest came); then at most 3 requests and 4 items per batch, in order
     assert batches == [[1], [1], [1, 1, 1], [1, 3], [2]]
+
+
+def test_deploy_ray_needs_neither_ray_nor_the_export_extra(tmp_path):
+    """`kiln deploy ray` writes the config in a serve-only install without Ray (only the cluster needs kiln[ray]);
+    kiln.serve.ray_app imports there too (Ray is imported where the app is built)."""
+    from test_deploy import BLOCKED, WITHOUT_EXPORT_EXTRA
+
+    blocking = WITHOUT_EXPORT_EXTRA.replace(repr(BLOCKED), repr((*BLOCKED, "ray")))
+    assert blocking != WITHOUT_EXPORT_EXTRA
+    digits = make_folder(tmp_path / "a")
+    script = blocking + ("import kiln.serve.ray_app\nfrom kiln.cli import main\n"
+                         "code = main(sys.argv[1:])\nassert 'ray' not in sys.modules and 'torch' not in sys.modules\n"
+                         "sys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", script, "deploy", "ray", str(digits), "--out", str(tmp_path / "r")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "r" / "serve.yaml").is_file()
