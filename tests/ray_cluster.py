@@ -160,8 +160,9 @@ class Load:
         self.concurrency = concurrency
         self.stop = asyncio.Event()
         self.answers: list[tuple[float, int, str]] = []  # (time.monotonic(), status, error text)
-        body = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                            "data": np.asarray(digits_rows(1, 3)).ravel().tolist()}]}
+        rows = 64  # kiln serve's --max-items: each request is mostly the replica's work, so a replica holds several
+        body = {"inputs": [{"name": "image", "shape": [rows, 1, 8, 8], "datatype": "FP32",
+                            "data": np.asarray(digits_rows(rows, 3)).ravel().tolist()}]}
         self.body = json.dumps(body).encode()
 
     async def client(self, http: httpx.AsyncClient) -> None:
@@ -186,7 +187,7 @@ def replicas(model: str) -> list[dict]:
 
     actors = list_actors(filters=[("class_name", "=", f"ServeReplica:kiln:{model}"), ("state", "=", "ALIVE")],
                          detail=True, raise_on_missing_output=False)
-    return [{"node_id": a.node_id, "pid": a.pid, "actor_id": a.actor_id} for a in actors]
+    return [{"node_id": a.node_id, "pid": a.pid, "actor_id": a.actor_id, "name": a.name} for a in actors]
 
 
 def running_replicas(model: str) -> int:
@@ -213,6 +214,11 @@ async def scale_and_kill(url: str, concurrency: int, upscale_wait: float, settle
         out["nodes"] = sorted({r["node_id"] for r in placed})
         await asyncio.sleep(1.0)
         victim = placed[0]
+        import ray
+
+        # What the replica holds (Ray's own count of its ongoing requests), read just before the kill.
+        actor = ray.get_actor(victim["name"], namespace="serve")
+        out["held_at_kill"] = await asyncio.wrap_future(actor.get_num_ongoing_requests.remote().future())
         killed_at = time.monotonic()
         os.kill(victim["pid"], signal.SIGKILL)
         out["killed_pid"] = victim["pid"]

@@ -150,6 +150,8 @@ def test_ray_cluster_two_nodes(digits_artifacts, minilm_artifacts, tmp_path):
     # A killed replica costs the client only the requests it held: at most its max_ongoing_requests and the
     # clients' concurrency, answered 503 (kiln's JSON error) right after the kill; after that, every answer is 200.
     assert scale["errors_after_kill"] <= min(max_ongoing, scale["concurrency"])
+    # held_at_kill is read a few milliseconds before the kill (requests come and go meanwhile): 2 of slack for that
+    assert scale["errors_after_kill"] <= scale["held_at_kill"] + 2
     assert set(scale["error_statuses"]) <= {503}
     assert scale["last_error_after_kill_s"] is None or scale["last_error_after_kill_s"] < 5
     assert scale["requests_after_kill"] > 10 * max(1, scale["errors_after_kill"])
