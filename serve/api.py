@@ -20,7 +20,7 @@ import litserve as ls
 from kiln.core.memory import MemoryKeeper
 from kiln.core.runner import Batch, ModelRunner, WorkItem
 from kiln.serve.batching import BatchCostModel, stop_after_drain
-from kiln.serve.channel import Result
+from kiln.serve.channel import Result, batch_results
 
 
 class KilnAPI(ls.LitAPI):
@@ -58,8 +58,4 @@ class KilnAPI(ls.LitAPI):
         if ran.whole_s is not None:
             self.cost_model.learn(items, ran.whole_s)
         self.batches_run += 1
-        batch_id = f"{os.getpid()}-{self.batches_run}"
-        tokens = ran.tokens
-        return [Result(outputs, max(0.0, batch.started - item.enqueued), ran.infer_s, len(batch.items),
-                       items, batch_id, error, tokens[i] if tokens else None)
-                for i, (item, (outputs, error)) in enumerate(zip(batch.items, ran.outcomes))]
+        return batch_results(batch, ran, f"{os.getpid()}-{self.batches_run}")

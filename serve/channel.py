@@ -72,6 +72,16 @@ class Result:
     tokens: int | None = None  # text models: the tokens this request's texts encoded to (OpenAI `usage`)
 
 
+def batch_results(batch, ran, batch_id: str) -> list[Result]:
+    """Each request's Result from a batch a core.runner.ModelRunner ran (`batch`: its Batch, `ran`: its BatchRun):
+    the one shape every host of a runner answers in (LitServe's worker, a Ray Serve replica)."""
+    items = sum(batch.counts)
+    tokens = ran.tokens
+    return [Result(outputs, max(0.0, batch.started - item.enqueued), ran.infer_s, len(batch.items), items, batch_id,
+                   error, tokens[i] if tokens else None)
+            for i, (item, (outputs, error)) in enumerate(zip(batch.items, ran.outcomes))]
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """Worker -> HTTP process: the outcome of one Job."""
