@@ -1,0 +1,114 @@
+"""The OpenVINO runtime on a real IR built with OpenVINO's own graph API (no torch), and its telemetry kept off."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kiln.core.errors import RuntimeUnavailable
+from kiln.core.runtime import RuntimeOptions, open_artifact, registry
+from kiln.core.signature import Signature, TensorSpec
+
+SIGNATURE = Signature(inputs=(TensorSpec("x", "float32", ("batch", 4)),),
+                      outputs=(TensorSpec("y", "float32", ("batch", 3)),))
+WEIGHTS = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+
+
+def write_ir(path, precision: str) -> None:
+    """A one-MatMul model with a dynamic batch, its precision recorded as kiln's emitter records it."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    from kiln.core.runtimes.openvino import PRECISION_KEY
+
+    x = ops.parameter([-1, 4], np.float32, name="x")
+    y = ops.matmul(x, ops.constant(WEIGHTS), False, False)
+    model = ov.Model([y], [x], "tiny")
+    model.inputs[0].get_tensor().set_names({"x"})
+    model.outputs[0].get_tensor().set_names({"y"})
+    model.set_rt_info(precision, PRECISION_KEY)
+    ov.save_model(model, str(path), compress_to_fp16=False)
+
+
+def test_registered_with_its_suffix_and_no_torch():
+    spec = registry()["openvino"]
+    assert spec.suffix == ".xml" and spec.requires == "openvino" and not spec.needs_torch
+
+
+def test_runs_dynamic_batches_in_the_threads_it_is_given(tmp_path):
+    write_ir(tmp_path / "m.xml", "fp32")
+    runtime = open_artifact(tmp_path / "m.xml", "openvino", SIGNATURE, "ov-fp32", RuntimeOptions(threads=1))
+    assert runtime.threads == 1 and runtime.precision == "f32"
+    assert runtime.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert str(runtime.compiled.get_property("PERFORMANCE_HINT")).endswith("LATENCY")
+    for batch in (1, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, 4)).astype(np.float32)
+        first = runtime.run({"x": x})["y"]
+        np.testing.assert_allclose(first, x @ WEIGHTS, rtol=1e-5, atol=1e-6)
+        runtime.run({"x": x * 2})
+        np.testing.assert_allclose(first, x @ WEIGHTS, rtol=1e-5, atol=1e-6)  # a copy, not the request's tensor
+    runtime.close()
+    runtime.close()
+
+
+def test_bf16_is_refused_where_the_cpu_only_emulates_it(tmp_path, monkeypatch):
+    import kiln.core.machine
+
+    write_ir(tmp_path / "m.xml", "bf16")
+    monkeypatch.setattr(kiln.core.machine, "bf16_native", lambda info=None: False)
+    with pytest.raises(RuntimeUnavailable, match="bf16"):
+        open_artifact(tmp_path / "m.xml", "openvino", SIGNATURE, "ov-bf16")
+    write_ir(tmp_path / "q.xml", "int8")  # an INT8 model's unquantized layers fall back to f32 instead
+    assert open_artifact(tmp_path / "q.xml", "openvino", SIGNATURE, "ov-int8").precision == "f32"
+
+
+TELEMETRY_PROBE = """
+import json, socket, sys
+attempts = []
+def refuse(*args, **kwargs):
+    attempts.append(repr(args[:2]))
+    raise OSError("no network in this test")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+socket.getaddrinfo = refuse
+from openvino_telemetry.backend import backend_ga4
+backend_ga4.GA4Backend.send = lambda self, message: attempts.append("ga4 send")  # what posts to the network
+if sys.argv[1] == "off":
+    from kiln.core.runtimes.openvino import telemetry_off
+    telemetry_off()
+import nncf
+from nncf.telemetry.wrapper import telemetry
+from openvino.tools.ovc.telemetry_utils import init_ovc_telemetry
+ovc = init_ovc_telemetry()
+telemetry.send_event("kiln-test", "probe", "label")
+ovc.send_event("kiln-test", "probe", "label")
+import time; time.sleep(1)  # the sender calls the backend from a thread pool
+print(json.dumps({"nncf": bool(telemetry._impl.consent), "ovc": bool(ovc.consent), "attempts": attempts}))
+"""
+
+
+def _probe(mode: str, home) -> dict:
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("CI", None)  # the telemetry package turns itself off under CI=true; test the ordinary case
+    result = subprocess.run([sys.executable, "-c", TELEMETRY_PROBE, mode], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_telemetry_never_sends(tmp_path):
+    """Left alone, NNCF and the converter count a missing consent file as consent and try to send; with kiln's
+    switch nothing consents, nothing reaches for the network, and nothing is written in the user's home."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    on.mkdir()
+    off.mkdir()
+    plain = _probe("plain", on)
+    assert plain["nncf"] and plain["ovc"] and plain["attempts"]  # what the switch is for
+    switched = _probe("off", off)
+    assert switched == {"nncf": False, "ovc": False, "attempts": []}
+    assert not list(off.iterdir())
