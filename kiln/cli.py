@@ -482,10 +482,10 @@ def run_deploy_kserve(args: argparse.Namespace) -> int:
 
 # --- what a serve-only install lacks ----------------------------------------------------------------------------
 
-# `pip install kiln` serves ONNX variants and writes deploy files; the rest needs the export extra. Checked before a
+# `pip install kiln` serves ONNX and OpenVINO variants and writes deploy files; the rest needs the export extra. Checked before a
 # subcommand starts, so it fails with the install line, not an ImportError halfway through.
 EXPORT_EXTRA_NEEDS = {
-    "export": ("torch", "onnx", "onnxscript", "sklearn", "torch_pruning"),
+    "export": ("torch", "onnx", "onnxscript", "sklearn", "torch_pruning", "nncf"),
     "bench": ("torch", "matplotlib"),
     "loadtest": ("matplotlib",),
 }
@@ -500,7 +500,7 @@ def require_extras(args: argparse.Namespace) -> None:
     missing = [m for m in EXPORT_EXTRA_NEEDS.get(command, ()) if not module_installed(m)]
     if missing:
         raise RuntimeUnavailable(f"`kiln {command}` needs {', '.join(missing)}, which this install lacks (the "
-                                 "serve-only base install serves ONNX variants and writes deploy files); "
+                                 "serve-only base install serves ONNX and OpenVINO variants and writes deploy files); "
                                  "pip install 'kiln[export]'")
 
 

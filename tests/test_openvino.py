@@ -112,3 +112,51 @@ def test_telemetry_never_sends(tmp_path):
     switched = _probe("off", off)
     assert switched == {"nncf": False, "ovc": False, "attempts": []}
     assert not list(off.iterdir())
+
+
+# --- real exports (the session's MiniLM has ov-int8 in its recommended set) --------------------------------------
+
+TORCH_ABSENT = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):  # what the serve-only install lacks
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchao", "nncf", "onnx", "transformers"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Absent())
+import os, pathlib
+pathlib.Path(os.environ["KILN_TEST_MARKER"]).touch()  # the block was in place in the server's processes
+"""
+
+
+@pytest.mark.slow
+def test_minilm_ov_int8_is_verified_and_served_without_torch(minilm_artifacts, tmp_path):
+    import httpx
+
+    import kiln
+    from kiln.core.manifest import read_manifest
+    from kiln.models import minilm
+    from server_process import ServerProcess
+
+    entry = read_manifest(minilm_artifacts).variant("ov-int8")
+    assert entry.runtime == "openvino" and [c["file"] for c in entry.companions] == ["ov-int8.bin"]
+    assert entry.cosine_min >= 0.99 and entry.batch_invariance["cosine_min"] >= 0.999
+    record = entry.quantization
+    assert record["library"] == "nncf" and record["steps"][-1]["held_out_cosine_min"] >= record["budget_cosine_min"]
+    assert len(record["kept_in_higher_precision"]) == record["steps"][-1]["kept"]
+
+    texts = ["The cat sat on the mat.", "Interest rates rose again this quarter."]
+    reference = kiln.load(minilm_artifacts, "onnx-fp32", threads=1).run(
+        minilm.tokenize(texts, minilm_artifacts / "tokenizer.json"))["sentence_embedding"]
+    (tmp_path / "sitecustomize.py").write_text(TORCH_ABSENT)
+    server = ServerProcess(minilm_artifacts, "--variant", "ov-int8", "--threads", "1",
+                           env={"PYTHONPATH": str(tmp_path), "KILN_TEST_MARKER": str(tmp_path / "blocked")})
+    try:
+        server.wait_ready(120)
+        answer = httpx.post(f"{server.url}/predict", json={"texts": texts}, timeout=30).json()
+        served = np.array(answer["embeddings"])
+        cosine = (served * reference).sum(1) / np.linalg.norm(served, axis=1) / np.linalg.norm(reference, axis=1)
+        assert served.shape == (2, 384) and cosine.min() >= 0.99, cosine
+    finally:
+        server.stop()
+    assert (tmp_path / "blocked").exists()
