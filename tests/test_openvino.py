@@ -132,11 +132,11 @@ pathlib.Path(os.environ["KILN_TEST_MARKER"]).touch()  # the block was in place i
 @pytest.mark.slow
 def test_minilm_ov_int8_is_verified_and_served_without_torch(minilm_artifacts, tmp_path):
     import httpx
+    from server_process import ServerProcess
 
     import kiln
     from kiln.core.manifest import read_manifest
     from kiln.models import minilm
-    from server_process import ServerProcess
 
     entry = read_manifest(minilm_artifacts).variant("ov-int8")
     assert entry.runtime == "openvino" and [c["file"] for c in entry.companions] == ["ov-int8.bin"]
