@@ -261,7 +261,7 @@ def test_a_variant_may_name_another_runtime_for_its_format():
 def test_every_variant_resolves_to_one_precision_workflow_with_a_registered_handler():
     from dataclasses import FrozenInstanceError
 
-    import kiln.export.ov_quantize  # noqa: F401  registers the OpenVINO workflows, as the OpenVINO emitter's import does
+    import kiln.export.ov_quantize  # registers the OpenVINO workflows, as the OpenVINO emitter's import does
     import kiln.export.quantize  # noqa: F401  registers the ONNX INT8 handlers, as the ONNX emitter's import does
     from kiln.export import precision
     from kiln.models.base import ExportHints
