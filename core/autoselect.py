@@ -79,18 +79,22 @@ class ServedVariant:
 
 
 def served_variant(folder: str | Path, manifest: Manifest, variant: str | None, threads: int | None = None,
-                   batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> ServedVariant:
+                   batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, rechoose: bool = False) -> ServedVariant:
     """The one rule for what `kiln.load` and `kiln serve` run: a named variant, `auto` (chosen on this machine,
-    cached, or the fp32 fallback), or the manifest's default."""
-    if variant == "auto":
+    cached, or the fp32 fallback), or the manifest's default. With `rechoose` (kiln serve), a default chosen on a
+    machine whose speed-deciding ISA flags differ from this one's is chosen again here, as `auto` chooses; without
+    it (kiln.load), it is served with a warning."""
+    selection = manifest.selection or {}
+    mismatch = None if variant else speed_mismatch(selection.get("machine"))
+    if variant == "auto" or (mismatch and rechoose):
         choice = auto_variant(folder, threads, batch_sizes, manifest=manifest)
-        return ServedVariant(manifest.variant(choice.variant), choice.how, choice.reason, auto=choice)
+        reason = (f"re-chosen on this machine ({mismatch.split(':')[0]}): {choice.reason}" if mismatch and not variant
+                  else choice.reason)
+        return ServedVariant(manifest.variant(choice.variant), choice.how, reason, auto=choice)
     if variant:
         return ServedVariant(manifest.variant(variant), "forced", "named with --variant")
-    selection = manifest.selection or {}
     return ServedVariant(manifest.variant(None), "default",
-                         selection.get("reason") or "the export's fp32 default (no --select was run)",
-                         speed_mismatch(selection.get("machine")))
+                         selection.get("reason") or "the export's fp32 default (no selection was run)", mismatch)
 
 
 def manifest_digest(folder: Path) -> str:

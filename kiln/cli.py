@@ -141,9 +141,13 @@ def add_export_parser(subparsers: Any) -> None:
                         help=f"epochs of fine-tuning after structured pruning (default {PruneConfig.fine_tune_epochs})")
     parser.add_argument("--recipe", type=Path, help="TOML recipe; flags given on the command line override it")
     parser.add_argument("--opset", type=int, help=f"ONNX opset (default {Recipe.opset})")
-    parser.add_argument("--select", action="store_true",
-                        help="benchmark the variants and make the fastest within budget the default (exit 4, "
-                             "nothing chosen, when the measurement is too noisy: see --accept-unstable)")
+    choose = parser.add_mutually_exclusive_group()
+    choose.add_argument("--select", action="store_true", default=None,
+                        help="measure as `kiln bench --select` does and exit 4 (nothing chosen) when the measurement "
+                             "is too noisy (see --accept-unstable); without it the export still ends with a bounded "
+                             "selection whose failure keeps the fp32 default")
+    choose.add_argument("--no-select", dest="select", action="store_false", default=None,
+                        help="skip the selection that ends the export: the fp32 variant stays the default")
     add_select_budget(parser)
     parser.add_argument("--accept-unstable", action="store_true",
                         help="let --select choose from measurements flagged unstable (otherwise exit 4; or "

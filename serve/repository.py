@@ -132,7 +132,8 @@ def plan_models(config) -> list[ModelPlan]:
     for index, (name, folder, manifest) in enumerate(zip(names, folders, manifests)):
         chosen = variants.get(name, variant)
         model_threads = threads_by.get(name, threads if threads is not None else shared)
-        choice = served_variant(folder, manifest, chosen, model_threads, (1, min(8, config.max_batch_size)))
+        choice = served_variant(folder, manifest, chosen, model_threads, (1, min(8, config.max_batch_size)),
+                                rechoose=True)
         if choice.auto is not None:
             print(f"kiln: {name}: --variant auto: {choice.entry.name} ({choice.how}, {choice.auto.seconds:.1f} s): "
                   f"{choice.reason}", flush=True)
