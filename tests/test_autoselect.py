@@ -133,8 +133,11 @@ def test_export_selection_chooses_here_or_keeps_fp32_and_says_why(folder, monkey
     recipe = Recipe(variants=tuple(read_manifest(folder).variant_names))
     kiln.select_at_export(folder, recipe, lambda message: None, strict=False)
     selection = read_manifest(folder).selection
-    assert selection["machine"]["fingerprint"] and selection["budget"]["max_accuracy_drop"] == 0.5
-    assert read_manifest(folder).default_variant == selection["default_variant"]
+    assert selection["machine"]["fingerprint"] and read_manifest(folder).default_variant == selection["default_variant"]
+    if selection["chosen"]:  # measured steadily enough here: chosen by the budget kiln bench --select uses
+        assert selection["budget"]["max_accuracy_drop"] == 0.5
+    else:  # digits' cells are tens of microseconds: on a busy machine the rounds may disagree
+        assert "kept the fp32 default" in selection["reason"]
 
     def unstable(*args, **kwargs):
         raise UnstableMeasurement("the rounds disagree")
