@@ -83,7 +83,9 @@ def served_variant(folder: str | Path, manifest: Manifest, variant: str | None, 
     """The one rule for what `kiln.load` and `kiln serve` run: a named variant, `auto` (chosen on this machine,
     cached, or the fp32 fallback), or the manifest's default. With `rechoose` (kiln serve), a default chosen on a
     machine whose speed-deciding ISA flags differ from this one's is chosen again here, as `auto` chooses; without
-    it (kiln.load), it is served with a warning."""
+    it (kiln.load), or with `variant="default"`, it is served with a warning."""
+    if variant == "default":  # the recorded default, as told: served with a warning where the machine differs
+        variant, rechoose = None, False
     selection = manifest.selection or {}
     mismatch = None if variant else speed_mismatch(selection.get("machine"))
     if variant == "auto" or (mismatch and rechoose):

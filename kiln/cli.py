@@ -258,7 +258,9 @@ def add_serve_parser(subparsers: Any) -> None:
                         help="artifact folder(s) written by `kiln export`, or a repository: a folder of them (each "
                              "model is served under its manifest's name)")
     parser.add_argument("--variant", action="append",
-                        help="variant to serve (default: the manifest's default_variant); 'auto' re-chooses on this "
+                        help="variant to serve (default: the manifest's default_variant, re-chosen as 'auto' does "
+                             "where it was chosen on a CPU with other ISA flags; 'default' serves it anyway, with a "
+                             "warning); 'auto' re-chooses on this "
                              "machine (a short bounded bench, cached beside the manifest per machine); NAME for "
                              "every model or model=NAME for one, comma-separated or repeated")
     parser.add_argument("--host", default=defaults["host"],

@@ -121,6 +121,8 @@ def test_serve_rechooses_a_default_chosen_on_another_machine_and_load_warns(fold
     rechosen = served_variant(folder, manifest, None, threads=1, batch_sizes=(1,), rechoose=True)  # kiln serve's
     assert rechosen.auto is not None and rechosen.how in ("chosen", "fallback")
     assert rechosen.reason.startswith("re-chosen on this machine (the default variant was chosen on Another CPU")
+    told = served_variant(folder, manifest, "default", threads=1, rechoose=True)  # `kiln serve --variant default`
+    assert told.how == "default" and told.entry.name == manifest.default_variant and told.warning
 
 
 def test_export_selection_chooses_here_or_keeps_fp32_and_says_why(folder, monkeypatch):
