@@ -5,8 +5,8 @@ between the quantized and the fp32 outputs, `kiln.export.verify.compare`), but o
 quantizer was NOT fitted on: the calibration set is split in two halves, quantized on one and judged on the
 other (one fold, not two: each step is then one quantization, and the estimate is a little pessimistic, fitted
 on half the items the final model is fitted on). Judged on its own calibration items the MiniLM model looked fine (worst cosine 0.996) while held-out
-sentences fell to 0.979. Where the held-out worst cosine misses the variant's budget, the quantized MatMuls are
-ranked by what each costs (its activation quantizer removed, the rest kept, judged on the held-out fold), and the
+sentences fell to 0.979. Where the held-out worst cosine misses the variant's budget, the quantized layers (MatMul,
+convolution) are ranked by what each costs (its activation quantizer removed, the rest kept, judged on the held-out fold), and the
 worst are kept in higher precision (NNCF's `ignored_scope`) a few at a time, for at most `max_steps` steps: a
 bounded search, seconds per step, where NNCF's own `quantize_with_accuracy_control` ran for minutes. The final
 model is quantized on the whole calibration set with the chosen scope; the manifest records the layers kept, the
@@ -72,9 +72,12 @@ def run_model(core: Any, model: Any, inputs: dict[str, np.ndarray], hint: str, t
     return np.concatenate(pieces)
 
 
-def quantized_matmuls(model: Any) -> list[str]:
-    """The MatMuls NNCF quantized: those with a FakeQuantize on an activation input."""
-    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"
+QUANTIZABLE = ("MatMul", "Convolution", "GroupConvolution")  # the layers NNCF quantizes that accuracy control ranks
+
+
+def quantized_layers(model: Any) -> list[str]:
+    """The layers NNCF quantized: those with a FakeQuantize on an activation input."""
+    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in QUANTIZABLE
             and any(fake_quantized_activation(op, i) is not None for i in range(op.get_input_size()))]
 
 
@@ -86,7 +89,7 @@ def fake_quantized_activation(op: Any, index: int) -> Any | None:
 
 
 def without_activation_quantizers(model: Any, name: str) -> Any:
-    """A copy of the quantized model whose MatMul `name` takes its activations unquantized (weights stay int8)."""
+    """A copy of the quantized model whose layer `name` takes its activations unquantized (weights stay int8)."""
     copy = model.clone()
     op = next(o for o in copy.get_ordered_ops() if o.get_friendly_name() == name)
     for index in range(op.get_input_size()):
@@ -141,7 +144,7 @@ def nncf_int8(config: NncfInt8, model: Any, job: "EmitJob") -> tuple[Any, dict[s
     steps = [{"kept": 0, "held_out_cosine_min": round(score, 6)}]
     ranking: list[str] = []
     if score < floor and config.max_steps > 0:
-        candidates = quantized_matmuls(fold_model)
+        candidates = quantized_layers(fold_model)
         costs = {name: worst(without_activation_quantizers(fold_model, name), judged) for name in candidates}
         ranking = sorted(candidates, key=lambda name: -costs[name])  # the biggest gain from keeping it first
         per_step = max(1, math.ceil(len(ranking) * config.fraction_per_step))
@@ -160,7 +163,7 @@ def nncf_int8(config: NncfInt8, model: Any, job: "EmitJob") -> tuple[Any, dict[s
     if score < floor:
         raise ExportError(f"NNCF INT8 misses the budget: worst held-out cosine {score:.5f} < {floor} after "
                           f"{len(steps) - 1} accuracy-control step(s) keeping {len(kept)} of {len(ranking) or '?'} "
-                          "quantized MatMuls in higher precision")
+                          "quantized layers in higher precision")
     final = quantize(indices, kept)
     record["seconds"] = round(time.perf_counter() - started, 1)
     return final, record

@@ -71,12 +71,12 @@ class InferencePrecision:
 class NncfInt8:
     """NNCF static INT8 of an OpenVINO model, calibrated on the model's calibration set, with a bounded accuracy
     control: where the quantized model misses the variant's cosine budget on calibration items it was not fitted on,
-    the MatMuls that cost the most are kept in higher precision (NNCF's `ignored_scope`), a few at a time, for at
+    the layers that cost the most are kept in higher precision (NNCF's `ignored_scope`), a few at a time, for at
     most `max_steps` steps (kiln.export.ov_quantize)."""
 
     model_type: str = "transformer"  # nncf.ModelType, or "" for a convnet/MLP
     max_steps: int = 6  # accuracy-control steps after the plain quantization
-    fraction_per_step: float = 1 / 12  # of the quantized MatMuls kept in higher precision at each step
+    fraction_per_step: float = 1 / 12  # of the quantized layers kept in higher precision at each step
     subset_size: int = 300  # calibration items NNCF collects statistics on (all of kiln's, usually fewer)
 
     def record(self) -> dict[str, Any]:

@@ -160,3 +160,53 @@ def test_minilm_ov_int8_is_verified_and_served_without_torch(minilm_artifacts, t
     finally:
         server.stop()
     assert (tmp_path / "blocked").exists()
+
+
+def _tiny_quantization_job(budget: float):
+    """A two-MatMul OpenVINO model and what the NNCF handler reads from an export job (no torch involved)."""
+    from types import SimpleNamespace
+
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    from kiln.export.recipe import Recipe, Tolerances
+    from kiln.models.base import Dataset
+
+    rng = np.random.default_rng(0)
+    x = ops.parameter([-1, 16], np.float32, name="x")
+    hidden = ops.relu(ops.matmul(x, ops.constant(rng.standard_normal((16, 32)).astype(np.float32)), False, False))
+    y = ops.matmul(hidden, ops.constant(rng.standard_normal((32, 8)).astype(np.float32)), False, False)
+    model = ov.Model([y], [x], "tiny")
+    model.inputs[0].get_tensor().set_names({"x"})
+    model.outputs[0].get_tensor().set_names({"y"})
+    signature = Signature(inputs=(TensorSpec("x", "float32", ("batch", 16)),),
+                          outputs=(TensorSpec("y", "float32", ("batch", 8)),))
+    # A heavy-tailed calibration set: a few large activations make per-tensor INT8 ranges coarse.
+    data = rng.standard_normal((32, 16)).astype(np.float32) * rng.choice([0.1, 1.0, 8.0], size=(32, 1))
+    bundle = SimpleNamespace(signature=signature, calibration=Dataset({"x": data.astype(np.float32)}),
+                             task="embedding")
+    recipe = Recipe(variants=("ov-int8",), tolerances=Tolerances(int8_cosine_min=budget))
+    return model, SimpleNamespace(spec=SimpleNamespace(name="ov-int8"), bundle=bundle, recipe=recipe)
+
+
+@pytest.mark.slow  # real NNCF runs (about 10 s)
+def test_accuracy_control_keeps_layers_until_the_held_out_budget_holds_or_refuses():
+    from kiln.core.errors import ExportError
+    from kiln.export import ov_quantize
+    from kiln.export.precision import NncfInt8
+
+    model, job = _tiny_quantization_job(0.5)
+    quantized, record = ov_quantize.nncf_int8(NncfInt8(model_type=""), model, job)
+    assert record["steps"] == [{"kept": 0, "held_out_cosine_min": record["steps"][0]["held_out_cosine_min"]}]
+    assert record["kept_in_higher_precision"] == [] and len(ov_quantize.quantized_layers(quantized)) == 2
+
+    model, job = _tiny_quantization_job(0.9)  # plain INT8 misses it on the held-out half (0.88 here)
+    quantized, record = ov_quantize.nncf_int8(NncfInt8(model_type=""), model, job)
+    assert record["steps"][0]["held_out_cosine_min"] < 0.9 <= record["steps"][-1]["held_out_cosine_min"]
+    kept = record["kept_in_higher_precision"]
+    assert len(kept) == record["steps"][-1]["kept"] == 1 and len(record["steps"]) == 2
+    assert not set(kept) & set(ov_quantize.quantized_layers(quantized))  # kept out of INT8 in the final model
+
+    model, job = _tiny_quantization_job(0.99)  # one step allowed, and one kept layer is not enough: refused
+    with pytest.raises(ExportError, match=r"misses the budget.*after 1 accuracy-control step\(s\) keeping 1 of 2"):
+        ov_quantize.nncf_int8(NncfInt8(model_type="", max_steps=1), model, job)
