@@ -215,7 +215,7 @@ def _figures(manifest: Manifest, name: str) -> dict[str, Any]:
                 "batch_invariance": None}
     entry = manifest.variant(name)
     return {
-        "bytes": entry.bytes,
+        "bytes": entry.total_bytes,
         "accuracy": entry.accuracy,
         "cosine_min": entry.cosine_min,
         "format": entry.format,
