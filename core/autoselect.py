@@ -28,7 +28,7 @@ from kiln.core.errors import KilnError, one_line
 from kiln.core.machine import bf16_native, fingerprint, machine_info, speed_mismatch
 from kiln.core.manifest import MANIFEST_NAME, Manifest, VariantEntry, fp32_default, read_manifest, write_json_atomic
 from kiln.core.paths import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, read_capped, read_json
-from kiln.core.runtime import Runtime, RuntimeOptions, check_runnable, open_artifact
+from kiln.core.runtime import Runtime, RuntimeOptions, check_runnable, module_installed, needs_torch, open_artifact
 from kiln.core.selection import choose
 
 CACHE_NAME = "auto-variant.json"
@@ -88,10 +88,17 @@ def served_variant(folder: str | Path, manifest: Manifest, variant: str | None, 
         variant, rechoose = None, False
     selection = manifest.selection or {}
     mismatch = None if variant else speed_mismatch(selection.get("machine"))
-    if variant == "auto" or (mismatch and rechoose):
+    default = manifest.variant(None)
+    # A default this install cannot load (it needs torch, and this is the serve-only install): re-chosen among
+    # the variants that load here, as the Docker image must serve the fastest it can load.
+    unloadable = not variant and needs_torch(default) and not module_installed("torch")
+    if variant == "auto" or (rechoose and (mismatch or unloadable)):
         choice = auto_variant(folder, threads, batch_sizes, manifest=manifest)
-        reason = (f"re-chosen on this machine ({mismatch.split(':')[0]}): {choice.reason}" if mismatch and not variant
-                  else choice.reason)
+        reason = choice.reason
+        if mismatch and not variant:
+            reason = f"re-chosen on this machine ({mismatch.split(':')[0]}): {reason}"
+        elif unloadable:
+            reason = f"re-chosen: the default {default.name} needs torch, which this install lacks: {reason}"
         return ServedVariant(manifest.variant(choice.variant), choice.how, reason, auto=choice)
     if variant:
         return ServedVariant(manifest.variant(variant), "forced", "named with --variant")

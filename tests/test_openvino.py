@@ -161,6 +161,26 @@ def test_minilm_ov_int8_is_verified_and_served_without_torch(minilm_artifacts, t
         server.stop()
     assert (tmp_path / "blocked").exists()
 
+    # A default this install cannot load (pt2-int8 needs torch) is re-chosen among the variants that load here.
+    import shutil
+
+    from kiln.core.manifest import read_manifest as read
+
+    folder = tmp_path / "minilm"
+    shutil.copytree(minilm_artifacts, folder)
+    manifest = read(folder)
+    manifest.default_variant = "pt2-int8"
+    manifest.save()
+    server = ServerProcess(folder, "--threads", "1", env={"PYTHONPATH": str(tmp_path),
+                                                          "KILN_TEST_MARKER": str(tmp_path / "blocked")})
+    try:
+        server.wait_ready(180)
+        parameters = httpx.get(f"{server.url}/v2/models/minilm", timeout=10).json()["parameters"]
+        assert parameters["variant"] in ("onnx-fp32", "onnx-int8", "ov-int8"), parameters
+        assert parameters["reason"].startswith("re-chosen: the default pt2-int8 needs torch"), parameters
+    finally:
+        server.stop()
+
 
 def _tiny_quantization_job(budget: float):
     """A two-MatMul OpenVINO model and what the NNCF handler reads from an export job (no torch involved)."""
