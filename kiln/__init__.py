@@ -70,7 +70,7 @@ def export_model(model: str, out: str | Path, *, variants: list[str] | None = No
 
 
 # The bounded selection that ends every export: timed seconds per variant and round (3 rounds), against the
-# second `kiln bench` gives each; measured on MiniLM's 7 variants plus eager, about 40 s in all on 2 cores.
+# second `kiln bench` gives each; MiniLM's 7 variants plus eager took 53 s in all on 2 (busy) cores.
 EXPORT_SELECT_SECONDS = 0.4
 
 
@@ -86,14 +86,22 @@ def select_at_export(folder: Path, recipe: Any, progress: "Progress", strict: bo
     if strict:
         select_default(folder, **budget)
         return
-    try:
-        select_default(folder, **budget, max_seconds=EXPORT_SELECT_SECONDS)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # never fails the export: the fp32 default stays, and the manifest says why
-        from kiln.core.errors import one_line
+    from kiln.core.errors import UnstableMeasurement, one_line
 
-        keep_fp32_default(folder, f"{type(exc).__name__}: {one_line(exc, 300)}", progress)
+    for attempt in (1, 2):  # a second measurement where the first was unstable (a neighbour's burst), no more
+        try:
+            select_default(folder, **budget, max_seconds=EXPORT_SELECT_SECONDS)
+            return
+        except KeyboardInterrupt:
+            raise
+        except UnstableMeasurement as exc:
+            if attempt == 2:
+                keep_fp32_default(folder, f"{type(exc).__name__} twice: {one_line(exc, 300)}", progress)
+            else:
+                progress("[kiln] select: the measurement was unstable; measuring once more")
+        except Exception as exc:  # never fails the export: the fp32 default stays, and the manifest says why
+            keep_fp32_default(folder, f"{type(exc).__name__}: {one_line(exc, 300)}", progress)
+            return
 
 
 def keep_fp32_default(folder: Path, why: str, progress: "Progress") -> None:
