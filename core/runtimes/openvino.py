@@ -1,10 +1,11 @@
 """OpenVINO on the CPU: IR artifacts (`.xml` graph + `.bin` weights), fp32, bf16 and NNCF INT8.
 
-The precision a variant runs in is part of the artifact, not of the machine: the emitter writes it into the IR's
-`runtime_options` (`INFERENCE_PRECISION_HINT`) and this runtime passes it on, always, so an fp32 variant stays fp32
-on a CPU where OpenVINO would pick bf16 by itself (AMX), and a bf16 variant asks for bf16 only where the CPU has it
-natively (kiln.core.machine.bf16_native, the one check): elsewhere OpenVINO would run it in fp32 and the variant's
-name would lie, so it refuses to open instead, as `--variant auto` never picks it there.
+The precision a variant runs in is part of the artifact, not of the machine: the emitter records the variant's
+precision in the IR's rt_info (`kiln/precision`) and this runtime always passes the matching
+`INFERENCE_PRECISION_HINT`, so an fp32 variant stays fp32 on a CPU where OpenVINO would pick bf16 by itself (AMX), and
+a bf16 variant asks for bf16 only where the CPU has it natively (kiln.core.machine.bf16_native, the one check):
+elsewhere OpenVINO would run it in fp32 and the variant's name would lie, so it refuses to open instead, as
+`--variant auto` never picks it there.
 
 Threads and streams come from `RuntimeOptions`: one stream, `INFERENCE_NUM_THREADS` threads, the latency hint, as
 ONNX Runtime gets its intra-op threads; batch and sequence stay dynamic (the IR's -1 dimensions). An infer request
