@@ -215,7 +215,7 @@ def _figures(manifest: Manifest, name: str) -> dict[str, Any]:
                 "batch_invariance": None}
     entry = manifest.variant(name)
     return {
-        "bytes": entry.bytes,
+        "bytes": entry.total_bytes,
         "accuracy": entry.accuracy,
         "cosine_min": entry.cosine_min,
         "format": entry.format,
@@ -541,9 +541,11 @@ def bench(folder: str | Path, settings: BenchSettings | None = None, *, select_d
 def select_default(folder: str | Path, max_accuracy_drop: float | None = None, min_cosine: float | None = None,
                    batch_size: int = select.DEFAULT_SELECT_BATCH_SIZE, threads: int | None = None,
                    progress: Progress = to_stderr, min_batch_invariance: float | None = None,
-                   accept_unstable: bool = False) -> dict[str, Any]:
-    """Measure every variant at one batch size and make the fastest within budget the default (`export --select`)."""
-    settings = BenchSettings(batch_sizes=(batch_size,), threads=threads)
+                   accept_unstable: bool = False, max_seconds: float | None = None) -> dict[str, Any]:
+    """Measure every variant at one batch size and make the fastest within budget the default (`kiln export`'s
+    selection; `max_seconds` bounds each cell's timed seconds per round, `kiln bench`'s when None)."""
+    settings = BenchSettings(batch_sizes=(batch_size,), threads=threads,
+                             **({"max_seconds": max_seconds} if max_seconds else {}))
     report = measure(folder, settings, progress)
     selection = select.choose(read_manifest(folder), report, batch_size, max_accuracy_drop, min_cosine,
                               min_batch_invariance, accept_unstable)

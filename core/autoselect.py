@@ -28,7 +28,7 @@ from kiln.core.errors import KilnError, one_line
 from kiln.core.machine import bf16_native, fingerprint, machine_info, speed_mismatch
 from kiln.core.manifest import MANIFEST_NAME, Manifest, VariantEntry, fp32_default, read_manifest, write_json_atomic
 from kiln.core.paths import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, read_capped, read_json
-from kiln.core.runtime import Runtime, RuntimeOptions, check_runnable, open_artifact
+from kiln.core.runtime import Runtime, RuntimeOptions, check_runnable, module_installed, needs_torch, open_artifact
 from kiln.core.selection import choose
 
 CACHE_NAME = "auto-variant.json"
@@ -79,18 +79,31 @@ class ServedVariant:
 
 
 def served_variant(folder: str | Path, manifest: Manifest, variant: str | None, threads: int | None = None,
-                   batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> ServedVariant:
+                   batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, rechoose: bool = False) -> ServedVariant:
     """The one rule for what `kiln.load` and `kiln serve` run: a named variant, `auto` (chosen on this machine,
-    cached, or the fp32 fallback), or the manifest's default."""
-    if variant == "auto":
+    cached, or the fp32 fallback), or the manifest's default. With `rechoose` (kiln serve), a default chosen on a
+    machine whose speed-deciding ISA flags differ from this one's is chosen again here, as `auto` chooses; without
+    it (kiln.load), or with `variant="default"`, it is served with a warning."""
+    if variant == "default":  # the recorded default, as told: served with a warning where the machine differs
+        variant, rechoose = None, False
+    selection = manifest.selection or {}
+    mismatch = None if variant else speed_mismatch(selection.get("machine"))
+    default = manifest.variant(None)
+    # A default this install cannot load (it needs torch, and this is the serve-only install): re-chosen among
+    # the variants that load here, as the Docker image must serve the fastest it can load.
+    unloadable = not variant and needs_torch(default) and not module_installed("torch")
+    if variant == "auto" or (rechoose and (mismatch or unloadable)):
         choice = auto_variant(folder, threads, batch_sizes, manifest=manifest)
-        return ServedVariant(manifest.variant(choice.variant), choice.how, choice.reason, auto=choice)
+        reason = choice.reason
+        if mismatch and not variant:
+            reason = f"re-chosen on this machine ({mismatch.split(':')[0]}): {reason}"
+        elif unloadable:
+            reason = f"re-chosen: the default {default.name} needs torch, which this install lacks: {reason}"
+        return ServedVariant(manifest.variant(choice.variant), choice.how, reason, auto=choice)
     if variant:
         return ServedVariant(manifest.variant(variant), "forced", "named with --variant")
-    selection = manifest.selection or {}
     return ServedVariant(manifest.variant(None), "default",
-                         selection.get("reason") or "the export's fp32 default (no --select was run)",
-                         speed_mismatch(selection.get("machine")))
+                         selection.get("reason") or "the export's fp32 default (no selection was run)", mismatch)
 
 
 def manifest_digest(folder: Path) -> str:

@@ -131,6 +131,11 @@ class VariantEntry:
                 *(ArtifactFile(c["file"], c["sha256"], c["bytes"]) for c in self.companions)]
 
     @property
+    def total_bytes(self) -> int:
+        """The size of every file of the variant (an OpenVINO model's weights are in its `.bin`, not its `.xml`)."""
+        return sum(f.bytes for f in self.artifact_files)
+
+    @property
     def pruning_method(self) -> str | None:
         return (self.pruning or {}).get("method")
 

@@ -2,6 +2,7 @@
 
     REPO/<name>/config.pbtxt
     REPO/<name>/1/model.onnx      (onnxruntime_onnx)   or   REPO/<name>/1/model.pt   (pytorch_libtorch)
+                                  or   REPO/<name>/1/model.xml + model.bin (backend openvino)
     REPO/<name>/README.md         (text models only: what Triton lacks to serve them)
 
 Everything comes from the manifest: the I/O names and TYPE_* dtypes from its signature (through the one dtype table,
@@ -32,15 +33,21 @@ VERSION = "1"
 
 @dataclass(frozen=True)
 class Platform:
-    name: str  # config.pbtxt's platform
+    name: str  # config.pbtxt's platform (or backend, see `key`)
     file: str  # the model file's name inside the version folder, as the backend looks for it
     threads_key: str  # the backend's intra-op thread parameter
     indexed_names: bool  # TorchScript has no I/O names: the PyTorch backend binds by <name>__<index>
+    key: str = "platform"  # OpenVINO's backend is named by `backend:`, it has no platform name
+    parameters: tuple[tuple[str, str], ...] = ()  # the backend settings kiln serve runs the variant with
 
 
 PLATFORMS = {
     "onnx": Platform("onnxruntime_onnx", "model.onnx", "intra_op_thread_count", indexed_names=False),
     "torchscript": Platform("pytorch_libtorch", "model.pt", "INTRA_OP_THREAD_COUNT", indexed_names=True),
+    # Triton's OpenVINO backend reads IR (model.xml, its weights model.bin beside it); one stream and the latency
+    # hint, as kiln.core.runtimes.openvino compiles it.
+    "openvino": Platform("openvino", "model.xml", "INFERENCE_NUM_THREADS", indexed_names=False, key="backend",
+                         parameters=(("PERFORMANCE_HINT", "LATENCY"), ("NUM_STREAMS", "1"))),
 }
 
 
@@ -75,13 +82,29 @@ def refusal(entry: VariantEntry) -> str | None:
         return (f"{entry.name!r} is an AOTInductor package (.pt2): Triton's pytorch_libtorch platform loads TorchScript "
                 "only, and its torch_aoti platform (beta since Triton 26.03) does not batch beyond 1 and loads a "
                 "package only under the torch that compiled it")
-    if entry.precision == "bf16":
+    if entry.precision == "bf16" and entry.format != "openvino":
         return (f"{entry.name!r} computes in bfloat16, which kiln verified only under the torch that exported it "
                 "(Triton's libtorch is another build, and CPUs without AVX-512 BF16 or AMX emulate bf16 many times "
                 "slower)")
     if entry.format not in PLATFORMS:
         return f"{entry.name!r} is a {entry.format} artifact, which no Triton backend kiln knows loads"
     return None
+
+
+def openvino_parameters(entry: VariantEntry, notes: list[str]) -> list[tuple[str, str]]:
+    """The precision settings the backend offers for what kiln verified: it has a bf16 hint (`HINT_BF16`) and no
+    way to pin fp32, so an fp32 IR runs in the CPU plugin's default precision there (bf16 on AMX CPUs)."""
+    if entry.precision == "bf16":
+        notes.append(f"{entry.name}: HINT_BF16 asks Triton's OpenVINO for bf16, which a CPU without AVX-512 BF16 or "
+                     "AMX ignores (it then runs fp32, slower than kiln measured)")
+        return [("HINT_BF16", "YES")]
+    if entry.precision == "fp32":
+        notes.append(f"{entry.name}: Triton's OpenVINO backend cannot pin fp32; on an AMX CPU OpenVINO runs it in bf16 "
+                     "by default, which kiln did not verify for this variant (ov-bf16 is that variant)")
+    else:
+        notes.append(f"{entry.name}: its layers kept out of INT8 run in the backend's default precision (fp32, or "
+                     "bf16 on AMX CPUs); kiln verified them in bf16 where the CPU has it")
+    return []
 
 
 def triton_variants(manifest: Manifest) -> list[str]:
@@ -168,7 +191,8 @@ def plan(manifest: Manifest, options: TritonOptions) -> TritonPlan:
                       + ", ".join(f"{new} is {old!r}" for old, new in names.items()) + ".")
     if manifest.is_text:
         header.append("# A text model: these are token-id tensors. Triton has no tokenizer step here; see README.md.")
-    lines = [*header, f'name: "{name}"', f'platform: "{platform.name}"', f"max_batch_size: {max_batch}", "input ["]
+    lines = [*header, f'name: "{name}"', f'{platform.key}: "{platform.name}"', f"max_batch_size: {max_batch}",
+             "input ["]
     blocks = [_tensor_block(spec, names[spec.name], batched) for spec in signature.inputs]
     lines += _join_blocks(blocks)
     lines += ["]", "output ["]
@@ -181,9 +205,13 @@ def plan(manifest: Manifest, options: TritonOptions) -> TritonPlan:
         lines.append(f"  max_queue_delay_microseconds: {round(options.max_batch_delay_ms * 1000)}")
         lines.append("}")
     lines += ["instance_group [", "  {", f"    count: {options.instances}", "    kind: KIND_CPU", "  }", "]"]
+    parameters = list(platform.parameters)
     if options.threads is not None:
-        lines += ["parameters {", f'  key: "{platform.threads_key}"',
-                  f'  value: {{ string_value: "{options.threads}" }}', "}"]
+        parameters.append((platform.threads_key, str(options.threads)))
+    if entry.format == "openvino":
+        parameters += openvino_parameters(entry, notes)
+    for key, value in parameters:
+        lines += ["parameters {", f'  key: "{key}"', f'  value: {{ string_value: "{value}" }}', "}"]
     if entry.format == "torchscript":
         torch_version = (manifest.versions or {}).get("torch")
         notes.append(f"the TorchScript archive was saved by torch {torch_version}: Triton's PyTorch backend loads it "

@@ -11,6 +11,8 @@ Two kinds of handler exist, by what they transform:
 - file workflows (`OnnxDynamicInt8`, `OnnxStaticInt8`): `handler(config, source, target, bundle) -> dict`, which
   writes `target` from an exported `source` and returns the manifest's `quantization` record; their handlers live
   beside the library they call (kiln.export.quantize), registered when it is imported (its format's emitter does).
+- OpenVINO model workflows (`InferencePrecision`, `NncfInt8`): `handler(config, model, job) -> (model, record)`,
+  on an `openvino.Model` in memory; registered by kiln.export.ov_quantize, which the OpenVINO emitter imports.
 """
 
 from __future__ import annotations
@@ -57,6 +59,32 @@ class OnnxStaticInt8:
     calibration_batch: int = 16
 
 
+@dataclass(frozen=True)
+class InferencePrecision:
+    """OpenVINO's bf16: the weights stay fp32 in the IR, the CPU plugin computes in `precision` (a hint, recorded in
+    the IR by the emitter): no transformation of the graph."""
+
+    precision: str = "bf16"
+
+
+@dataclass(frozen=True)
+class NncfInt8:
+    """NNCF static INT8 of an OpenVINO model, calibrated on the model's calibration set, with a bounded accuracy
+    control: where the quantized model misses the variant's cosine budget on calibration items it was not fitted on,
+    the layers that cost the most are kept in higher precision (NNCF's `ignored_scope`), a few at a time, for at
+    most `max_steps` steps (kiln.export.ov_quantize)."""
+
+    model_type: str = "transformer"  # nncf.ModelType, or "" for a convnet/MLP
+    max_steps: int = 6  # accuracy-control steps after the plain quantization
+    fraction_per_step: float = 1 / 12  # of the quantized layers kept in higher precision at each step
+    subset_size: int = 300  # calibration items NNCF collects statistics on (all of kiln's, usually fewer)
+
+    def record(self) -> dict[str, Any]:
+        return {"mode": "static", "library": "nncf", "model_type": self.model_type or None,
+                "weights": "int8 per channel, symmetric", "activations": "int8 per tensor (calibrated ranges)",
+                "max_steps": self.max_steps, "fraction_per_step": round(self.fraction_per_step, 4)}
+
+
 HANDLERS: dict[type, Callable[..., Any]] = {}
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -69,6 +97,9 @@ WORKFLOWS: dict[tuple[str, str, str | None], Callable[["ExportHints"], Any]] = {
     ("pt2", "int8", "dynamic"): lambda hints: TorchaoInt8(hints.int8_activations),
     ("onnx", "int8", "dynamic"): lambda hints: OnnxDynamicInt8(hints.int8_keep_fp32),
     ("onnx", "int8", "static"): lambda hints: OnnxStaticInt8(),
+    ("openvino", "bf16", None): lambda hints: InferencePrecision("bf16"),
+    ("openvino", "int8", "static"): lambda hints: NncfInt8(
+        model_type="transformer" if hints.onnx_optimizer else ""),
 }
 
 

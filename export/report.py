@@ -15,7 +15,7 @@ def format_report(manifest: Manifest) -> str:
         rows.append((
             v.name + (" *" if v.name == manifest.default_variant else ""),
             v.format, v.precision, v.pruning_method or "-",
-            f"{v.bytes / 1e6:.2f}",
+            f"{v.total_bytes / 1e6:.2f}",
             f"{v.accuracy * 100:.2f}%" if v.accuracy is not None else "-",
             f"{v.cosine_min:.5f}" if v.cosine_min is not None else "-",
             f"{v.max_abs_error:.3g}" if v.max_abs_error is not None else "-",

@@ -54,6 +54,7 @@ FORMATS: dict[str, FormatSpec] = {f.name: f for f in (
     FormatSpec("torchscript", runtime="torchscript", emitter="kiln.export.emit_torchscript"),
     FormatSpec("onnx", runtime="onnxruntime", emitter="kiln.export.emit_onnx"),
     FormatSpec("pt2", runtime="aotinductor", emitter="kiln.export.emit_pt2"),
+    FormatSpec("openvino", runtime="openvino", emitter="kiln.export.emit_openvino"),
 )}
 
 VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
@@ -72,6 +73,9 @@ VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
     VariantSpec("pt2-int8", "pt2", "int8", quantization="dynamic"),
     VariantSpec("pruned-pt2-fp32", "pt2", pruning="structured"),
     VariantSpec("pruned-pt2-bf16", "pt2", "bf16", pruning="structured"),
+    VariantSpec("ov-fp32", "openvino"),
+    VariantSpec("ov-bf16", "openvino", "bf16"),
+    VariantSpec("ov-int8", "openvino", "int8", quantization="static"),  # NNCF quantizes statically only
 )}
 
 

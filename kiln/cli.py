@@ -141,9 +141,13 @@ def add_export_parser(subparsers: Any) -> None:
                         help=f"epochs of fine-tuning after structured pruning (default {PruneConfig.fine_tune_epochs})")
     parser.add_argument("--recipe", type=Path, help="TOML recipe; flags given on the command line override it")
     parser.add_argument("--opset", type=int, help=f"ONNX opset (default {Recipe.opset})")
-    parser.add_argument("--select", action="store_true",
-                        help="benchmark the variants and make the fastest within budget the default (exit 4, "
-                             "nothing chosen, when the measurement is too noisy: see --accept-unstable)")
+    choose = parser.add_mutually_exclusive_group()
+    choose.add_argument("--select", action="store_true", default=None,
+                        help="measure as `kiln bench --select` does and exit 4 (nothing chosen) when the measurement "
+                             "is too noisy (see --accept-unstable); without it the export still ends with a bounded "
+                             "selection whose failure keeps the fp32 default")
+    choose.add_argument("--no-select", dest="select", action="store_false", default=None,
+                        help="skip the selection that ends the export: the fp32 variant stays the default")
     add_select_budget(parser)
     parser.add_argument("--accept-unstable", action="store_true",
                         help="let --select choose from measurements flagged unstable (otherwise exit 4; or "
@@ -254,7 +258,9 @@ def add_serve_parser(subparsers: Any) -> None:
                         help="artifact folder(s) written by `kiln export`, or a repository: a folder of them (each "
                              "model is served under its manifest's name)")
     parser.add_argument("--variant", action="append",
-                        help="variant to serve (default: the manifest's default_variant); 'auto' re-chooses on this "
+                        help="variant to serve (default: the manifest's default_variant, re-chosen as 'auto' does "
+                             "where it was chosen on a CPU with other ISA flags; 'default' serves it anyway, with a "
+                             "warning); 'auto' re-chooses on this "
                              "machine (a short bounded bench, cached beside the manifest per machine); NAME for "
                              "every model or model=NAME for one, comma-separated or repeated")
     parser.add_argument("--host", default=defaults["host"],
@@ -581,10 +587,10 @@ def run_deploy_ray(args: argparse.Namespace) -> int:
 
 # --- what a serve-only install lacks ----------------------------------------------------------------------------
 
-# `pip install kiln` serves ONNX variants and writes deploy files; the rest needs the export extra. Checked before a
+# `pip install kiln` serves ONNX and OpenVINO variants and writes deploy files; the rest needs the export extra. Checked before a
 # subcommand starts, so it fails with the install line, not an ImportError halfway through.
 EXPORT_EXTRA_NEEDS = {
-    "export": ("torch", "onnx", "onnxscript", "sklearn", "torch_pruning"),
+    "export": ("torch", "onnx", "onnxscript", "sklearn", "torch_pruning", "nncf"),
     "bench": ("torch", "matplotlib"),
     "loadtest": ("matplotlib",),
 }
@@ -599,7 +605,7 @@ def require_extras(args: argparse.Namespace) -> None:
     missing = [m for m in EXPORT_EXTRA_NEEDS.get(command, ()) if not module_installed(m)]
     if missing:
         raise RuntimeUnavailable(f"`kiln {command}` needs {', '.join(missing)}, which this install lacks (the "
-                                 "serve-only base install serves ONNX variants and writes deploy files); "
+                                 "serve-only base install serves ONNX and OpenVINO variants and writes deploy files); "
                                  "pip install 'kiln[export]'")
 
 

@@ -130,7 +130,7 @@ def load() -> ModelBundle:
             module, train, epochs=epochs, lr=1e-3, progress=True, label="fine-tune"),
         preprocessing={"kind": "image", "description": "8x8 grey image, pixel values 0..16 (scikit-learn digits)"},
         hints=ExportHints(recommended_variants=(
-            "torchscript-fp32", "torchscript-bf16", "onnx-fp32", "onnx-int8", "pruned-onnx-int8",
+            "torchscript-fp32", "torchscript-bf16", "onnx-fp32", "onnx-int8", "pruned-onnx-int8", "ov-int8",
         )),
     )
 

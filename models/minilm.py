@@ -58,10 +58,12 @@ def load() -> ModelBundle:
                             source={"zoo": "minilm"}, calibration_count=CALIBRATION_COUNT)
     bundle.hints = dataclasses.replace(
         bundle.hints,
-        # pt2-bf16 and pt2-int8 hold the budget (cosine 0.99994 and 0.995 to fp32; both batch-invariant) and were
-        # the fastest here (README); a machine without a C++ compiler skips them (optional_variants).
+        # pt2-bf16 and pt2-int8 hold the budget (cosine 0.99994 and 0.995 to fp32; both batch-invariant); a
+        # machine without a C++ compiler skips them (optional_variants). ov-int8 (NNCF static INT8, the layers that
+        # cost accuracy kept in higher precision) is the fastest within the budget and needs no torch to serve
+        # (README); ov-bf16 is not recommended: a CPU without bf16 instructions cannot verify it.
         recommended_variants=("torchscript-fp32", "torchscript-bf16", "onnx-fp32", "onnx-int8", "pt2-bf16",
-                              "pt2-int8"),
+                              "pt2-int8", "ov-int8"),
         # The FFN output projections carry the widest activations: quantizing them too took the minimum
         # cosine to fp32 from 0.9958 to 0.9897 for a few percent more speed.
         int8_keep_fp32=r"layer\.\d+/output/dense",

@@ -94,15 +94,15 @@ def _positive(text: str) -> int:
 
 
 def _require_torch_if_needed(manifest, entry) -> None:
-    """A serve-only install (no torch) serves ONNX variants: say so before any process starts."""
+    """A serve-only install (no torch) serves ONNX and OpenVINO variants: say so before any process starts."""
     from kiln.core.runtime import module_installed, needs_torch
 
     if not needs_torch(entry) or module_installed("torch"):
         return
-    onnx = [v.name for v in manifest.variants if v.runtime == "onnxruntime"]
+    onnx = [v.name for v in manifest.variants if not needs_torch(v)]
     raise RuntimeUnavailable(
         f"variant {entry.name!r} ({entry.format}) of {manifest.model!r} loads through torch, which this serve-only "
-        "install lacks; pip install 'kiln[export]'" + (f", or serve an ONNX variant: --variant {onnx[0]}" if onnx
+        "install lacks; pip install 'kiln[export]'" + (f", or serve a variant that needs no torch: --variant {onnx[0]}" if onnx
                                                         else ""))
 
 
@@ -132,7 +132,8 @@ def plan_models(config) -> list[ModelPlan]:
     for index, (name, folder, manifest) in enumerate(zip(names, folders, manifests)):
         chosen = variants.get(name, variant)
         model_threads = threads_by.get(name, threads if threads is not None else shared)
-        choice = served_variant(folder, manifest, chosen, model_threads, (1, min(8, config.max_batch_size)))
+        choice = served_variant(folder, manifest, chosen, model_threads, (1, min(8, config.max_batch_size)),
+                                rechoose=True)
         if choice.auto is not None:
             print(f"kiln: {name}: --variant auto: {choice.entry.name} ({choice.how}, {choice.auto.seconds:.1f} s): "
                   f"{choice.reason}", flush=True)

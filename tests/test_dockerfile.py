@@ -53,6 +53,8 @@ def test_installs_like_the_makefile():
     extras = project["optional-dependencies"]
     base = " ".join(project["dependencies"])
     assert "torch" not in base and "onnxruntime" in base and "litserve" in base and "pyyaml" in base
+    # OpenVINO serves the fastest torch-free variants; its quantizer NNCF is for exporting only
+    assert "openvino" in base and "nncf" not in base and any(d.startswith("nncf") for d in extras["export"])
     assert any(d.startswith("torch==") for d in extras["export"])
     torch_pin = next(d for d in extras["export"] if d.startswith("torch=="))
     assert f"torch=={torch_pin.split('==')[1]}" in _stages()["export"]  # the CPU wheel is the extra's pin

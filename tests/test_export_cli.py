@@ -21,7 +21,7 @@ def _user_args(iris, out, model="userpkg.nets:iris_mlp", checkpoint="default", i
                variants="torchscript-fp32,onnx-fp32"):
     """checkpoint: "default" for the trained iris checkpoint, None for none (a factory with no weights)."""
     args = ["export", model, "--data", str(iris["data"]), "--output", "logits", "--out", str(out),
-            "--variants", variants]
+            "--variants", variants, "--no-select"]
     if checkpoint is not None:
         args += ["--checkpoint", str(iris["checkpoint"] if checkpoint == "default" else checkpoint)]
     for spec in inputs:

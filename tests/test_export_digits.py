@@ -32,7 +32,7 @@ def test_manifest_lists_the_recommended_set(digits_artifacts):
     manifest = read_manifest(digits_artifacts)
     assert manifest.model == "digits" and manifest.task == "classification"
     assert set(manifest.variant_names) == {"torchscript-fp32", "torchscript-bf16", "onnx-fp32", "onnx-int8",
-                                           "pruned-onnx-int8"}
+                                           "pruned-onnx-int8", "ov-int8"}
     assert manifest.default_variant in manifest.variant_names
     for v in manifest.to_dict()["variants"]:
         for key in ("name", "file", "format", "runtime", "precision", "pruning", "quantization", "bytes", "sha256",

@@ -164,7 +164,7 @@ def test_two_exports_to_one_folder_do_not_corrupt_each_other(tmp_path):
     out = tmp_path / "digits"
     env = {**os.environ, "PYTHONPATH": str(FIXTURES)}
     args = [sys.executable, "-m", "kiln", "export", "digits", "--out", str(out), "--force"]
-    procs = [subprocess.Popen(args + ["--variants", v], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    procs = [subprocess.Popen(args + ["--no-select", "--variants", v], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               env=env) for v in ("onnx-fp32", "torchscript-fp32,onnx-fp32")]
     codes = [p.wait(300) for p in procs]
     assert codes == [0, 0], [p.stderr.read() for p in procs]

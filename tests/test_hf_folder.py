@@ -46,7 +46,7 @@ def classifier(tmp_path_factory) -> dict:
     data.write_text("".join(json.dumps({"text": t, "label": LABELS[i % 3]}) + "\n" for i, t in enumerate(texts)))
     out = root / "artifacts"
     result = run_kiln("export", str(folder), "--data", str(data), "--variants", "onnx-fp32,torchscript-fp32",
-                      "--out", str(out), "--name", "sentiment")
+                      "--out", str(out), "--name", "sentiment", "--no-select")
     assert result.returncode == 0, result.stderr[-3000:]
     return {"folder": folder, "out": out, "texts": texts, "stdout": result.stdout}
 
@@ -123,6 +123,9 @@ def test_factory_model_exports_without_data(iris_user_model, tmp_path):
     assert "task accuracy: not measured (no --data)" in manifest.reference["note"]
     assert manifest.reference_accuracy is None and manifest.variant("onnx-int8").quantization["mode"] == "dynamic"
     assert "not measured" in result.stdout and "dynamic" in result.stdout
+    # The export ended with its bounded selection: a choice here, or the fp32 default kept with the reason.
+    assert manifest.selection["machine"]["fingerprint"] and "[kiln] select:" in result.stderr
+    assert manifest.default_variant == manifest.selection["default_variant"]
 
 
 def _bad(tmp_path: Path, name: str) -> Path:

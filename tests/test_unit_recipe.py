@@ -219,7 +219,8 @@ def test_every_variant_names_a_format_whose_runtime_is_registered():
 def test_variant_specs_match_their_names():
     for name, spec in VARIANTS.items():
         assert (spec.pruning is not None) == name.startswith(("pruned-", "sparse-")), name
-        assert spec.format in name and spec.precision in name, name
+        short = {"openvino": "ov-"}.get(spec.format, spec.format)  # the names: ov-fp32, ov-bf16, ov-int8
+        assert short in name and spec.precision in name, name
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -260,11 +261,13 @@ def test_a_variant_may_name_another_runtime_for_its_format():
 def test_every_variant_resolves_to_one_precision_workflow_with_a_registered_handler():
     from dataclasses import FrozenInstanceError
 
+    import kiln.export.ov_quantize  # registers the OpenVINO workflows, as the OpenVINO emitter's import does
     import kiln.export.quantize  # noqa: F401  registers the ONNX INT8 handlers, as the ONNX emitter's import does
     from kiln.export import precision
     from kiln.models.base import ExportHints
 
-    expected = {"bf16": precision.Bf16Weights, "pt2-int8": precision.TorchaoInt8}
+    expected = {"bf16": precision.Bf16Weights, "pt2-int8": precision.TorchaoInt8,
+                "ov-bf16": precision.InferencePrecision, "ov-int8": precision.NncfInt8}
     for mode, onnx_int8 in (("static", precision.OnnxStaticInt8), ("dynamic", precision.OnnxDynamicInt8)):
         hints = ExportHints(int8_mode=mode, int8_activations="asymmetric", int8_keep_fp32="pooler")
         for name, spec in VARIANTS.items():
