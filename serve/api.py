@@ -45,6 +45,11 @@ class KilnAPI(ls.LitAPI):
         self.memory.start()  # the baseline a burst's memory returns to (core.memory)
         signal.signal(signal.SIGTERM, stop_after_drain)
 
+    def measure(self, items: list[WorkItem]) -> None:
+        """Called by the batching loop on requests as it takes them off the channel: their token counts and
+        lengths, for a length-aware cut (serve.admission.TokenBudgetAdmission)."""
+        self.runner.measure(items)
+
     def batch(self, items: list[WorkItem]) -> Batch:
         return self.runner.prepare(items)
 
@@ -56,10 +61,11 @@ class KilnAPI(ls.LitAPI):
         ran = self.runner.run(batch)
         items = sum(batch.counts)
         if ran.whole_s is not None:
-            self.cost_model.learn(items, ran.whole_s)
+            self.cost_model.learn(items, ran.whole_s, ran.padded_tokens)
         self.batches_run += 1
         batch_id = f"{os.getpid()}-{self.batches_run}"
         tokens = ran.tokens
+        real = sum(tokens) if tokens else None
         return [Result(outputs, max(0.0, batch.started - item.enqueued), ran.infer_s, len(batch.items),
-                       items, batch_id, error, tokens[i] if tokens else None)
+                       items, batch_id, error, tokens[i] if tokens else None, real, ran.padded_tokens)
                 for i, (item, (outputs, error)) in enumerate(zip(batch.items, ran.outcomes))]

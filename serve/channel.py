@@ -70,6 +70,8 @@ class Result:
     batch_id: str
     error: str | None = None  # the runtime failed on this request alone (the rest of its batch was answered)
     tokens: int | None = None  # text models: the tokens this request's texts encoded to (OpenAI `usage`)
+    batch_tokens: int | None = None  # text models: real tokens of the whole batch
+    batch_positions: int | None = None  # text models: positions the batch computed, padding included
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +277,8 @@ class WorkerGateway:
         result = answer.result
         if result is not None:  # every answer of a batch that ran, whether or not its client waited
             self.metrics.record_inference(result.queue_s, result.infer_s, result.batch_requests,
-                                          result.batch_items, result.batch_id)
+                                          result.batch_items, result.batch_id, result.batch_tokens,
+                                          result.batch_positions)
         if answer.expired:
             self.metrics.record_expired("worker")
         future = worker.in_flight.pop(answer.uid, None)
