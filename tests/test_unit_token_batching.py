@@ -110,3 +110,32 @@ def test_padding_measured_encodings_gives_the_tokenizers_own_arrays():
     assert list(got) == names
     for name in names:
         np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_the_retrieval_mix_is_queries_with_the_asked_share_of_passages():
+    from kiln.bench.loadtest import PASSAGE_WORDS, mix_texts
+    from kiln.models.text_data import sentences
+
+    texts = mix_texts("retrieval", 0.25)
+    assert texts == mix_texts("retrieval", 0.25)  # the same workload every run
+    words = [len(t.split()) for t in texts]
+    passages = [w for w in words if w >= PASSAGE_WORDS[0]]
+    assert len(passages) == len(texts) // 4 and max(passages) <= PASSAGE_WORDS[1]
+    assert set(t for t, w in zip(texts, words) if w < PASSAGE_WORDS[0]) <= set(sentences())
+    assert all(w >= PASSAGE_WORDS[0] for w in map(len, (t.split() for t in mix_texts("retrieval", 1.0))))
+    assert set(mix_texts("short")) == set(sentences())
+    from kiln.core.errors import UsageError
+
+    with pytest.raises(UsageError, match="passage-share"):
+        mix_texts("retrieval", 1.5)
+
+
+def test_a_bench_batch_at_another_length_keeps_its_real_tokens_and_attends_to_all():
+    from kiln.bench.worker import at_length
+
+    ids = np.array([[101, 7, 8, 102, 0], [101, 9, 102, 0, 0]], dtype=np.int64)
+    batch = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64), "token_type_ids": np.zeros_like(ids)}
+    short, long = at_length(batch, 3), at_length(batch, 12)
+    assert short["input_ids"].tolist() == [[101, 7, 8], [101, 9, 102]]
+    assert long["input_ids"].shape == (2, 12) and long["input_ids"][0, 5:10].tolist() == ids[0].tolist()
+    assert long["attention_mask"].all() and not long["token_type_ids"].any()
