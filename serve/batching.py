@@ -415,6 +415,9 @@ class AdaptiveBatchedLoop(LitLoop):
             if job is None:
                 break
             jobs.append(job)
+        if self._channel is None:  # lost meanwhile: its HTTP process has answered all of these 503
+            self._waiting = []
+            return
         if not jobs:
             return
         try:
