@@ -19,11 +19,12 @@ import datetime as dt
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from kiln.core.runtime import check_runnable, require_installed
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 DEFAULT_SEQ_LEN = 128
+SEQ_COST_LENGTHS = (16, 64, 256)  # `kiln bench`'s default --seq-costs: a text model's cost by sequence length
 CSV_COLUMNS = ("variant", "batch_size", "p50_ms", "p90_ms", "p99_ms", "items_per_s", "speedup_vs_eager", "bytes",
                "peak_rss_mb", "accuracy", "cosine_min", "batch_invariance", "rounds", "p50_min_ms", "p50_max_ms",
                "spread", "cv", "stable", "gflops_per_s", "pct_of_peak", "precision", "emulated")
@@ -59,11 +61,16 @@ class BenchSettings:
     variants: tuple[str, ...] | None = None  # None: every variant in the manifest
     rounds: int = 3
     max_spread: float = stats.DEFAULT_MAX_SPREAD
+    # Text models: also the cost of one item at these sequence lengths (at the largest batch size, every row that
+    # long), the curve a token budget is set from; lengths past the model's max_length are left out. () : none.
+    seq_costs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
                                        for b in self.batch_sizes):
             raise UsageError(f"batch sizes {list(self.batch_sizes)} must be positive integers; e.g. --batch-sizes 1,8,32")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.seq_costs):
+            raise UsageError(f"--seq-costs {list(self.seq_costs)} must be positive integers; e.g. --seq-costs 16,64,256")
         if self.seq_len < 1:
             raise UsageError(f"--seq-len {self.seq_len} must be a positive integer; e.g. --seq-len 128")
         if self.threads is not None and self.threads < 1:
@@ -81,14 +88,14 @@ class BenchSettings:
             raise UsageError(f"--max-spread {self.max_spread} must be a positive fraction; e.g. 0.2 for 20%")
 
 
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
+def parse_batch_sizes(text: str, flag: str = "--batch-sizes") -> tuple[int, ...]:
     """`1,8,32` -> (1, 8, 32), sorted and deduplicated; anything else is a UsageError."""
     sizes = []
     for part in text.split(","):
         part = part.strip()
         if not part.isdigit() or int(part) < 1:
-            raise UsageError(f"--batch-sizes {text!r} must be positive integers separated by commas; "
-                             "e.g. --batch-sizes 1,8,32")
+            raise UsageError(f"{flag} {text!r} must be positive integers separated by commas; "
+                             f"e.g. {flag} 1,8,32")
         sizes.append(int(part))
     return tuple(sorted(set(sizes)))
 
@@ -155,10 +162,12 @@ class Worker:
         self._fail(None)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def measure(self, batch_size: int, seconds: float) -> dict[str, Any]:
+    def measure(self, batch_size: int, seconds: float, seq_len: int | None = None) -> dict[str, Any]:
+        """One cell; with `seq_len`, at that sequence length (every row that long) instead of the bench's own."""
         assert self.proc.stdin is not None
+        command = {"measure": batch_size, "seconds": seconds, **({"seq_len": seq_len} if seq_len else {})}
         try:
-            self.proc.stdin.write(json.dumps({"measure": batch_size, "seconds": seconds}) + "\n")
+            self.proc.stdin.write(json.dumps(command) + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
             self._fail(None)
@@ -245,8 +254,10 @@ def measure(folder: str | Path, settings: BenchSettings, progress: Progress = to
     progress(f"[kiln] bench {manifest.model}: {len(order)} runtimes x batch sizes {batch_sizes}"
              f"{f', seq_len {seq_len}' if seq_len else ''}, {threads} thread(s), {settings.rounds} round(s) of "
              f"up to {settings.max_seconds:g} s per cell")
+    max_length = (manifest.preprocessing_spec.max_length or DEFAULT_SEQ_LEN) if manifest.is_text else 0
+    seq_costs = sorted(n for n in set(settings.seq_costs) if n <= max_length)
     measured = run_rounds(folder, manifest, order, {"threads": threads, "batch_sizes": batch_sizes,
-                                                     "seq_len": seq_len}, settings, progress, verbose)
+                                                     "seq_len": seq_len}, settings, progress, verbose, seq_costs)
     machine = machine_info()
     machine["fingerprint"] = fingerprint(machine)
     rows = bench_rows(manifest, order, batch_sizes, measured, settings.max_spread, machine)
@@ -266,7 +277,25 @@ def measure(folder: str | Path, settings: BenchSettings, progress: Progress = to
                      "variants": names},
         "hashes": {n: manifest.variant(n).sha256 for n in names},
         "results": [r.to_record() for r in rows],
+        **({"seq_cost": seq_cost(measured, order, max(batch_sizes), seq_costs)} if seq_costs else {}),
     }
+
+
+def seq_cost(measured: Rounds, order: list[str], batch: int, lengths: list[int]) -> dict[str, Any]:
+    """Each variant's cost per item and per token by sequence length (median p50 over rounds, every row of the
+    batch that long): what a token budget for batching (kiln serve --max-batch-tokens) is read from."""
+    variants: dict[str, dict[str, Any]] = {}
+    for name in order:
+        for length in lengths:
+            cells = measured.seq_cells.get((name, length))
+            if not cells:
+                continue
+            p50 = float(statistics.median(c["p50_ms"] for c in cells))
+            variants.setdefault(name, {})[str(length)] = {
+                "p50_ms": round(p50, 4), "ms_per_item": round(p50 / batch, 4),
+                "us_per_token": round(1000 * p50 / (batch * length), 3),
+                "p50_range_ms": [round(min(c["p50_ms"] for c in cells), 4), round(max(c["p50_ms"] for c in cells), 4)]}
+    return {"batch_size": batch, "lengths": lengths, "variants": variants}
 
 
 @dataclass(frozen=True)
@@ -278,10 +307,11 @@ class Rounds:
     ready: dict[str, dict[str, Any]]
     peaks: dict[str, float]
     load: dict[str, Any]
+    seq_cells: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)  # (variant, length)
 
 
 def run_rounds(folder: Path, manifest: Manifest, order: list[str], shape: dict[str, Any], settings: BenchSettings,
-               progress: Progress, verbose: bool) -> Rounds:
+               progress: Progress, verbose: bool, seq_costs: list[int] | None = None) -> Rounds:
     """Start one worker per runtime (eager first: it writes the inputs every variant reads), measure the peaks,
     then every cell once per round with the variants taking turns; the workers stop whatever happens.
     `shape`: the threads, the (ascending) batch sizes and the sequence length, as resolved by `measure`."""
@@ -290,6 +320,9 @@ def run_rounds(folder: Path, manifest: Manifest, order: list[str], shape: dict[s
     scratch = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     workers: dict[str, Worker] = {}
     cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    seq_cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    seq_costs = seq_costs or []
+    total += len(order) * len(seq_costs) * settings.rounds
     done = 0
     try:
         base = {
@@ -312,6 +345,13 @@ def run_rounds(folder: Path, manifest: Manifest, order: list[str], shape: dict[s
                     done += 1
                     progress(f"[kiln] bench [{done}/{total}] round {index + 1} {name} batch {batch}: "
                              f"p50 {cell['p50_ms']:.3f} ms, p99 {cell['p99_ms']:.3f} ms ({cell['iterations']} calls)")
+            for length in seq_costs:
+                for name in turn:
+                    cell = workers[name].measure(batch_sizes[-1], settings.max_seconds, length)
+                    seq_cells.setdefault((name, length), []).append(cell)
+                    done += 1
+                    progress(f"[kiln] bench [{done}/{total}] round {index + 1} {name} batch {batch_sizes[-1]} at "
+                             f"{length} tokens: p50 {cell['p50_ms']:.3f} ms ({cell['iterations']} calls)")
         load_after = os.getloadavg()
         cpu_after = _cpu_snapshot(workers.values())
     finally:
@@ -320,7 +360,7 @@ def run_rounds(folder: Path, manifest: Manifest, order: list[str], shape: dict[s
         shutil.rmtree(scratch, ignore_errors=True)
     load = stats.load_summary(load_before, load_after, default_threads(), threads,
                               _other_cpu(cpu_before, cpu_after))
-    return Rounds(cells, {name: worker.ready for name, worker in workers.items()}, peaks, load)
+    return Rounds(cells, {name: worker.ready for name, worker in workers.items()}, peaks, load, seq_cells)
 
 
 def _other_cpu(before: dict[str, float] | None, after: dict[str, float] | None) -> float | None:
@@ -472,7 +512,17 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r.gflops_per_s:,.1f}" if r.gflops_per_s is not None else "-",
             peak,
         ))
-    return align(rows)
+    table = align(rows)
+    cost = report.get("seq_cost")
+    if cost:
+        lengths = cost["lengths"]
+        seq_rows = [("variant", *(f"{n} tokens: ms/item (us/token)" for n in lengths))]
+        for name, by_length in cost["variants"].items():
+            seq_rows.append((name, *(f"{by_length[str(n)]['ms_per_item']:.3f} ({by_length[str(n)]['us_per_token']:.1f})"
+                                     if str(n) in by_length else "-" for n in lengths)))
+        table += f"\n\ncost of one item by sequence length (batch {cost['batch_size']}, every row that long):\n"
+        table += align(seq_rows)
+    return table
 
 
 def instability_notes(report: dict[str, Any]) -> list[str]:

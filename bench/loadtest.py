@@ -25,7 +25,7 @@ from kiln.core.errors import UsageError
 from kiln.core.manifest import write_json_atomic
 from kiln.core.secrets import api_key_from_env
 from kiln.core.v2_wire import tensor_bytes
-from kiln.models.text_data import builtin_texts
+from kiln.models.text_data import builtin_texts, sentences
 
 
 def read_texts(path: str) -> list[str]:
@@ -66,6 +66,36 @@ def sample_items(model: dict, count: int = 64, texts_file: str | None = None) ->
                 item[spec["name"]] = rng.integers(0, 100, shape)
         items.append(item)
     return items
+
+
+MIXES = ("short", "retrieval")
+PASSAGE_WORDS = (80, 220)  # a retrieval mix's passages: this many words, uniformly
+MIX_TEXTS = 256  # texts in a built-in mix: enough that the passage share holds within a request's rounding
+
+
+def mix_texts(mix: str, passage_share: float = 0.25, count: int = MIX_TEXTS, seed: int = 0) -> list[str]:
+    """A built-in text workload from the sentences kiln ships (models/data/sentences.txt, 40-70 characters each):
+    "short" is those sentences; "retrieval" is traffic as a retrieval service sees it, queries (the sentences)
+    with `passage_share` of the requests a passage of PASSAGE_WORDS words (consecutive sentences joined), in a
+    fixed shuffled order. Length-aware batching exists for the second: padded to its longest, every batch would
+    compute its queries at passage length."""
+    queries = sentences()
+    if mix == "short":
+        return [queries[i % len(queries)] for i in range(count)]
+    if not 0.0 <= passage_share <= 1.0:
+        raise UsageError(f"--passage-share {passage_share} must lie in 0..1 (the share of requests that are passages)")
+    rng = np.random.default_rng(seed)
+    passages = []
+    for _ in range(round(count * passage_share)):
+        words: list[str] = []
+        target = int(rng.integers(PASSAGE_WORDS[0], PASSAGE_WORDS[1] + 1))
+        at = int(rng.integers(len(queries)))
+        while len(words) < target:
+            words += queries[at % len(queries)].split()
+            at += 1
+        passages.append(" ".join(words[:target]))
+    texts = passages + [queries[i % len(queries)] for i in range(count - len(passages))]
+    return [texts[i] for i in rng.permutation(len(texts))]
 
 
 PROTOCOLS = ("v2", "v2-binary", "predict")
@@ -243,7 +273,8 @@ def scrape(url: str, headers: dict, model: str) -> dict[str, float]:
 
     text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
     values = {}
-    for name in ("kiln_batch_items_sum", "kiln_batch_items_count"):
+    for name in ("kiln_batch_items_sum", "kiln_batch_items_count", "kiln_batch_tokens_real_total",
+                 "kiln_batch_tokens_padded_total"):
         match = re.search(rf'^{name}{{model="{re.escape(model)}"}} ([0-9.e+-]+)$', text, re.M)
         values[name] = float(match.group(1)) if match else 0.0
     return values
@@ -260,6 +291,7 @@ def run_rounds(url: str, level: int, bodies: list, args, headers: dict, rounds: 
     ok = sent = 0
     seconds = 0.0
     fractions, deltas, ceilings, batches = [], [], [], []
+    real_tokens = padded_tokens = 0.0
     for _ in range(rounds):
         before = scrape(url, headers, model)
         result = run_async(run_level(url, level, bodies, per_round, duration, args.max_seconds / rounds,
@@ -267,6 +299,8 @@ def run_rounds(url: str, level: int, bodies: list, args, headers: dict, rounds: 
         after = scrape(url, headers, model)
         count = after["kiln_batch_items_count"] - before["kiln_batch_items_count"]
         batch = (after["kiln_batch_items_sum"] - before["kiln_batch_items_sum"]) / count if count else None
+        real_tokens += after["kiln_batch_tokens_real_total"] - before["kiln_batch_tokens_real_total"]
+        padded_tokens += after["kiln_batch_tokens_padded_total"] - before["kiln_batch_tokens_padded_total"]
         ok += result["ok"]
         sent += result["requests"]
         seconds += result["seconds"]
@@ -285,6 +319,10 @@ def run_rounds(url: str, level: int, bodies: list, args, headers: dict, rounds: 
         "requests_per_s": ok / seconds if seconds else 0.0,
         "items_per_request": args.items, "items_per_s": ok * args.items / seconds if seconds else 0.0,
         "mean_batch_items": float(np.mean(batches)) if batches else None,
+        # Text models, from the server's /metrics (None from a server that does not count tokens): real (unpadded)
+        # tokens per second, and positions computed per real token.
+        "tokens_per_s": real_tokens / seconds if real_tokens and seconds else None,
+        "padding_waste": padded_tokens / real_tokens if real_tokens else None,
     }
     if ceilings:
         level_result["ceiling"] = {
@@ -295,8 +333,10 @@ def run_rounds(url: str, level: int, bodies: list, args, headers: dict, rounds: 
         level_result["fraction_of_ceiling"] = float(np.median(fractions))
         level_result["fraction_of_ceiling_by_round"] = [round(f, 4) for f in fractions]
         level_result["p50_minus_in_process_ms"] = float(np.median(deltas))
+    tokens = level_result["tokens_per_s"]
     print(f"[kiln] concurrency {level}: {level_result['requests_per_s']:.0f} req/s "
-          f"({level_result['items_per_s']:.0f} items/s), p50 {level_result['p50_ms']:.2f} ms"
+          f"({level_result['items_per_s']:.0f} items/s" + (f", {tokens:.0f} tokens/s" if tokens else "")
+          + f"), p50 {level_result['p50_ms']:.2f} ms"
           f", errors {level_result['error_count']}" + (f", {level_result['fraction_of_ceiling']:.2f} of the in-process "
                                                        f"ceiling (median of {rounds} rounds)" if ceilings else ""),
           file=sys.stderr, flush=True)
@@ -327,9 +367,12 @@ def run_loadtest_command(args) -> int:
     if not name:
         raise UsageError("the server does not say its model name; pass --model NAME")
     model = httpx.get(f"{url}/v2/models/{name}", headers=headers, timeout=10).json()
-    if args.texts and model["inputs"][0]["datatype"] != "BYTES":
-        raise UsageError(f"--texts applies to text models; {name!r} takes tensors")
-    items = sample_items(model, texts_file=args.texts)
+    mix = getattr(args, "mix", None)
+    if (args.texts or mix) and model["inputs"][0]["datatype"] != "BYTES":
+        raise UsageError(f"--texts and --mix apply to text models; {name!r} takes tensors")
+    if args.texts and mix:
+        raise UsageError("give --texts FILE or --mix NAME, not both")
+    items = mix_texts(mix, args.passage_share) if mix else sample_items(model, texts_file=args.texts)
     bodies = [request_body(args.protocol, model, group) for group in group_items(items, args.items)]
     results = []
     rounds = args.rounds if args.rounds else (3 if args.ceiling else 1)
@@ -345,7 +388,9 @@ def run_loadtest_command(args) -> int:
         if ceiling is not None:
             ceiling.close()
     report = {"url": url, "model": name, "protocol": args.protocol, "items_per_request": args.items,
-              "levels": results}
+              "texts": mix or args.texts, "levels": results}
+    if mix == "retrieval":
+        report["passage_share"] = args.passage_share
     print_table(results)
     out = write_results(report, results, name, args.out, args.ceiling)
     print(f"wrote {out / 'loadtest.json'} and {out / 'loadtest.png'}")
@@ -379,12 +424,13 @@ def write_results(report: dict, results: list[dict], name: str, out: str | None,
 
 
 def print_table(results: list[dict]) -> None:
-    header = ["concurrency", "req/s", "items/s", "p50 ms", "p90 ms", "p99 ms", "errors", "mean batch", "ceiling/s", "fraction",
+    header = ["concurrency", "req/s", "items/s", "tokens/s", "p50 ms", "p90 ms", "p99 ms", "errors", "mean batch", "ceiling/s", "fraction",
               "p50 - in-process ms"]
     rows = [header]
     for r in results:
         c = r.get("ceiling")
         rows.append([str(r["concurrency"]), f"{r['requests_per_s']:.0f}", f"{r['items_per_s']:.0f}",
+                     f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-",
                      f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
                      f"{r['p99_ms']:.2f}", str(r["error_count"]),
                      f"{r['mean_batch_items']:.1f}" if r.get("mean_batch_items") else "-",

@@ -139,21 +139,45 @@ def time_calls(runtime, inputs: dict[str, np.ndarray], min_iters: int, max_iters
     return latencies
 
 
+def at_length(inputs: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """A text batch with every row `length` tokens long, from the bench's own (real) rows: their tokens repeated
+    or cut to that length, attention over all of them. The values are real token ids; what is measured is the
+    cost of the shape, which is all a sequence length changes."""
+    out = {}
+    for name, array in inputs.items():
+        if array.ndim < 2:
+            out[name] = array
+            continue
+        if name == "attention_mask":
+            out[name] = np.ones((array.shape[0], length), dtype=array.dtype)
+        elif name == "token_type_ids":
+            out[name] = np.zeros((array.shape[0], length), dtype=array.dtype)
+        else:
+            reps = -(-length // array.shape[1])
+            out[name] = np.ascontiguousarray(np.tile(array, (1, reps))[:, :length])
+    return out
+
+
 def serve_requests(config: dict, runtime, emit, commands) -> None:
     """Answer `measure` commands until `exit`: warm-up the first time a batch size is seen, then time the calls."""
     names = list(runtime.signature.input_names)
-    inputs = {b: read_inputs(config["inputs"], b, names) for b in config["batch_sizes"]}
-    warmed: set[int] = set()
+    inputs: dict = {b: read_inputs(config["inputs"], b, names) for b in config["batch_sizes"]}
+    warmed: set[tuple] = set()
     for line in commands:
         command = json.loads(line)
         if command.get("exit"):
             return
         batch = int(command["measure"])
         seconds = float(command["seconds"])
-        warmups = warm_up(runtime, inputs[batch], int(config["warmup"]) if batch not in warmed else 2, seconds)
-        warmed.add(batch)
-        latencies = time_calls(runtime, inputs[batch], int(config["min_iters"]), int(config["max_iters"]), seconds)
-        emit({"cell": {"batch_size": batch, **summarize_calls(latencies, batch), "warmup_calls": warmups,
+        length = command.get("seq_len")
+        key = (batch, length)
+        if length and key not in inputs:
+            inputs[key] = at_length(inputs[batch], int(length))
+        arrays = inputs[key if length else batch]
+        warmups = warm_up(runtime, arrays, int(config["warmup"]) if key not in warmed else 2, seconds)
+        warmed.add(key)
+        latencies = time_calls(runtime, arrays, int(config["min_iters"]), int(config["max_iters"]), seconds)
+        emit({"cell": {"batch_size": batch, **({"seq_len": length} if length else {}), **summarize_calls(latencies, batch), "warmup_calls": warmups,
                        "peak_rss_mb": _peak_rss_mb()}})
 
 

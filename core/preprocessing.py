@@ -108,9 +108,30 @@ class TextPreprocessor:
                                          "re-export the folder", configured_pad(
                                              manifest.read_listed(config, MAX_CONFIG_BYTES, "tokenizer config")
                                              if listed else None))
+        self._unpadded: Any = None  # the same tokenizer without padding (measure), made when first needed
+        self.pad_id = self.pad_type_id = 0
+        self.pad_length: int | None = None
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         return encode_capped(self.tokenizer, texts, self.input_names, self.max_length)
+
+    def measure(self, texts: list[str]) -> list:
+        """`texts` tokenized and truncated but not padded (tokenizers Encodings): their lengths are known before a
+        batch is cut, and `pad` later gives exactly the arrays `__call__` would have for the batch."""
+        if self._unpadded is None:
+            from tokenizers import Tokenizer
+
+            self._unpadded = Tokenizer.from_str(self.tokenizer.to_str())
+            self._unpadded.no_padding()
+            padding = self.tokenizer.padding or {}
+            self.pad_id = pad_of(self.tokenizer)[0]
+            self.pad_type_id = int(padding.get("pad_type_id") or 0)
+            self.pad_length = padding.get("length")  # a fixed length (pad_to), else None: the longest
+        return capped_encodings(self._unpadded, texts, self.max_length)
+
+    def pad(self, encodings: list) -> dict[str, np.ndarray]:
+        """The signature's arrays for encodings from `measure`, padded to their longest as the tokenizer pads."""
+        return pad_encodings(encodings, self.input_names, self.pad_id, self.pad_type_id, self.pad_length)
 
 
 # Characters per token a text may spend before kiln tokenizes only its head (encode_capped): real text spends 3-6.
@@ -130,10 +151,17 @@ def encode_capped(tokenizer: Any, texts: list[str], input_names: list[str] | tup
     the head's last whitespace: the words before that whitespace are complete, and tokenizers split words
     without looking past them. Otherwise (a head of spaces, marks or one huge word) the whole text is tokenized,
     so no answer changes."""
+    if not any(len(text) > max_length * CHARS_PER_TOKEN for text in texts):
+        return encode(tokenizer, texts, input_names)
+    return _arrays(capped_encodings(tokenizer, texts, max_length), input_names)
+
+
+def capped_encodings(tokenizer: Any, texts: list[str], max_length: int) -> list:
+    """The Encodings of `encode_capped` (the same head rule), as the tokenizer gives them."""
     cap = max_length * CHARS_PER_TOKEN
     long = [i for i, text in enumerate(texts) if len(text) > cap]
     if not long:
-        return encode(tokenizer, texts, input_names)
+        return tokenizer.encode_batch(texts)
     heads = [text[:cap] if len(text) > cap else text for text in texts]
     encoded = tokenizer.encode_batch(heads)
     unsafe = []
@@ -147,7 +175,24 @@ def encode_capped(tokenizer: Any, texts: list[str], input_names: list[str] | tup
         for i in unsafe:
             heads[i] = texts[i]
         encoded = tokenizer.encode_batch(heads)
-    return _arrays(encoded, input_names)
+    return encoded
+
+
+def pad_encodings(encodings: list, input_names: list[str] | tuple[str, ...], pad_id: int, pad_type_id: int = 0,
+                  length: int | None = None) -> dict[str, np.ndarray]:
+    """Unpadded Encodings as the signature's int64 arrays, each row padded on the right (as the tokenizer pads) to
+    the longest, or to `length`."""
+    unknown = [n for n in input_names if n not in ENCODING_FIELDS]
+    if unknown:
+        return _arrays(encodings, input_names)  # the same clear error
+    longest = max(max((len(e.ids) for e in encodings), default=0), length or 0)
+    fills = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": pad_type_id}
+    arrays = {}
+    for name in input_names:
+        field, fill = ENCODING_FIELDS[name], fills[name]
+        rows = [getattr(e, field) for e in encodings]
+        arrays[name] = np.array([row + [fill] * (longest - len(row)) for row in rows], dtype=np.int64)
+    return arrays
 
 
 def text_preprocessor(manifest: Any, pad_to: int | None = None) -> TextPreprocessor | None:

@@ -28,6 +28,10 @@ class WorkItem:
     texts: list | None
     count: int
     enqueued: float  # time.time() when the HTTP process queued it
+    # Text models, set by ModelRunner.measure in the worker before the batch is cut (never sent over the channel):
+    tokens: int | None = None  # real tokens, all its texts together
+    length: int | None = None  # tokens of its longest text: what a batch holding it is padded to at least
+    encodings: list | None = None  # its texts tokenized, unpadded; prepare pads them to the batch's longest
 
 
 @dataclass
@@ -46,6 +50,7 @@ class BatchRun:
     infer_s: float  # the whole run, retries included
     whole_s: float | None  # the batch as one run, when it succeeded so (a cost measure); None when it was retried
     tokens: list[int] | None  # text models: real tokens per request
+    padded_tokens: int | None = None  # text models: the positions the batch computed (rows x its longest row)
 
 
 class ModelRunner:
@@ -81,8 +86,27 @@ class ModelRunner:
         started = time.time()
         return Batch(items, self.prepare_inputs(items), [item.count for item in items], started)
 
+    def measure(self, items: list[WorkItem]) -> None:
+        """Tokenizes the texts of `items` (all in one call: the tokenizer's per-call cost is paid once for what
+        waits) and puts their token counts and longest lengths on them, so a batch can be cut by length; `prepare`
+        then only pads. Tensor requests and items already measured are left as they are."""
+        if self.preprocess is None:
+            return
+        todo = [item for item in items if item.encodings is None and item.texts]
+        if not todo:
+            return
+        encodings = self.preprocess.measure([t for item in todo for t in item.texts or ()])
+        start = 0
+        for item in todo:
+            own = encodings[start:start + len(item.texts or ())]
+            start += len(own)
+            lengths = [len(e.ids) for e in own]
+            item.encodings, item.tokens, item.length = own, sum(lengths), max(lengths)
+
     def prepare_inputs(self, items: list[WorkItem]) -> dict:
         if self.preprocess is not None:
+            if all(item.encodings is not None for item in items):
+                return self.preprocess.pad([e for item in items for e in item.encodings or ()])
             return self.preprocess([t for item in items for t in item.texts or ()])
         return {name: np.concatenate([(item.arrays or {})[name] for item in items]) for name in self.signature.input_names}
 
@@ -102,7 +126,9 @@ class ModelRunner:
                     outcomes.append((split(self.runtime.run(single.inputs), single.counts)[0], None))
                 except Exception as exc:
                     outcomes.append((None, f"the runtime failed on this request: {type(exc).__name__}"))
-        return BatchRun(outcomes, time.time() - t0, whole_s, tokens_per_request(batch.inputs, batch.counts))
+        mask = batch.inputs.get("attention_mask")
+        return BatchRun(outcomes, time.time() - t0, whole_s, tokens_per_request(batch.inputs, batch.counts),
+                        None if mask is None else int(mask.size))
 
     def close(self) -> None:
         """The runtime lets go of its model (core.runtime.Runtime.close): a retired model's memory goes back."""

@@ -178,7 +178,7 @@ def run_export_command(args: argparse.Namespace) -> int:
 
 def add_bench_parser(subparsers: Any) -> None:
     from kiln.bench import select
-    from kiln.bench.driver import DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LEN, BenchSettings
+    from kiln.bench.driver import DEFAULT_BATCH_SIZES, DEFAULT_SEQ_LEN, SEQ_COST_LENGTHS, BenchSettings
 
     parser = _subparser(
         subparsers, "bench",
@@ -191,6 +191,9 @@ def add_bench_parser(subparsers: Any) -> None:
                         help="comma-separated positive batch sizes")
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
                         help="sequence length for text models, inputs padded to it")
+    parser.add_argument("--seq-costs", default=",".join(map(str, SEQ_COST_LENGTHS)), metavar="N,N,...",
+                        help="text models: also the cost of one item at these sequence lengths, at the largest batch "
+                             "size (what kiln serve's --max-batch-tokens is set from; '' for none)")
     parser.add_argument("--threads", type=int,
                         help="torch and ONNX Runtime intra-op threads (default: the cores this process may use)")
     parser.add_argument("--variants", help="comma-separated variants to measure (default: all in the manifest); "
@@ -227,6 +230,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         batch_sizes=parse_batch_sizes(args.batch_sizes), seq_len=args.seq_len, threads=args.threads,
         warmup=args.warmup, min_iters=args.min_iters, max_iters=args.max_iters, max_seconds=args.max_seconds,
         variants=parse_names(args.variants), rounds=args.rounds, max_spread=args.max_spread,
+        seq_costs=parse_batch_sizes(args.seq_costs, "--seq-costs") if args.seq_costs.strip() else (),
     )
     if args.accept_unstable and not args.select:
         raise UsageError("--accept-unstable only applies with --select; add --select")
@@ -289,6 +293,10 @@ def add_serve_parser(subparsers: Any) -> None:
     parser.add_argument("--max-batch-items", type=int, default=defaults["max_batch_items"],
                         help="items per batch at most, all its requests together (default: 64 sequences for text "
                              "models, 1024 items for tensor models); a larger request is refused 413")
+    parser.add_argument("--max-batch-tokens", type=int, default=defaults["max_batch_tokens"],
+                        help="text models: positions per batch at most (rows x its longest text), batches cut from "
+                             "requests of similar length, earliest deadline first (default 4096; 0: requests only, "
+                             "in arrival order)")
     parser.add_argument("--header-timeout", type=float, default=defaults["header_timeout_s"], dest="header_timeout_s",
                         help="seconds a connection has to send a request's line and headers, from opening or from "
                              "its last answer (default %(default)s; then 408, or closed if it sent nothing)")
@@ -343,6 +351,11 @@ def add_loadtest_parser(subparsers: Any) -> None:
     parser.add_argument("--model", help="model name (default: the one the server reports)")
     parser.add_argument("--texts", metavar="FILE",
                         help="texts to send to a text model, one a line (default: kiln's built-in varied set)")
+    parser.add_argument("--mix", choices=("short", "retrieval"),
+                        help="a built-in text workload instead: short (kiln's 40-70 character sentences) or retrieval "
+                             "(those as queries, with --passage-share of the requests a passage of 80-220 words)")
+    parser.add_argument("--passage-share", type=float, default=0.25,
+                        help="with --mix retrieval, the share of requests that are passages (default %(default)s)")
     parser.add_argument("--ceiling", metavar="ARTIFACT_DIR", help="also measure the served variant in-process")
     parser.add_argument("--variant", help="variant for --ceiling (default: the manifest's default)")
     parser.add_argument("--threads", type=int, help="runtime threads for --ceiling (match the server's)")

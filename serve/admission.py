@@ -9,8 +9,12 @@ first request of a batch always fits.
 
 RowsAdmission is today's rule: up to max_batch_size requests and max_batch_items items (rows, sequences). A
 token budget (a batch of sequences bounded by the tokens it holds, not their count) is one more class with the
-same four methods: its `fits` reads a token count the HTTP process puts on the WorkItem when it validates the
-request, so the count exists before the batch is cut rather than only after the worker tokenizes it.
+same four methods (TokenBudgetAdmission): its `fits` reads the token count and longest text the worker puts on
+the WorkItem when it takes the request off the channel (it tokenizes everything waiting in one call there, rather
+than in the HTTP process, whose one core is the short-request bottleneck), so lengths are known when the batch is
+cut. With it the loop also cuts length-aware (`cut_batch`): from the requests waiting, the one with the earliest
+deadline opens the batch and those nearest its length join while the batch stays within budget, so short queries
+are not computed at passage length and no request waits behind a stream of others.
 """
 
 from __future__ import annotations
@@ -57,3 +61,92 @@ class RowsAdmission:
 
     def has_capacity(self) -> bool:
         return self.requests < self.max_requests and self.items < self.max_items
+
+
+# Padding a request may cause, at most: a shorter one joins only if the batch's longest row is within this many times
+# its own length; a longer one only if the batch stays within this many positions per real token. These make the
+# runs of similar length a length-aware cut forms: a passage (200 tokens) joining 24 queries (15 each) would make the
+# batch 9x its real tokens, and a query joining passages would be computed at 13x its length.
+MAX_PADDING_RATIO = 2.0
+
+
+class TokenBudgetAdmission:
+    """A batch of sequences bounded by the positions it computes: rows x its longest row at most `max_tokens`, and
+    at most `max_requests` requests and `max_items` rows. Padding is what a mixed batch wastes (every row is
+    computed at the longest row's length), so a request whose own row would be mostly padding, or that would pad the
+    batch to mostly padding, does not join either (MAX_PADDING_RATIO). The first request of a batch always joins, however long:
+    the HTTP process has bounded its size already, so a request larger than the budget runs alone.
+
+    Requests without a measured length (tensor models, or a runner that does not tokenize ahead) count as
+    one token per item, which makes this RowsAdmission."""
+
+    cuts_by_length = True  # the batching loop keeps a window of requests and cuts it with `cut_batch`
+
+    def __init__(self, max_requests: int, max_tokens: int, max_items: int | None = None,
+                 max_padding_ratio: float = MAX_PADDING_RATIO) -> None:
+        self.max_requests = max_requests
+        self.max_tokens = max_tokens
+        self.max_items = max_items or math.inf
+        self.max_padding_ratio = max_padding_ratio
+        self.new_batch()
+
+    def new_batch(self) -> None:
+        self.requests = 0
+        self.items = 0
+        self.longest = 0
+        self.tokens = 0  # real (unpadded) tokens admitted
+
+    def padded_with(self, item: WorkItem) -> int:
+        return (self.items + item.count) * max(self.longest, item.length or 1)
+
+    def fits(self, item: WorkItem) -> bool:
+        if self.requests == 0:
+            return True
+        if self.requests >= self.max_requests or self.items + item.count > self.max_items:
+            return False
+        padded = self.padded_with(item)
+        if padded > self.max_tokens:
+            return False
+        length = item.length or 1
+        if length < self.longest:  # its rows would be padded: at most max_padding_ratio x its own length
+            return self.longest <= self.max_padding_ratio * length
+        real = self.tokens + (item.tokens if item.tokens is not None else item.count)
+        return padded <= self.max_padding_ratio * real  # it pads the others: the batch stays mostly real tokens
+
+    def admit(self, item: WorkItem) -> None:
+        self.requests += 1
+        self.items += item.count
+        self.longest = max(self.longest, item.length or 1)
+        self.tokens += item.tokens if item.tokens is not None else item.count
+
+    def has_capacity(self) -> bool:
+        return (self.requests < self.max_requests and self.items < self.max_items
+                and (self.items + 1) * max(self.longest, 1) <= self.max_tokens)
+
+
+def cut_batch(waiting: list, admission: BatchAdmission) -> tuple[list, list]:
+    """Splits `waiting` (serve.channel.Jobs whose items carry their lengths) into (the batch to run now, the rest).
+
+    The request with the earliest deadline opens the batch, so none starves: whatever arrives after it, it runs
+    in the next batch cut at the latest once it is the oldest. The others are offered in order of how near their
+    length is to the opener's (then by deadline), each joining when the admission policy has room for it; one
+    that does not fit is passed over, not the end of the cut, so a shorter one after it may still join. The batch
+    keeps arrival order."""
+    if not waiting:
+        return [], []
+    admission.new_batch()
+    first = min(waiting, key=lambda job: job.deadline)
+    length = first.item.length or 1
+    admission.admit(first.item)
+    chosen = {id(first)}
+    for job in sorted(waiting, key=lambda j: (abs((j.item.length or 1) - length), j.deadline)):
+        if not admission.has_capacity():
+            break
+        if id(job) in chosen:
+            continue
+        if admission.fits(job.item):
+            admission.admit(job.item)
+            chosen.add(id(job))
+    batch = [job for job in waiting if id(job) in chosen]
+    rest = [job for job in waiting if id(job) not in chosen]
+    return batch, rest

@@ -45,6 +45,11 @@ class KilnAPI(ls.LitAPI):
         self.memory.start()  # the baseline a burst's memory returns to (core.memory)
         signal.signal(signal.SIGTERM, stop_after_drain)
 
+    def measure(self, items: list[WorkItem]) -> None:
+        """Called by the batching loop on requests as it takes them off the channel: their token counts and
+        lengths, for a length-aware cut (serve.admission.TokenBudgetAdmission)."""
+        self.runner.measure(items)
+
     def batch(self, items: list[WorkItem]) -> Batch:
         return self.runner.prepare(items)
 
@@ -56,6 +61,6 @@ class KilnAPI(ls.LitAPI):
         ran = self.runner.run(batch)
         items = sum(batch.counts)
         if ran.whole_s is not None:
-            self.cost_model.learn(items, ran.whole_s)
+            self.cost_model.learn(items, ran.whole_s, ran.padded_tokens)
         self.batches_run += 1
         return batch_results(batch, ran, f"{os.getpid()}-{self.batches_run}")

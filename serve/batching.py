@@ -56,7 +56,7 @@ from queue import Empty
 
 from litserve.loops.base import LitLoop
 
-from kiln.serve.admission import BatchAdmission, RowsAdmission
+from kiln.serve.admission import BatchAdmission, RowsAdmission, cut_batch
 from kiln.serve.channel import Answer, Job, WorkerChannel
 from kiln.serve.litserve_private import SENTINEL_VALUE, StopLoopError
 
@@ -64,7 +64,8 @@ logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5
 WAIT_GAIN = 0.10  # a fuller batch must be at least this much cheaper per item to hold requests for it
-EXPLORE_AFTER_S = 1.0  # with every request estimated late, still run one if nothing was measured for this long
+EXPLORE_AFTER_S = 1.0
+WINDOW_BATCHES = 4  # length-aware cutting: requests taken off the channel to choose from, in max_batch_size units  # with every request estimated late, still run one if nothing was measured for this long
 STOPPING = threading.Event()
 
 
@@ -93,39 +94,54 @@ def worth_waiting(per_item_s: dict[int, float] | None, gathered: int) -> bool:
     return now is not None and bool(fuller) and now > (1.0 + WAIT_GAIN) * min(fuller)
 
 
+def _average(table: dict[int, float], bucket: int, cost: float) -> None:
+    previous = table.get(bucket)
+    table[bucket] = cost if previous is None else 0.8 * previous + 0.2 * cost
+
+
+def _nearest(table: dict[int, float], bucket: int) -> float:
+    cost = table.get(bucket)
+    if cost is None:
+        cost = table[min(table, key=lambda size: abs(size.bit_length() - bucket.bit_length()))]
+    return cost
+
+
 class BatchCostModel:
     """Seconds per item by batch-size bucket (powers of two), a moving average over the batches really run:
     real request lengths, real load. The API that runs the batches owns it and teaches it (`learn`); the
-    batching loop asks it whether a backlog batch should wait for more requests (`worth_waiting`)."""
+    batching loop asks it whether a backlog batch should wait for more requests (`worth_waiting`).
+
+    For text batches it also learns seconds per padded position (rows x longest row) by bucket of positions,
+    since a batch of passages costs many times a batch of queries of the same size: a deadline estimate for a
+    batch whose positions are known uses that."""
 
     def __init__(self) -> None:
         self.per_item_s: dict[int, float] = {}
+        self.per_position_s: dict[int, float] = {}
         self.learned_at = 0.0  # time.monotonic() of the last batch measured
 
-    def learn(self, items: int, seconds: float) -> None:
+    def learn(self, items: int, seconds: float, positions: int | None = None) -> None:
         self.learned_at = time.monotonic()
-        bucket = batch_bucket(items)
-        previous = self.per_item_s.get(bucket)
-        cost = seconds / items
-        self.per_item_s[bucket] = cost if previous is None else 0.8 * previous + 0.2 * cost
+        _average(self.per_item_s, batch_bucket(items), seconds / items)
+        if positions:
+            _average(self.per_position_s, batch_bucket(positions), seconds / positions)
 
     def worth_waiting(self, gathered: int) -> bool:
         return worth_waiting(self.per_item_s, gathered)
 
-    def estimate_s(self, items: int) -> float:
-        """Seconds a batch of `items` is expected to take: the cost per item of its size bucket, or of the nearest
-        bucket measured (on a CPU the cost per item changes slowly with the batch size); 0 before any batch ran."""
+    def estimate_s(self, items: int, positions: int | None = None) -> float:
+        """Seconds a batch of `items` (of `positions` padded positions, where known) is expected to take: the cost
+        per item (per position) of its size bucket, or of the nearest bucket measured (on a CPU the cost per item
+        changes slowly with the batch size); 0 before any batch ran."""
+        if positions and self.per_position_s:
+            return _nearest(self.per_position_s, batch_bucket(positions)) * positions
         if not self.per_item_s:
             return 0.0
-        bucket = batch_bucket(items)
-        cost = self.per_item_s.get(bucket)
-        if cost is None:
-            nearest = min(self.per_item_s, key=lambda size: abs(size.bit_length() - bucket.bit_length()))
-            cost = self.per_item_s[nearest]
-        return cost * items
+        return _nearest(self.per_item_s, batch_bucket(items)) * items
 
     def reset(self) -> None:
         self.per_item_s.clear()
+        self.per_position_s.clear()
         self.learned_at = 0.0
 
 
@@ -141,6 +157,7 @@ class AdaptiveBatchedLoop(LitLoop):
         self.max_batch_items = max_batch_items
         self._channel: WorkerChannel | None = None
         self._carried: Job | None = None  # taken off the channel but past the item cap: opens the next batch
+        self._waiting: list[Job] = []  # length-aware admission: taken off the channel, measured, not yet run
 
     def pre_setup(self, lit_api, spec=None) -> None:
         """LitServer's check at construction: this loop runs `batch` and `predict` only, so nothing else is served."""
@@ -219,6 +236,7 @@ class AdaptiveBatchedLoop(LitLoop):
             self._channel.close()
         self._channel = None
         self._carried = None  # its HTTP process has already failed it (503)
+        self._waiting = []
 
     def _flush(self) -> None:
         """The answers of the last batch in one write: one wake-up of the HTTP process per batch, not per request."""
@@ -257,16 +275,17 @@ class AdaptiveBatchedLoop(LitLoop):
         now = time.monotonic()
         cost_model = lit_api.cost_model
         running: set[int] = set()
-        items = 0
+        items = longest = 0
         earliest = math.inf
         for request in sorted(taken, key=lambda r: r.deadline, reverse=True):
             if request.deadline <= now:
                 continue
             grown = items + request.item.count
-            finish = now + cost_model.estimate_s(grown)
+            length = max(longest, getattr(request.item, "length", None) or 0)
+            finish = now + cost_model.estimate_s(grown, grown * length if length else None)
             if min(earliest, request.deadline) > finish:
                 running.add(request.uid)
-                items = grown
+                items, longest = grown, length
                 earliest = min(earliest, request.deadline)
         if not running and now - cost_model.learned_at >= EXPLORE_AFTER_S:
             latest = max(taken, key=lambda r: r.deadline)
@@ -290,6 +309,8 @@ class AdaptiveBatchedLoop(LitLoop):
         self._flush()
         if self._connected(request_queue) is None:
             return [], []
+        if getattr(self.admission_for(lit_api), "cuts_by_length", False):
+            return self._gather_by_length(lit_api, request_queue), []
         first = self._carried
         self._carried = None
         if first is None:
@@ -355,3 +376,87 @@ class AdaptiveBatchedLoop(LitLoop):
                 if request is None:
                     return
             now = time.monotonic()
+
+    def _gather_by_length(self, lit_api, request_queue) -> list[tuple]:
+        """A length-aware batch (serve.admission.cut_batch): what waits on the channel is taken off it (up to
+        WINDOW_BATCHES batches' worth), measured (tokenized) in one call, and the batch cut from everything
+        waiting, earliest deadline first; the rest waits in the worker for the next cut. Requests past their
+        deadline are answered 504 unrun, as on the other path."""
+        admission = self.admission_for(lit_api)
+        taken: list[Job] = []
+        try:
+            if not self._waiting:
+                first = self._receive(IDLE_POLL_S)  # idle: block until the first request
+                if first is None:
+                    self._check_stop(request_queue)
+                    return []
+                self._take([first], lit_api)
+            self._take([], lit_api)
+            taken = self._cut(admission, lit_api)
+            taken = self._shed(taken, lit_api)
+        except StopLoopError:
+            raise
+        except Exception:  # taken off the channel, so answered: 500, rather than left to their deadline
+            logger.exception("the worker failed gathering a batch of %d request(s); each is answered 500",
+                             len(taken) + len(self._waiting))
+            for request in taken + self._waiting:
+                self._answer(request.uid, None)
+            taken, self._waiting = [], []
+        self._flush()  # expired answers go out now, not after the batch has run
+        if self._channel is None:  # lost while gathering: the HTTP process has answered these 503 already
+            return []
+        return [(0, request.uid, request.item) for request in taken]
+
+    def _take(self, jobs: list[Job], lit_api) -> None:
+        """Adds `jobs` and whatever else is on the channel now (up to the window) to the waiting requests, measured."""
+        window = WINDOW_BATCHES * max(1, int(lit_api.max_batch_size))
+        while self._channel is not None and len(self._waiting) + len(jobs) < window:
+            job = self._receive(0.0)
+            if job is None:
+                break
+            jobs.append(job)
+        if self._channel is None:  # lost meanwhile: its HTTP process has answered all of these 503
+            self._waiting = []
+            return
+        if not jobs:
+            return
+        try:
+            lit_api.measure([job.item for job in jobs])
+        except Exception:  # one text breaks the tokenizer: measure each alone; the one that fails is answered 500
+            for job in list(jobs):
+                try:
+                    lit_api.measure([job.item])
+                except Exception:
+                    logger.exception("the worker could not tokenize request %d; it is answered 500", job.uid)
+                    self._answer(job.uid, None)
+                    jobs.remove(job)
+        self._waiting.extend(jobs)
+
+    def _cut(self, admission: BatchAdmission, lit_api) -> list[Job]:
+        """The next batch from the waiting requests (those past their deadline are answered 504 first); where the
+        cost model says a fuller batch is cheaper per item, waits up to max_batch_delay_s for more and cuts again."""
+        deadline = None
+        while True:
+            now = time.monotonic()
+            live = []
+            for job in self._waiting:
+                if job.deadline <= now:
+                    self._expire(job)  # its client has had its 504 already
+                else:
+                    live.append(job)
+            batch, rest = cut_batch(live, admission)
+            self._waiting = rest
+            if (len(batch) < 2 or not admission.has_capacity() or self.max_batch_delay_s <= 0
+                    or self._channel is None):
+                return batch
+            if deadline is None:
+                if not lit_api.cost_model.worth_waiting(admission.items):
+                    return batch
+                deadline = now + self.max_batch_delay_s
+            remaining = deadline - time.monotonic()
+            arrived = self._receive(remaining) if remaining > 0 else None
+            self._waiting = batch + self._waiting
+            if arrived is None:
+                self._waiting = rest if self._channel is not None else []  # lost: all answered 503 already
+                return batch
+            self._take([arrived], lit_api)

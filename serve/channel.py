@@ -70,6 +70,8 @@ class Result:
     batch_id: str
     error: str | None = None  # the runtime failed on this request alone (the rest of its batch was answered)
     tokens: int | None = None  # text models: the tokens this request's texts encoded to (OpenAI `usage`)
+    batch_tokens: int | None = None  # text models: real tokens of the whole batch
+    batch_positions: int | None = None  # text models: positions the batch computed, padding included
 
 
 def batch_results(batch, ran, batch_id: str) -> list[Result]:
@@ -77,8 +79,9 @@ def batch_results(batch, ran, batch_id: str) -> list[Result]:
     the one shape every host of a runner answers in (LitServe's worker, a Ray Serve replica)."""
     items = sum(batch.counts)
     tokens = ran.tokens
+    real = sum(tokens) if tokens else None
     return [Result(outputs, max(0.0, batch.started - item.enqueued), ran.infer_s, len(batch.items), items, batch_id,
-                   error, tokens[i] if tokens else None)
+                   error, tokens[i] if tokens else None, real, ran.padded_tokens)
             for i, (item, (outputs, error)) in enumerate(zip(batch.items, ran.outcomes))]
 
 
@@ -300,7 +303,8 @@ class WorkerGateway:
         result = answer.result
         if result is not None:  # every answer of a batch that ran, whether or not its client waited
             self.metrics.record_inference(result.queue_s, result.infer_s, result.batch_requests,
-                                          result.batch_items, result.batch_id)
+                                          result.batch_items, result.batch_id, result.batch_tokens,
+                                          result.batch_positions)
             per_item = result.infer_s / max(1, result.batch_items)
             self.per_item_s = per_item if not self.per_item_s else 0.9 * self.per_item_s + 0.1 * per_item
         if answer.expired:

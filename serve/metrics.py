@@ -8,6 +8,10 @@ Requests that reach the runtime = kiln_batch_size_sum; those dropped at their de
 kiln_requests_expired_total; those that ran but finished after their client had its 504 = kiln_answers_late_total.
 The connection layer (serve.connections) counts what it closes or refuses below the app in
 kiln_connections_closed_total, by reason.
+
+Text models: kiln_batch_tokens is the positions each batch computed (rows x its longest row, padding included);
+kiln_batch_tokens_real_total and kiln_batch_tokens_padded_total count real and computed positions, and
+kiln_batch_padding_waste is their ratio (padded / real: 1.0 is no padding at all).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import threading
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 class Histogram:
@@ -65,6 +70,10 @@ class Metrics:
                                     BATCH_BUCKETS)
         self.batch_items = Histogram("kiln_batch_items", "Items per batch the worker ran, observed once per batch.",
                                      BATCH_BUCKETS)
+        self.batch_tokens = Histogram("kiln_batch_tokens", "Positions per text batch the worker ran (rows x its "
+                                      "longest row, padding included), observed once per batch.", TOKEN_BUCKETS)
+        self.tokens_real: dict[str, int] = {}  # model -> real tokens of the text batches run
+        self.tokens_padded: dict[str, int] = {}  # model -> positions those batches computed
         self._seen_batches: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self.in_flight = 0
         self.expired: dict[tuple[str, str], int] = {}  # (model, where a request was dropped at its deadline) -> count
@@ -88,8 +97,9 @@ class Metrics:
             self.latency.observe(seconds, (route, model))
 
     def record_inference(self, model: str, queue_s: float, infer_s: float, batch_requests: int, batch_items: int,
-                         batch_id: str) -> None:
-        """Queue time per request; inference time and batch sizes once per batch (its first answer)."""
+                         batch_id: str, batch_tokens: int | None = None, batch_positions: int | None = None) -> None:
+        """Queue time per request; inference time, batch sizes and (text models) tokens once per batch (its first
+        answer)."""
         with self._lock:
             self.queue.observe(queue_s, (model,))
             key = (model, batch_id)
@@ -101,6 +111,10 @@ class Metrics:
             self.inference.observe(infer_s, (model,))
             self.batch_size.observe(batch_requests, (model,))
             self.batch_items.observe(batch_items, (model,))
+            if batch_tokens is not None and batch_positions is not None:
+                self.batch_tokens.observe(batch_positions, (model,))
+                self.tokens_real[model] = self.tokens_real.get(model, 0) + batch_tokens
+                self.tokens_padded[model] = self.tokens_padded.get(model, 0) + batch_positions
 
     def record_expired(self, model: str, stage: str) -> None:
         """A request dropped at its deadline before it reached the runtime: in the HTTP process's queue for the
@@ -138,6 +152,17 @@ class Metrics:
             lines += self.inference.render(("model",))
             lines += self.batch_size.render(("model",))
             lines += self.batch_items.render(("model",))
+            lines += self.batch_tokens.render(("model",))
+            lines += _counter("kiln_batch_tokens_real_total", "Real (unpadded) tokens of the text batches run, by "
+                              "model.", self.tokens_real)
+            lines += _counter("kiln_batch_tokens_padded_total", "Positions the text batches computed (padding "
+                              "included), by model.", self.tokens_padded)
+            lines += ["# HELP kiln_batch_padding_waste Positions computed per real token over the text batches run "
+                      "(1.0: no padding), by model.", "# TYPE kiln_batch_padding_waste gauge"]
+            for model, real in sorted(self.tokens_real.items()):
+                if real:
+                    lines.append(f'kiln_batch_padding_waste{{model="{_label(model)}"}} '
+                                 f'{self.tokens_padded[model] / real:.4f}')
             lines += ["# HELP kiln_requests_expired_total Requests dropped at their deadline before reaching the "
                       "runtime, by model and where (gateway: the HTTP process's queue; worker: taken off the channel).",
                       "# TYPE kiln_requests_expired_total counter"]
@@ -165,14 +190,20 @@ class ModelMetrics:
         self.name = model
 
     def record_inference(self, queue_s: float, infer_s: float, batch_requests: int, batch_items: int,
-                         batch_id: str) -> None:
-        self.metrics.record_inference(self.name, queue_s, infer_s, batch_requests, batch_items, batch_id)
+                         batch_id: str, batch_tokens: int | None = None, batch_positions: int | None = None) -> None:
+        self.metrics.record_inference(self.name, queue_s, infer_s, batch_requests, batch_items, batch_id,
+                                      batch_tokens, batch_positions)
 
     def record_expired(self, stage: str) -> None:
         self.metrics.record_expired(self.name, stage)
 
     def record_late(self) -> None:
         self.metrics.record_late(self.name)
+
+
+def _counter(name: str, help_text: str, values: dict[str, int]) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+    return lines + [f'{name}{{model="{_label(model)}"}} {count}' for model, count in sorted(values.items())]
 
 
 def _label(value: str) -> str:

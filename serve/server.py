@@ -52,6 +52,7 @@ class ServeConfig:
     metrics_open: bool = False  # /metrics answers without the API key (it needs it by default when one is set)
     grpc_port: int | None = None  # the gRPC server's port (serve.grpc_server); None: no gRPC
     max_queued_requests: int | list[str] | None = None  # per model (N or name=N): past it 429 at once; None: no cap
+    max_batch_tokens: int | None = None  # text models: None = TEXT_BATCH_TOKENS, 0 = no token budget (rows only)
 
     def __post_init__(self) -> None:
         if isinstance(self.artifact_dirs, str):
@@ -78,6 +79,8 @@ class ServeConfig:
             raise UsageError("--max-body-bytes must be at least 1024")
         if self.max_batch_items is not None and self.max_batch_items < 1:
             raise UsageError("--max-batch-items must be a positive integer")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 0:
+            raise UsageError("--max-batch-tokens must be a positive integer (0: batches bounded by requests only)")
         if self.header_timeout_s <= 0:
             raise UsageError("--header-timeout must be positive (seconds)")
         if self.max_header_bytes < 1024:
@@ -95,6 +98,16 @@ class ServeConfig:
             return self.max_batch_items
         return TEXT_BATCH_ITEMS if text else TENSOR_BATCH_ITEMS
 
+    def admission(self, text: bool, batch_items: int):
+        """The batch admission policy of a model (serve.admission): a token budget for text models, cut by length,
+        unless --max-batch-tokens 0; requests and items otherwise."""
+        from kiln.serve.admission import RowsAdmission, TokenBudgetAdmission
+
+        tokens = TEXT_BATCH_TOKENS if self.max_batch_tokens is None else self.max_batch_tokens
+        if text and tokens:
+            return TokenBudgetAdmission(self.max_batch_size, tokens, batch_items)
+        return RowsAdmission(self.max_batch_size, batch_items)
+
     def connection_limits(self):
         from kiln.serve.connections import ConnectionLimits
 
@@ -104,6 +117,9 @@ class ServeConfig:
 # A batch's size in items, at most (the items of all its requests together), unless --max-batch-items says.
 TEXT_BATCH_ITEMS = 64  # sequences: a batch of 64 x 128 tokens already takes seconds on one CPU thread
 TENSOR_BATCH_ITEMS = 1024
+# A text batch's positions (rows x longest row) at most, unless --max-batch-tokens says. MiniLM pt2-int8 on 2 Zen 5
+# cores (kiln bench's cost by sequence length): the cost per position stops falling well below this.
+TEXT_BATCH_TOKENS = 4096
 
 
 def served_model(manifest, variant, max_items: int, max_batch_items: int, served: dict[str, str]):
@@ -168,7 +184,8 @@ def build_server(config: ServeConfig, state_dir: str):
         batch_items = config.batch_items(plan.manifest.is_text)
         model = served_model(plan.manifest, plan.variant, config.max_items, batch_items, plan.served.parameters)
         channel_path = os.path.join(state_dir, f"worker-{plan.index}.sock")
-        loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items)
+        loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items,
+                                   config.admission(plan.manifest.is_text, batch_items))
         api = KilnAPI(plan.folder, plan.variant.name, plan.threads, config.max_batch_size, loop,
                       f"{INTERNAL_PATH}/{plan.index}")  # each model's own LitServe route and request queue
         gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name,

@@ -21,6 +21,7 @@ from kiln.core.runner import WorkItem
 from kiln.core.runner import split as _split
 from kiln.core.runner import tokens_per_request as _tokens_per_request
 from kiln.serve import batching
+from kiln.serve.admission import TokenBudgetAdmission
 from kiln.serve.batching import AdaptiveBatchedLoop, BatchCostModel
 from kiln.serve.channel import Result, WorkerGateway
 from kiln.serve.metrics import Metrics
@@ -85,9 +86,10 @@ class Worker:
     """The loop, run as LitServe's inference_worker runs it (`loop(lit_api, device, worker_id, request_queue, ...)`),
     in a thread; `stop` puts LitServe's stop sentinel on the request queue."""
 
-    def __init__(self, path: str, fail: str | None = None, max_batch_items: int | None = None) -> None:
-        self.loop = AdaptiveBatchedLoop(0.0, path, max_batch_items)
-        self.api = Doubler(self.loop, fail)
+    def __init__(self, path: str, fail: str | None = None, max_batch_items: int | None = None,
+                 admission=None, api: type[Doubler] | None = None) -> None:
+        self.loop = AdaptiveBatchedLoop(0.0, path, max_batch_items, admission)
+        self.api = (api or Doubler)(self.loop, fail)
         self.requests: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self.loop, daemon=True,
                                        args=(self.api, "cpu", 0, self.requests, None, {}, CallbackRunner()))
@@ -219,3 +221,61 @@ def test_a_batch_is_split_back_by_request_and_tokens_counted_from_the_mask():
     assert _tokens_per_request({"attention_mask": mask}, [1, 2]) == [2, 5]
     assert _tokens_per_request({"attention_mask": mask}, [3]) == [7]
     assert _tokens_per_request({"input": mask}, [3]) is None  # not a text model
+
+
+class Lengths(Doubler):
+    """A text-shaped LitAPI: a text's tokens are its characters (`measure`, as KilnAPI.measure puts them on the
+    WorkItem), and a batch costs time in proportion to rows x its longest row, as a padded transformer batch does."""
+
+    def measure(self, items: list[WorkItem]) -> None:
+        for item in items:
+            lengths = [len(t) for t in item.texts]
+            item.tokens, item.length, item.encodings = sum(lengths), max(lengths), lengths
+
+    def batch(self, items: list[WorkItem]):
+        assert all(item.length is not None for item in items), "a request reached a batch unmeasured"
+        return items
+
+    def predict(self, items) -> list[Result]:
+        rows, longest = sum(i.count for i in items), max(i.length for i in items)
+        self.batches.append((len(items), longest))
+        time.sleep(0.0005 + rows * longest * 2e-6)
+        return [Result({"n": np.array([item.length])}, 0.0, 0.0, len(items), rows, "test") for item in items]
+
+
+def test_a_long_text_in_a_steady_stream_of_short_ones_is_answered_within_its_deadline(tmp_path):
+    """Length-aware cutting (serve.admission.cut_batch) on the real loop and channel: 16 clients keep short texts
+    coming without pause; one long text sent among them is answered well within its deadline (the earliest
+    deadline opens each batch, so it cannot starve), in a batch of its own length: the short ones are not padded
+    to it."""
+    path = str(tmp_path / "w.sock")
+    deadline_s = 1.0
+
+    async def go():
+        async with _gateway(path, timeout_s=deadline_s) as gateway:
+            with Worker(path, admission=TokenBudgetAdmission(8, 4096, 64), api=Lengths) as worker:
+                await _ready(gateway)
+                stop = time.monotonic() + 1.5
+                answered: list[int] = []
+
+                async def client() -> None:
+                    while time.monotonic() < stop:
+                        result = await gateway.submit(WorkItem(None, ["short text"], 1, time.time()))
+                        answered.append(int(result.outputs["n"][0]))
+
+                async def long_one() -> float:
+                    await asyncio.sleep(0.4)  # the stream is running
+                    started = time.monotonic()
+                    result = await gateway.submit(WorkItem(None, ["x" * 300], 1, time.time()))
+                    assert int(result.outputs["n"][0]) == 300
+                    return time.monotonic() - started
+
+                took, *_ = await asyncio.gather(long_one(), *(client() for _ in range(16)))
+        return worker, answered, took
+
+    worker, answered, took = asyncio.run(go())
+    assert took < deadline_s / 4, f"the long text waited {took:.3f}s behind the short ones"
+    assert len(answered) > 200 and set(answered) == {10}  # the stream ran throughout, every short one answered
+    with_long = [size for size, longest in worker.api.batches if longest == 300]
+    assert with_long and max(with_long) <= 2  # at most one short text padded to the long one's length
+    assert max(size for size, _ in worker.api.batches) > 1  # the short ones were batched
