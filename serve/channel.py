@@ -181,6 +181,7 @@ SEND_AHEAD = 512 * 1024  # bytes of requests written to a worker's socket ahead 
 class _Worker:
     name: str
     writer: asyncio.StreamWriter
+    pid: int = 0  # its process (Hello): serve.control stops the workers of a version it retires
     in_flight: dict[int, asyncio.Future] = field(default_factory=dict)  # uid -> the waiting request
     # Requests not yet written to the socket: their uids oldest first, and their frames. They leave only while the
     # socket takes them (at most SEND_AHEAD bytes buffered ahead of the worker); a request whose deadline passes
@@ -240,6 +241,13 @@ class WorkerGateway:
     def ready(self) -> bool:
         return len(self.workers) >= self.expected
 
+    def in_flight(self) -> int:
+        """Requests accepted and not yet answered (serve.control drains a version to 0 before stopping it)."""
+        return sum(len(worker.in_flight) for worker in self.workers.values())
+
+    def worker_pids(self) -> list[int]:
+        return [worker.pid for worker in self.workers.values() if worker.pid]
+
     async def _serve_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             hello = await read_frame(reader)
@@ -249,7 +257,7 @@ class WorkerGateway:
         if not isinstance(hello, Hello):
             writer.close()
             return
-        worker = _Worker(str(hello.worker), writer)
+        worker = _Worker(str(hello.worker), writer, int(hello.pid))
         previous = self.workers.get(worker.name)
         if previous is not None:
             self._lost(previous)

@@ -43,9 +43,14 @@ class InferenceService:
     only: HTTP has them in its middleware."""
 
     def __init__(self, endpoints: dict[str, Endpoint], guard: KeyCheck | None = None, metrics=None) -> None:
-        self.endpoints = endpoints
+        self.endpoints = endpoints  # name -> the version its unversioned routes reach (the newest ready one)
+        # name -> version -> endpoint: every ready version (/v2/models/NAME/versions/N/...); serve.control changes
+        # both while the server runs.
+        self.versions: dict[str, dict[str, Endpoint]] = {
+            name: {endpoint.model.version: endpoint} for name, endpoint in endpoints.items()}
         self.guard = guard
         self.metrics = metrics
+        self.control = None  # serve.control.ModelControl: load, unload, index (set by serve.server)
 
     def lookup(self, name: str | None, version: str | None = None, reveal: bool = True) -> Endpoint:
         """The model a request names; `name` None: the one model of a single-model server. A 404 names the served
@@ -61,7 +66,9 @@ class InferenceService:
             served = f"; this server serves {', '.join(repr(n) for n in self.endpoints)}" if reveal else ""
             raise RequestError(f"no model named {name!r}{served}", 404, param="model", code="model_not_found")
         if version is not None and version != endpoint.model.version:
-            raise RequestError(f"model {name!r} has no version {version!r}", 404)
+            endpoint = self.versions.get(name, {}).get(version)  # type: ignore[assignment]
+            if endpoint is None:
+                raise RequestError(f"model {name!r} has no version {version!r} ready", 404)
         return endpoint
 
     async def run(self, endpoint: Endpoint, request: InferenceRequest) -> Result:

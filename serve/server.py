@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -50,6 +51,7 @@ class ServeConfig:
     max_headers: int = 100
     max_connections: int = 256
     metrics_open: bool = False  # /metrics answers without the API key (it needs it by default when one is set)
+    poll_s: float | None = None  # --poll: seconds between looks at the repositories (None: no polling)
 
     def __post_init__(self) -> None:
         if isinstance(self.artifact_dirs, str):
@@ -82,6 +84,8 @@ class ServeConfig:
             raise UsageError("--max-headers must be at least 8")
         if self.max_connections < 1:
             raise UsageError("--max-connections must be a positive integer")
+        if self.poll_s is not None and not 0.1 <= self.poll_s <= 86400:
+            raise UsageError("--poll must lie in 0.1..86400 (seconds)")
 
     def batch_items(self, text: bool) -> int:
         """--max-batch-items, or its default for the model: sequences cost far more per item than tensors."""
@@ -100,12 +104,14 @@ TEXT_BATCH_ITEMS = 64  # sequences: a batch of 64 x 128 tokens already takes sec
 TENSOR_BATCH_ITEMS = 1024
 
 
-def served_model(manifest, variant, max_items: int, max_batch_items: int, served: dict[str, str]):
+def served_model(manifest, variant, max_items: int, max_batch_items: int, served: dict[str, str],
+                 name: str | None = None, version: str = "1"):
     from kiln.core.runtime import runtime_spec
     from kiln.serve.protocol import ServedModel
 
     return ServedModel(
-        name=manifest.model,
+        name=name or manifest.model,
+        version=version,
         task=manifest.task,
         signature=manifest.signature,
         text=manifest.is_text,
@@ -121,12 +127,32 @@ def api_key(config: ServeConfig) -> str | None:
     return api_key_from_env(config.api_key_env, min_length=MIN_KEY_LENGTH)
 
 
-def build_server(config: ServeConfig, state_dir: str):
-    import litserve as ls
-
+def model_parts(config: ServeConfig, plan, channel_path: str, metrics):
+    """What one model version needs in the HTTP process and in its workers: (ServedModel, KilnAPI, WorkerGateway).
+    The same at start (LitServe starts the workers) and for a version loaded later (serve.control starts them)."""
     from kiln.serve.api import KilnAPI
     from kiln.serve.batching import AdaptiveBatchedLoop
     from kiln.serve.channel import WorkerGateway
+
+    batch_items = config.batch_items(plan.manifest.is_text)
+    model = served_model(plan.manifest, plan.variant, config.max_items, batch_items, plan.served.parameters,
+                         plan.name, plan.version)
+    loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items)
+    api = KilnAPI(plan.folder, plan.variant.name, plan.threads, config.max_batch_size, loop,
+                  f"{INTERNAL_PATH}/{plan.index}")  # each model's own LitServe route and request queue
+    gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name)
+    return model, api, gateway
+
+
+def info_labels(plan) -> dict[str, str]:
+    """A served version's kiln_info labels."""
+    return {"model": plan.name, "version": plan.version, "variant": plan.variant.name, "how": plan.served.how}
+
+
+def build_server(config: ServeConfig, state_dir: str):
+    import litserve as ls
+
+    from kiln.serve.control import ModelControl, Version
     from kiln.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, PathNormalizer
     from kiln.serve.litserve_private import drop_gzip, hide_routes, wrap_lifespan
     from kiln.serve.metrics import Metrics
@@ -136,22 +162,21 @@ def build_server(config: ServeConfig, state_dir: str):
 
     plans = plan_models(config)
     key = api_key(config)
-    metrics = Metrics({plan.name: {"model": plan.name, "variant": plan.variant.name, "how": plan.served.how}
-                       for plan in plans})
+    metrics = Metrics({plan.name: info_labels(plan) for plan in plans})
     endpoints = {}
     apis = []
+    started = []
     for plan in plans:
-        batch_items = config.batch_items(plan.manifest.is_text)
-        model = served_model(plan.manifest, plan.variant, config.max_items, batch_items, plan.served.parameters)
         channel_path = os.path.join(state_dir, f"worker-{plan.index}.sock")
-        loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items)
-        api = KilnAPI(plan.folder, plan.variant.name, plan.threads, config.max_batch_size, loop,
-                      f"{INTERNAL_PATH}/{plan.index}")  # each model's own LitServe route and request queue
-        gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name)
+        model, api, gateway = model_parts(config, plan, channel_path, metrics)
         endpoints[plan.name] = Endpoint(model, gateway)
         apis.append(api)
+        started.append(Version(plan.name, plan.version, plan.folder, "READY", endpoint=endpoints[plan.name],
+                               plan=plan))
     offload = Offload({name: endpoint.model for name, endpoint in endpoints.items()}, config.max_body_bytes)
     inference = Inference(endpoints, config.max_body_bytes, offload)
+    inference.control = ModelControl(inference, config, state_dir, metrics, started, len(plans),
+                                     functools.partial(model_parts, config), info_labels)
     middlewares = [(InferenceFastPath, {"inference": inference}),  # innermost: after auth, limits and metrics
                    (BodyLimitMiddleware, {"max_bytes": config.max_body_bytes, "read_timeout_s": config.body_timeout_s})]
     if key:
@@ -175,11 +200,11 @@ def build_server(config: ServeConfig, state_dir: str):
     async def gateways(app):  # the gateways live in the HTTP process, started with it
         for endpoint in endpoints.values():
             await endpoint.gateway.start()
+        inference.control.start()  # --poll's watch, and the watch over the workers it starts itself
         try:
             yield
         finally:
-            for endpoint in endpoints.values():
-                await endpoint.gateway.stop()
+            await inference.control.close()  # every gateway (also those of versions loaded since) and worker
             await asyncio.to_thread(offload.close)
 
     wrap_lifespan(server, gateways)

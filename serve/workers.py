@@ -52,6 +52,21 @@ class ModelWorkers:
     def alive(self) -> int:
         return sum(process.is_alive() for process in self.processes)
 
+    def restart_dead(self, api) -> int:
+        """Starts again each worker that died (LitServe's monitor watches only the workers LitServe started); how
+        many. The restarted worker connects to the same gateway under the same name."""
+        restarted = 0
+        context = multiprocessing.get_context("spawn")
+        for index, process in enumerate(self.processes):
+            if process.is_alive() or process.exitcode is None:
+                continue
+            stop = context.Queue()
+            self.stops[index].close()
+            self.processes[index] = _spawn(context, api, f"{self.name}-{index}", stop)
+            self.stops[index] = stop
+            restarted += 1
+        return restarted
+
     def retire(self, timeout_s: float = 10.0) -> None:
         """Stops every worker and waits for it: each is told to stop through its stop queue (LitServe's stop
         signal, read while the worker is idle) and ends its loop once its current batch is answered; one still
@@ -79,9 +94,13 @@ def start_workers(api, count: int, name: str = "model") -> ModelWorkers:
     workers = ModelWorkers(name)
     for index in range(count):
         stop = context.Queue()
-        process = context.Process(target=_worker_main, args=(api, f"{name}-{index}", stop), daemon=True,
-                                  name=f"kiln-{name}-worker-{index}")
-        process.start()
-        workers.processes.append(process)
+        workers.processes.append(_spawn(context, api, f"{name}-{index}", stop))
         workers.stops.append(stop)
     return workers
+
+
+def _spawn(context, api, worker_id: str, stop):
+    process = context.Process(target=_worker_main, args=(api, worker_id, stop), daemon=True,
+                              name=f"kiln-{worker_id}-worker")
+    process.start()
+    return process
