@@ -1,5 +1,5 @@
 # Everything a fresh machine needs: `make run` serves the default model, `make test` runs the suite.
-# A development install has both extras: `export` (torch and the exporters) and `test` (the tools). The Dockerfile
+# A development install has the extras: `export` (torch and the exporters), `test` (the tools) and `tracing`. The Dockerfile
 # repeats the install step (a venv, then `pip install '.[export]'` to export, and the base install alone to serve);
 # tests/test_dockerfile.py keeps them in step.
 PYTHON ?= python3.11
@@ -15,7 +15,7 @@ PORT ?= 8000
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[export,test]'
+	$(BIN)/python -m pip install --quiet -e '.[export,test,tracing]'
 	touch $(STAMP)
 
 install: $(STAMP)

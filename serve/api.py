@@ -59,6 +59,7 @@ class KilnAPI(ls.LitAPI):
         self.memory.after_batch(self.runtime)
 
     def predict(self, batch: Batch) -> list[Result]:
+        run_started = time.time()
         ran = self.runner.run(batch)
         items = sum(batch.counts)
         if ran.whole_s is not None:
@@ -66,6 +67,7 @@ class KilnAPI(ls.LitAPI):
         self.batches_run += 1
         batch_id = f"{os.getpid()}-{self.batches_run}"
         tokens = ran.tokens
+        batch_tokens = sum(tokens) if tokens else None
         return [Result(outputs, max(0.0, batch.started - item.enqueued), ran.infer_s, len(batch.items),
-                       items, batch_id, error, tokens[i] if tokens else None)
+                       items, batch_id, error, tokens[i] if tokens else None, run_started, batch_tokens)
                 for i, (item, (outputs, error)) in enumerate(zip(batch.items, ran.outcomes))]

@@ -70,6 +70,10 @@ class Result:
     batch_id: str
     error: str | None = None  # the runtime failed on this request alone (the rest of its batch was answered)
     tokens: int | None = None  # text models: the tokens this request's texts encoded to (OpenAI `usage`)
+    # time.time() when the runtime began the batch, and the batch's tokens: a trace's spans (serve.tracing) are
+    # built from these after the answer, rather than carried through the batching loop.
+    run_started: float = 0.0
+    batch_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

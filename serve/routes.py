@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -42,6 +43,7 @@ JSON_TYPES = ("application/json", "")
 BINARY_TYPES = ("application/octet-stream", "application/vnd.sagemaker-triton.binary+json")
 # The request headers the inference path reads (the ASGI fast path copies only these out of the scope).
 READ_HEADERS = (b"content-type", b"content-encoding", v2_binary.HEADER_LENGTH.encode())
+TRACE_HEADERS = (b"traceparent", b"tracestate")  # W3C trace context, read only where tracing is on
 
 
 def decode_json(content_type: str, raw: bytes, expected) -> object:
@@ -274,8 +276,9 @@ class Inference(InferenceService):
         return endpoint, parsed
 
     async def answer(self, wire: Wire, name: str | None, version: str | None, headers: dict[str, str],
-                     raw: bytes) -> Reply:
-        """`headers`: the request's headers named in READ_HEADERS, lower-case names."""
+                     raw: bytes, trace=None) -> Reply:
+        """`headers`: the request's headers named in READ_HEADERS, lower-case names. `trace`: the request's
+        serve.tracing.RequestTrace where tracing is on (its timestamps are filled in here)."""
         try:
             if self.offload is not None and self.offload.wants(headers, raw):
                 inflated = self.offload.small_inflate(headers, raw)
@@ -289,7 +292,9 @@ class Inference(InferenceService):
             else:
                 endpoint, parsed = self.prepare(wire, name, version, headers, raw)
             model = endpoint.model
-            result = await self.run(endpoint, parsed)
+            if trace is not None:
+                trace.parsed = time.time_ns()
+            result = await self.run(endpoint, parsed, trace)
         except RequestError as error:
             return Reply(error.status, orjson.dumps(wire.error_body(error), option=orjson.OPT_SERIALIZE_NUMPY),
                          model=error.model)
@@ -315,6 +320,11 @@ class InferenceFastPath:
         if match is None:
             return await self.app(scope, receive, send)
         scope["route"] = match.route  # MetricsMiddleware labels the request with match.route.path
+        tracing = self.inference.tracing
+        trace = None
+        if tracing is not None:  # on arrival, before the body: the trace's receive span starts here
+            trace = tracing.begin(match.route.path, {key.decode(): value.decode("latin-1")
+                                                     for key, value in scope["headers"] if key in TRACE_HEADERS})
         chunks = []
         while True:
             message = await receive()
@@ -324,12 +334,15 @@ class InferenceFastPath:
             if not message.get("more_body", False):
                 break
         headers = {key.decode(): value.decode("latin-1") for key, value in scope["headers"] if key in READ_HEADERS}
-        reply = await self.inference.answer(match.route.wire, match.name, match.version, headers, b"".join(chunks))
+        reply = await self.inference.answer(match.route.wire, match.name, match.version, headers, b"".join(chunks),
+                                            trace)
         if reply.model is not None:
             scope[MODEL] = reply.model  # MetricsMiddleware labels the request with the model
         await send({"type": "http.response.start", "status": reply.status,
                     "headers": [*reply.headers, (b"content-length", str(len(reply.payload)).encode())]})
         await send({"type": "http.response.body", "body": reply.payload})
+        if trace is not None:
+            tracing.finish(trace, reply.status)
         return None
 
 

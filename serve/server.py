@@ -52,6 +52,7 @@ class ServeConfig:
     max_connections: int = 256
     metrics_open: bool = False  # /metrics answers without the API key (it needs it by default when one is set)
     poll_s: float | None = None  # --poll: seconds between looks at the repositories (None: no polling)
+    otlp_endpoint: str | None = None  # --otlp-endpoint (else $OTEL_EXPORTER_OTLP_ENDPOINT): where traces go
 
     def __post_init__(self) -> None:
         if isinstance(self.artifact_dirs, str):
@@ -159,7 +160,11 @@ def build_server(config: ServeConfig, state_dir: str):
     from kiln.serve.offload import Offload
     from kiln.serve.repository import plan_models
     from kiln.serve.routes import Endpoint, Inference, InferenceFastPath, add_routes
+    from kiln.serve.tracing import endpoint_from, require
 
+    otlp = endpoint_from(config.otlp_endpoint)
+    if otlp is not None:
+        require()  # the SDK missing: refused now, in one line, not in the HTTP process
     plans = plan_models(config)
     key = api_key(config)
     metrics = Metrics({plan.name: info_labels(plan) for plan in plans})
@@ -201,11 +206,17 @@ def build_server(config: ServeConfig, state_dir: str):
         for endpoint in endpoints.values():
             await endpoint.gateway.start()
         inference.control.start()  # --poll's watch, and the watch over the workers it starts itself
+        if otlp is not None:
+            from kiln.serve.tracing import Tracing
+
+            inference.tracing = Tracing(otlp)  # its export thread lives in the HTTP process
         try:
             yield
         finally:
             await inference.control.close()  # every gateway (also those of versions loaded since) and worker
             await asyncio.to_thread(offload.close)
+            if inference.tracing is not None:
+                await asyncio.to_thread(inference.tracing.shutdown)  # what is still buffered goes out
 
     wrap_lifespan(server, gateways)
     from importlib.metadata import version

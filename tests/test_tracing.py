@@ -1,0 +1,210 @@
+"""Traces (issue 21): one trace per inference request, under the client's W3C traceparent, with spans for receive,
+queue, batch (size, tokens), run and reply; exported over OTLP/HTTP to a receiver in the test; nothing of
+OpenTelemetry imported when tracing is off."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from server_process import ServerProcess, free_port
+
+from kiln.serve.channel import Result
+
+CHILDREN = {"receive", "queue", "batch", "reply"}
+
+
+class OtlpReceiver:
+    """A minimal OTLP/HTTP traces endpoint on 127.0.0.1: parses each ExportTraceServiceRequest and keeps its spans
+    as dicts (ids as hex)."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
+
+        self.spans: list[dict] = []
+        self.paths: list[str] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.headers.get("content-encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportTraceServiceRequest.FromString(body)
+                receiver.paths.append(self.path)
+                for resource in request.resource_spans:
+                    service = {a.key: a.value.string_value for a in resource.resource.attributes}.get("service.name")
+                    for scope in resource.scope_spans:
+                        for span in scope.spans:
+                            receiver.spans.append({
+                                "name": span.name, "trace": span.trace_id.hex(), "id": span.span_id.hex(),
+                                "parent": span.parent_span_id.hex(), "start": span.start_time_unix_nano,
+                                "end": span.end_time_unix_nano, "service": service, "kind": span.kind,
+                                "attributes": {a.key: _value(a.value) for a in span.attributes}})
+                payload = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _value(value):
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+def traceparent(index: int) -> tuple[str, str, str]:
+    trace_id = f"{index + 1:032x}".replace("0", "a", 8)
+    parent_id = f"{index + 7:016x}"
+    return trace_id, parent_id, f"00-{trace_id}-{parent_id}-01"
+
+
+def check_trace(spans: list[dict], trace_id: str, parent_id: str, route: str) -> dict:
+    """The spans of one request's trace, checked: one root under the client's span, the five children, and their
+    times nested within the root. Returns them by name."""
+    mine = [s for s in spans if s["trace"] == trace_id]
+    roots = [s for s in mine if s["parent"] == parent_id]
+    assert len(roots) == 1, (trace_id, [s["name"] for s in mine])
+    root = roots[0]
+    assert root["name"] == f"POST {route}" and root["kind"] == 2  # SPAN_KIND_SERVER
+    by_name = {s["name"]: s for s in mine}
+    assert len(mine) == 6 and set(by_name) == CHILDREN | {"run", root["name"]}, [s["name"] for s in mine]
+    for name in CHILDREN:
+        assert by_name[name]["parent"] == root["id"], name
+        assert root["start"] <= by_name[name]["start"] <= by_name[name]["end"] <= root["end"], name
+    run, batch, queue = by_name["run"], by_name["batch"], by_name["queue"]
+    assert run["parent"] == batch["id"] and batch["start"] <= run["start"] <= run["end"] <= batch["end"]
+    assert by_name["receive"]["end"] <= queue["start"] <= queue["end"] == batch["start"] <= by_name["reply"]["start"]
+    assert batch["attributes"]["kiln.batch.requests"] >= 1 and batch["attributes"]["kiln.batch.items"] >= 1
+    return by_name
+
+
+# --- fast -------------------------------------------------------------------------------------------------------
+
+
+def test_tracing_off_imports_nothing_of_opentelemetry():
+    """kiln adds no OpenTelemetry module to what its dependencies import (FastAPI imports the bare API package
+    where it is installed) and never the SDK or an exporter."""
+    code = ("import sys, litserve, fastapi; otel = lambda: {m for m in sys.modules if m.startswith('opentelemetry')}; "
+            "before = otel(); "
+            "import kiln.serve.server, kiln.serve.routes, kiln.serve.inference, kiln.serve.control, "
+            "kiln.serve.tracing as t; assert t.endpoint_from(None) is None; "
+            "from kiln.serve.server import ServeConfig; "
+            "print(sorted(otel() - before), sorted(m for m in otel() if '.sdk' in m or '.exporter' in m))")
+    env = {k: v for k, v in os.environ.items() if k != "OTEL_EXPORTER_OTLP_ENDPOINT"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[] []"
+
+
+def test_the_endpoint_comes_from_the_flag_or_the_environment(monkeypatch):
+    from kiln.core.errors import UsageError
+    from kiln.serve.tracing import endpoint_from
+
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    assert endpoint_from(None) is None
+    assert endpoint_from("http://127.0.0.1:4318") == "http://127.0.0.1:4318/v1/traces"
+    assert endpoint_from("http://c:4318/v1/traces") == "http://c:4318/v1/traces"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")
+    assert endpoint_from(None) == "http://collector:4318/v1/traces"
+    with pytest.raises(UsageError, match="http"):
+        endpoint_from("collector:4318")
+
+
+def test_spans_are_built_from_the_results_timings_with_the_batchs_tokens():
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from kiln.serve.tracing import Tracing
+
+    exporter = InMemorySpanExporter()
+    tracing = Tracing("http://127.0.0.1:9/v1/traces", exporter=exporter)
+    trace_id, parent_id, header = traceparent(3)
+    record = tracing.begin("/v2/models/{name}/infer", {"traceparent": header})
+    now = time.time()
+    record.parsed = int((now + 0.001) * 1e9)
+    record.submitted = int((now + 0.002) * 1e9)
+    record.model, record.version = "minilm", "2"
+    record.result = Result({}, 0.003, 0.004, 3, 5, "12-1", None, 7, now + 0.0055, 40)
+    record.answered = int((now + 0.011) * 1e9)
+    tracing.finish(record, 200)
+    tracing.shutdown()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == CHILDREN | {"run", "POST /v2/models/{name}/infer"}
+    root = spans["POST /v2/models/{name}/infer"]
+    assert f"{root.context.trace_id:032x}" == trace_id and f"{root.parent.span_id:016x}" == parent_id
+    assert root.attributes["kiln.model"] == "minilm" and root.attributes["kiln.model_version"] == "2"
+    batch = spans["batch"]
+    assert dict(batch.attributes) == {"kiln.batch.requests": 3, "kiln.batch.items": 5, "kiln.batch.id": "12-1",
+                                      "kiln.batch.tokens": 40, "kiln.request.tokens": 7}
+    assert spans["queue"].end_time - spans["queue"].start_time == 3_000_000
+    assert spans["run"].end_time - spans["run"].start_time == 4_000_000 and spans["run"].parent.span_id == \
+        batch.context.span_id
+
+
+# --- slow: a real server exporting to a receiver in the test ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_each_request_is_one_trace_under_the_clients_traceparent(digits_artifacts):
+    receiver = OtlpReceiver()
+    server = None
+    try:
+        server = ServerProcess(digits_artifacts, "--variant", "onnx-fp32", "--threads", "1",
+                               "--otlp-endpoint", receiver.url,
+                               env={"OTEL_BSP_SCHEDULE_DELAY": "100"}).wait_ready(120)
+        body = {"inputs": [{"name": "image", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 128}]}
+        sent = []
+        with httpx.Client(timeout=30) as client:
+            for index in range(5):
+                trace_id, parent_id, header = traceparent(index)
+                reply = client.post(f"{server.url}/v2/models/digits/infer", json=body,
+                                    headers={"traceparent": header})
+                assert reply.status_code == 200
+                sent.append((trace_id, parent_id))
+            untraced = client.post(f"{server.url}/v2/models/digits/infer", json=body)
+            assert untraced.status_code == 200
+            refused = client.post(f"{server.url}/v2/models/digits/infer", json={"inputs": []},
+                                  headers={"traceparent": traceparent(9)[2]})
+            assert refused.status_code >= 400
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(receiver.spans) < 5 * 6 + 6 + 3:
+            time.sleep(0.1)
+        spans = list(receiver.spans)
+        assert set(receiver.paths) == {"/v1/traces"}
+        for trace_id, parent_id in sent:
+            by_name = check_trace(spans, trace_id, parent_id, "/v2/models/{name}/infer")
+            root = by_name["POST /v2/models/{name}/infer"]
+            assert root["service"] == "kiln" and root["attributes"]["kiln.model"] == "digits"
+            assert root["attributes"]["http.response.status_code"] == 200
+            assert by_name["batch"]["attributes"]["kiln.batch.items"] == 2
+        client_traces = {t for t, _ in sent} | {traceparent(9)[0]}
+        others = [s for s in spans if s["trace"] not in client_traces]
+        assert len({s["trace"] for s in others}) == 1 and len(others) == 6  # the untraced request: a trace of its own
+        bad = [s for s in spans if s["trace"] == traceparent(9)[0]]
+        assert sorted(s["name"] for s in bad) == ["POST /v2/models/{name}/infer", "receive", "reply"]
+    finally:
+        if server is not None:
+            server.stop()
+        receiver.close()
