@@ -4,76 +4,19 @@ OpenTelemetry imported when tracing is off."""
 
 from __future__ import annotations
 
-import gzip
 import os
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from server_process import ServerProcess, free_port
+from otlp_receiver import OtlpReceiver
+from server_process import ServerProcess
 
 from kiln.serve.channel import Result
 
 CHILDREN = {"receive", "queue", "batch", "reply"}
-
-
-class OtlpReceiver:
-    """A minimal OTLP/HTTP traces endpoint on 127.0.0.1: parses each ExportTraceServiceRequest and keeps its spans
-    as dicts (ids as hex)."""
-
-    def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest,
-            ExportTraceServiceResponse,
-        )
-
-        self.spans: list[dict] = []
-        self.paths: list[str] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                if self.headers.get("content-encoding") == "gzip":
-                    body = gzip.decompress(body)
-                request = ExportTraceServiceRequest.FromString(body)
-                receiver.paths.append(self.path)
-                for resource in request.resource_spans:
-                    service = {a.key: a.value.string_value for a in resource.resource.attributes}.get("service.name")
-                    for scope in resource.scope_spans:
-                        for span in scope.spans:
-                            receiver.spans.append({
-                                "name": span.name, "trace": span.trace_id.hex(), "id": span.span_id.hex(),
-                                "parent": span.parent_span_id.hex(), "start": span.start_time_unix_nano,
-                                "end": span.end_time_unix_nano, "service": service, "kind": span.kind,
-                                "attributes": {a.key: _value(a.value) for a in span.attributes}})
-                payload = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def _value(value):
-    kind = value.WhichOneof("value")
-    return getattr(value, kind) if kind else None
 
 
 def traceparent(index: int) -> tuple[str, str, str]:
@@ -136,20 +79,20 @@ def test_the_endpoint_comes_from_the_flag_or_the_environment(monkeypatch):
 def test_spans_are_built_from_the_results_timings_with_the_batchs_tokens():
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from kiln.serve.tracing import Tracing
+    from kiln.serve.tracing import RequestTrace, SpanBuilder
 
     exporter = InMemorySpanExporter()
-    tracing = Tracing("http://127.0.0.1:9/v1/traces", exporter=exporter)
+    builder = SpanBuilder(exporter)
     trace_id, parent_id, header = traceparent(3)
-    record = tracing.begin("/v2/models/{name}/infer", {"traceparent": header})
     now = time.time()
+    record = RequestTrace("/v2/models/{name}/infer", {"traceparent": header}, int(now * 1e9))
     record.parsed = int((now + 0.001) * 1e9)
     record.submitted = int((now + 0.002) * 1e9)
     record.model, record.version = "minilm", "2"
     record.result = Result({}, 0.003, 0.004, 3, 5, "12-1", None, 7, now + 0.0055, 40)
     record.answered = int((now + 0.011) * 1e9)
-    tracing.finish(record, 200)
-    tracing.shutdown()
+    builder.emit(record.row(200, int((now + 0.012) * 1e9)))
+    builder.shutdown()
     spans = {s.name: s for s in exporter.get_finished_spans()}
     assert set(spans) == CHILDREN | {"run", "POST /v2/models/{name}/infer"}
     root = spans["POST /v2/models/{name}/infer"]
@@ -161,6 +104,16 @@ def test_spans_are_built_from_the_results_timings_with_the_batchs_tokens():
     assert spans["queue"].end_time - spans["queue"].start_time == 3_000_000
     assert spans["run"].end_time - spans["run"].start_time == 4_000_000 and spans["run"].parent.span_id == \
         batch.context.span_id
+    assert root.kind.name == "SERVER" and root.resource.attributes["service.name"] == "kiln"
+    assert {s.context.trace_id for s in spans.values()} == {int(trace_id, 16)}
+    # A client that says not to sample (flags 00) gets no trace; a malformed traceparent starts a new one.
+    exporter = InMemorySpanExporter()
+    builder = SpanBuilder(exporter)
+    builder.emit(RequestTrace("/r", {"traceparent": header[:-2] + "00"}, 1).row(200, 2))
+    builder.emit(RequestTrace("/r", {"traceparent": "00-zz-yy-01"}, 1).row(200, 2))
+    builder.shutdown()
+    fresh = exporter.get_finished_spans()
+    assert [s.name for s in fresh] == ["POST /r", "receive", "reply"] and fresh[0].parent is None
 
 
 # --- slow: a real server exporting to a receiver in the test ----------------------------------------------------
