@@ -242,3 +242,27 @@ def test_load_and_unload_on_request_keep_to_the_repository(versioned, digits_art
     assert reply.status_code == 200 and reply.json()["version"] == "2", reply.text
     assert httpx.post(f"{url}/v2/models/digits/infer", json=body, headers=AUTH).json()["model_version"] == "2"
     assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+
+
+@pytest.mark.slow
+def test_a_loaded_versions_worker_that_dies_is_started_again(versioned):
+    """LitServe's monitor restarts only the workers it started; serve.control watches those it starts itself."""
+    import os
+    import re
+    import signal
+
+    server, _, _ = versioned
+    pids = re.findall(r"^kiln: digits worker digits-v2-0 ready \(pid (\d+);", server.log_path.read_text(), re.M)
+    os.kill(int(pids[-1]), signal.SIGKILL)
+    body = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if re.search(r"version 2: 1 worker\(s\) died; restarted", server.log_path.read_text()):
+            reply = httpx.post(f"{server.url}/v2/models/digits/infer", json=body, headers=AUTH)
+            if reply.status_code == 200:
+                break
+        time.sleep(0.2)
+    reply = httpx.post(f"{server.url}/v2/models/digits/infer", json=body, headers=AUTH)
+    assert reply.status_code == 200 and reply.json()["model_version"] == "2", server.log_path.read_text()[-2000:]
+    again = re.findall(r"^kiln: digits worker digits-v2-0 ready \(pid (\d+);", server.log_path.read_text(), re.M)
+    assert again[-1] != pids[-1]

@@ -25,14 +25,14 @@ def traceparent(index: int) -> tuple[str, str, str]:
     return trace_id, parent_id, f"00-{trace_id}-{parent_id}-01"
 
 
-def check_trace(spans: list[dict], trace_id: str, parent_id: str, route: str) -> dict:
+def check_trace(spans: list[dict], trace_id: str, parent_id: str, route: str, method: str = "POST") -> dict:
     """The spans of one request's trace, checked: one root under the client's span, the five children, and their
     times nested within the root. Returns them by name."""
     mine = [s for s in spans if s["trace"] == trace_id]
     roots = [s for s in mine if s["parent"] == parent_id]
     assert len(roots) == 1, (trace_id, [s["name"] for s in mine])
     root = roots[0]
-    assert root["name"] == f"POST {route}" and root["kind"] == 2  # SPAN_KIND_SERVER
+    assert root["name"] == f"{method} {route}" and root["kind"] == 2  # SPAN_KIND_SERVER
     by_name = {s["name"]: s for s in mine}
     assert len(mine) == 6 and set(by_name) == CHILDREN | {"run", root["name"]}, [s["name"] for s in mine]
     for name in CHILDREN:
@@ -161,3 +161,39 @@ def test_each_request_is_one_trace_under_the_clients_traceparent(digits_artifact
         if server is not None:
             server.stop()
         receiver.close()
+
+
+def test_a_front_end_without_asgi_traces_through_the_inference_call():
+    """What a gRPC servicer does: InferenceService.call with the metadata as the carrier is one trace under the
+    client's span, exported by the helper process to the receiver."""
+    import asyncio
+
+    import numpy as np
+
+    from kiln.core.signature import Signature, TensorSpec
+    from kiln.serve.inference import Endpoint, InferenceService
+    from kiln.serve.protocol import InferenceRequest, ServedModel
+    from kiln.serve.tracing import Tracing
+
+    class Gateway:  # stands in for the worker channel: a batch of 2 that ran for 1 ms
+        async def submit(self, item):
+            await asyncio.sleep(0.002)
+            return Result({"y": np.zeros((item.count, 3), np.float32)}, 0.001, 0.001, 2, 3, "1-1", None, None,
+                          time.time() - 0.0011, None)
+
+    model = ServedModel(name="m", task="classification", text=False, max_items=4, version="7",
+                        signature=Signature(inputs=(TensorSpec("x", "float32", ("batch", 2)),),
+                                            outputs=(TensorSpec("y", "float32", ("batch", 3)),)))
+    receiver = OtlpReceiver()
+    try:
+        service = InferenceService({"m": Endpoint(model, Gateway())})  # type: ignore[arg-type]
+        service.tracing = Tracing(f"{receiver.url}/v1/traces")
+        trace_id, parent_id, header = traceparent(5)
+        request = InferenceRequest({"x": np.zeros((1, 2), np.float32)}, None, 1, False)
+        asyncio.run(service.call("m", request, front="grpc:ModelInfer", carrier={"traceparent": header}))
+        service.tracing.shutdown()
+        by_name = check_trace(receiver.spans, trace_id, parent_id, "grpc:ModelInfer", "CALL")
+    finally:
+        receiver.close()
+    root = by_name["CALL grpc:ModelInfer"]
+    assert root["attributes"]["kiln.model_version"] == "7" and by_name["batch"]["attributes"]["kiln.batch.items"] == 3
