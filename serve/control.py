@@ -144,7 +144,8 @@ class ModelControl:
         model = self._model(name)
         try:
             async with model.lock:
-                version, path = await asyncio.to_thread(self._candidate, name, model, folder)
+                version, path = await asyncio.to_thread(self._candidate, name, self._snapshot(model), folder,
+                                                        self._folders())
                 known = model.versions.get(version)
                 if known is not None and known.state == READY and known.folder == str(path.resolve()):
                     return known  # already serving: nothing to do
@@ -224,7 +225,7 @@ class ModelControl:
         loaded. A version that failed is tried again only once its manifest changes. Removed folders are left
         serving (their workers hold the model already)."""
         loaded = []
-        for name, path, version in await asyncio.to_thread(self._discover):
+        for name, path, version in await asyncio.to_thread(self._discover, self._folders()):
             model = self._model(name)
             async with model.lock:
                 if model.unloaded or not self._new(model, path, version):
@@ -306,11 +307,21 @@ class ModelControl:
             errors.append(f"{folder!r} is not a folder inside {str(root)!r}")
         raise RequestError(errors[0] if len(errors) == 1 else "; ".join(errors), 400)
 
-    def _candidate(self, name: str, model: _Model, folder: str | None) -> tuple[str, Path]:
-        """(version, artifact folder) that a load of `name` means; in a thread (it reads folders)."""
+    def _folders(self) -> dict[str, str]:
+        """{artifact folder: model name} of every version tried: a snapshot taken on the event loop for a thread."""
+        return {v.folder: name for name, model in self.models.items() for v in model.versions.values() if v.folder}
+
+    @staticmethod
+    def _snapshot(model: _Model) -> list[tuple[str, str | None]]:
+        return [(v.version, v.folder) for v in model.versions.values()]
+
+    def _candidate(self, name: str, versions: list[tuple[str, str | None]], folder: str | None,
+                   folders: dict[str, str]) -> tuple[str, Path]:
+        """(version, artifact folder) that a load of `name` means (`versions`: the model's (version, folder) pairs);
+        in a thread, as it reads folders, so it reads only the snapshots it is given of what the loop changes."""
         from kiln.serve.repository import VERSION, version_folders
 
-        known = [int(v) for v in model.versions if VERSION.fullmatch(v)]
+        known = [int(v) for v, _ in versions if VERSION.fullmatch(v)]
         if folder is not None:
             path = self._inside_roots(folder)
             versions = version_folders(path) if not (path / MANIFEST_NAME).is_file() else ()
@@ -322,18 +333,19 @@ class ModelControl:
             if VERSION.fullmatch(path.name) and path.parent.name == name:
                 return path.name, path
             return str(max(known, default=0) + 1), path  # a folder of another name: the model's next version
-        for found_name, path, version in self._discover():
+        for found_name, path, version in self._discover(folders):
             if found_name == name:
                 return version, path
-        for version in model.versions.values():  # a lone artifact folder: loaded again from where it was
-            if version.folder is not None and (Path(version.folder) / MANIFEST_NAME).is_file():
-                return version.version, Path(version.folder)
+        for number, known_folder in versions:  # a lone artifact folder: loaded again from where it was
+            if known_folder is not None and (Path(known_folder) / MANIFEST_NAME).is_file():
+                return number, Path(known_folder)
         raise RequestError(f"no model named {name!r} in the served repositories "
                            f"({', '.join(str(r) for r in self.roots) or 'none: only artifact folders were given'})",
                            404)
 
-    def _discover(self) -> list[tuple[str, Path, str]]:
-        """(name, artifact folder, version) of each model's newest version in the repositories; in a thread."""
+    def _discover(self, folders: dict[str, str]) -> list[tuple[str, Path, str]]:
+        """(name, artifact folder, version) of each model's newest version in the repositories; in a thread
+        (`folders`: the _folders snapshot, whose manifests need no second reading)."""
         from kiln.core.manifest import read_manifest
         from kiln.serve.repository import entry_for
 
@@ -346,7 +358,7 @@ class ModelControl:
                 version, path = item.versions[0]
                 name = item.name
                 if name is None:
-                    known = self._known_folder(path)
+                    known = folders.get(str(path.resolve()))
                     if known is not None:
                         name = known
                     else:
@@ -356,13 +368,6 @@ class ModelControl:
                             continue
                 found.append((name, path, version))
         return found
-
-    def _known_folder(self, path: Path) -> str | None:
-        resolved = str(path.resolve())
-        for name, model in self.models.items():
-            if any(v.folder == resolved for v in model.versions.values()):
-                return name
-        return None
 
     async def _load_version(self, model: _Model, name: str, version: str, path: Path) -> Version:
         """Checks, starts and serves one version (the module docstring's steps); the caller holds the model's
@@ -381,9 +386,8 @@ class ModelControl:
         gateway = None
         workers = None
         try:
-            settings = Settings(self.config, sorted({*self.models, name}))
-            variant, count, threads = settings.of(name)
             try:
+                variant, count, threads = Settings(self.config, sorted({*self.models, name})).of(name)
                 plan = await asyncio.to_thread(plan_version, self.config, name, version, path, index, variant, count,
                                                threads)
             except KilnError as error:
