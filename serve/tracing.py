@@ -21,9 +21,9 @@ line up with the HTTP process's.
 Where the spans are made: in a helper process, not the HTTP process. The SDK costs about 25 us per span to create
 and more to encode for OTLP, all of it holding the GIL: made in the HTTP process, six spans a request took digits
 at concurrency 32 from 2,284 to 1,270 req/s (2 vCPUs). So the HTTP process only records each request's timestamps
-as one tuple and a small thread sends them in batches down a pipe; the helper (the OpenTelemetry SDK: TracerProvider,
-BatchSpanProcessor, the OTLP/HTTP exporter) builds, batches and exports the spans. When the helper falls behind,
-records past MAX_PENDING are dropped (counted in the log line at the end), never a request held up.
+as one row, and a small thread sends the rows in batches (JSON) down a pipe; the helper builds the spans (the SDK's
+ReadableSpan), batches and exports them (its BatchSpanProcessor and OTLP/HTTP exporter). When the helper falls
+behind, rows past MAX_PENDING are dropped (counted in a log line at the end), never a request held up.
 
 OTLP/HTTP (protobuf) rather than OTLP/gRPC: it needs no gRPC stack; an unreachable collector costs the helper its
 export timeout, never a request.
@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import collections
 import os
-import pickle
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from kiln.core.errors import RuntimeUnavailable
 
@@ -96,7 +97,8 @@ class RequestTrace:
     method: str = "POST"
 
     def row(self, status: int, end: int) -> tuple:
-        """What crosses to the helper: plain values only (a Result's outputs stay behind)."""
+        """What crosses to the helper, as JSON: plain values only (a Result's outputs stay behind), so the helper
+        unpickles nothing."""
         result = self.result
         timings = None if result is None else (result.queue_s, result.infer_s, result.run_started,
                                                result.batch_requests, result.batch_items, result.batch_id,
@@ -149,7 +151,7 @@ class Tracing:
         batch = [pending.popleft() for _ in range(len(pending))]
         if batch:
             try:
-                self._send.send_bytes(pickle.dumps(batch, protocol=5))
+                self._send.send_bytes(orjson.dumps(batch))
             except (OSError, ValueError):  # the helper is gone: tracing stops, serving goes on
                 self.dropped += len(batch)
 
@@ -185,7 +187,7 @@ def _helper_main(receive, endpoint: str, service_name: str) -> None:
                 break
             if not data:
                 break
-            for row in pickle.loads(data):
+            for row in orjson.loads(data):
                 builder.emit(row)
     finally:
         builder.shutdown()

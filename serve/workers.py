@@ -14,12 +14,10 @@ workers of the models given at start and their restarts). Why:
 - A model's endpoint, gateway and metric labels are plain objects in the HTTP process (serve.inference's
   endpoints dict, serve.metrics), so registering one more at run time needs no LitServe hook either.
 
-`start_workers` and `ModelWorkers.retire` are the worker half of that seam. The HTTP half, for #21: start a
-WorkerGateway on a new socket (`await gateway.start()`), add Endpoint(model, gateway) to the InferenceService's
-`endpoints` and the model's labels to Metrics, then `start_workers`; to unload, remove the endpoint (new
-requests get 404), `await gateway.stop()` once its requests are answered, then `retire`. What #21 adds besides:
-restarting a crashed kiln-started worker (LitServe's monitor does not watch these), and the large-body helper
-(serve.offload), whose copy of the served models is fixed at its start.
+`start_workers` and `ModelWorkers.retire` are the worker half of that seam; serve.control is the HTTP half (a
+WorkerGateway on a new socket, the Endpoint registered once the workers are ready, drained and stopped before
+`retire`), and it restarts a kiln-started worker that dies (`restart_dead`: LitServe's monitor does not watch these)
+and gives the large-body helper (serve.offload) the new set of models.
 """
 
 from __future__ import annotations
