@@ -1,4 +1,4 @@
-"""Tracing off vs on (#21): digits (onnx-fp32, one thread, V2 JSON, one item a request) at concurrency 32 on two
+"""Tracing off vs on (#21): a model (digits or MiniLM: onnx-fp32, one thread, V2 JSON, one item a request) at concurrency 32 on two
 servers up side by side (the idle one uses no CPU), one exporting every request's trace over OTLP/HTTP to a receiver
 in this process that parses each export as a collector would; interleaved rounds, the order swapped each round.
 
@@ -47,7 +47,7 @@ try:
             time.sleep(1.0)
     time.sleep(6)
     print(cpu_info())
-    print(f"digits onnx-fp32, --threads 1, V2 JSON, 1 item a request, concurrency 32, {rounds} interleaved rounds of "
+    print(f"{Path(folder).name} onnx-fp32, --threads 1, V2 JSON, 1 item a request, concurrency 32, {rounds} interleaved rounds of "
           f"{seconds} s each")
     for mode in ("off", "on"):
         rows = results[mode]
