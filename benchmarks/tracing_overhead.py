@@ -1,8 +1,9 @@
-"""Tracing off vs on (#21): a model (digits or MiniLM: onnx-fp32, one thread, V2 JSON, one item a request) at concurrency 32 on two
-servers up side by side (the idle one uses no CPU), one exporting every request's trace over OTLP/HTTP to a receiver
-in this process that parses each export as a collector would; interleaved rounds, the order swapped each round.
+"""Tracing off vs on (#21): a model (digits or MiniLM; onnx-fp32, one thread, V2 JSON, one item a request) at
+concurrency 32 on two servers up side by side (the idle one uses no CPU), one exporting every request's trace over
+OTLP/HTTP to a receiver in this process that parses each export as a collector would; interleaved rounds, the order
+swapped each round; the CPU time per request of the HTTP process, the span helper and the receiver.
 
-    flock -x /tmp/kiln-cpu.lock python benchmarks/tracing_overhead.py DIGITS_ARTIFACTS [ROUNDS] [SECONDS]
+    flock -x /tmp/kiln-cpu.lock python benchmarks/tracing_overhead.py ARTIFACTS [ROUNDS] [SECONDS]
 """
 
 from __future__ import annotations
