@@ -1,5 +1,6 @@
 # Everything a fresh machine needs: `make run` serves the default model, `make test` runs the suite.
-# A development install has the extras: `export` (torch and the exporters), `test` (the tools) and `tracing`. The Dockerfile
+# A development install has the extras: `export` (torch and the exporters), `test` (the tools), `tracing` (OpenTelemetry) and `ray` (Ray Serve,
+# for the tests that run `kiln deploy ray`'s config on a real local cluster). The Dockerfile
 # repeats the install step (a venv, then `pip install '.[export]'` to export, and the base install alone to serve);
 # tests/test_dockerfile.py keeps them in step.
 PYTHON ?= python3.11
@@ -15,7 +16,7 @@ PORT ?= 8000
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[export,test,tracing]'
+	$(BIN)/python -m pip install --quiet -e '.[export,test,ray,tracing]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +32,7 @@ run: $(ARTIFACTS)/manifest.json
 # mypy reads packages, and kiln's rooms live in top-level folders mapped onto kiln.*: it checks a link tree
 # laid out as the installed package is.
 TYPED := kiln kiln.cli kiln.serve.protocol kiln.serve.kinds kiln.serve.v2_binary kiln.serve.repository kiln.serve.metrics kiln.models.base kiln.models.registry kiln.export.variants \
-	kiln.export.recipe kiln.export.emitter kiln.export.precision kiln.bench.select kiln.deploy.common kiln.deploy.triton kiln.deploy.kserve
+	kiln.export.recipe kiln.export.emitter kiln.export.precision kiln.bench.select kiln.deploy.common kiln.deploy.triton kiln.deploy.kserve kiln.deploy.ray
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	rm -rf build/typecheck && mkdir -p build/typecheck/kiln

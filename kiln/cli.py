@@ -365,6 +365,7 @@ DEPLOY_EXAMPLE = """examples:
   kiln deploy triton artifacts/digits --out model_repository --threads 2
   kiln deploy kserve artifacts/digits --image registry.example.com/kiln:0.1.0 \\
       --storage-uri s3://models/digits --out deploy/digits --threads 2 --max-replicas 4
+  kiln deploy ray artifacts/digits artifacts/minilm --out ray --threads 1 --max-replicas 4
 """
 
 TRITON_EXAMPLE = """examples:
@@ -386,10 +387,64 @@ folder to --storage-uri.
 """
 
 
+RAY_EXAMPLE = """examples:
+  kiln deploy ray artifacts/digits --out ray
+  kiln deploy ray artifacts/digits artifacts/minilm --out ray --variant minilm=onnx-int8 --threads 2 \\
+      --min-replicas 1 --max-replicas 8 --api-key-env KILN_API_KEY --host 0.0.0.0
+
+Writes DIR/serve.yaml; on a Ray cluster whose Python has pip install 'kiln[ray]': serve deploy DIR/serve.yaml
+"""
+
+
+def add_deploy_ray_parser(targets: Any) -> None:
+    from kiln.deploy import common, ray
+
+    rp = _subparser(targets, "ray", "a Ray Serve config running kiln's Ray application",
+                    "Write DIR/serve.yaml: one Ray Serve application (kiln's routes as the ingress, one autoscaled "
+                    "deployment per model) for `serve deploy` on a Ray cluster.", RAY_EXAMPLE, run_deploy_ray)
+    rp.add_argument("artifact_dirs", nargs="+", metavar="ARTIFACT_DIR",
+                    help="folders written by `kiln export` (or repositories of them); every node must see them "
+                         "at the same absolute path")
+    rp.add_argument("--out", required=True, metavar="DIR", help="folder for serve.yaml (written atomically)")
+    rp.add_argument("--variant", action="append", metavar="[NAME=]VARIANT",
+                    help="variant to serve, for every model or per model (default: each manifest's default_variant)")
+    rp.add_argument("--min-replicas", default=str(ray.DEFAULT_MIN_REPLICAS), metavar="N",
+                    help="default %(default)s (0 scales to zero)")
+    rp.add_argument("--max-replicas", default=str(ray.DEFAULT_MAX_REPLICAS), metavar="M", help="default %(default)s")
+    rp.add_argument("--target-concurrency", metavar="C",
+                    help="target_ongoing_requests per replica (default: from loadtest.json, else "
+                         f"{common.DEFAULT_TARGET_CONCURRENCY})")
+    rp.add_argument("--loadtest", metavar="FILE", help="a `kiln loadtest` result (default: loadtest.json in the folder)")
+    rp.add_argument("--p99-budget-ms", default=f"{common.DEFAULT_P99_BUDGET_MS:g}", metavar="MS",
+                    help="the target is the highest loadtest concurrency with p99 within this (default %(default)s)")
+    rp.add_argument("--threads", metavar="N",
+                    help=f"inference threads per replica, and its num_cpus (default: bench.json's, else "
+                         f"{common.DEFAULT_THREADS})")
+    rp.add_argument("--api-key-env", metavar="VAR",
+                    help="the replicas read the API key from this environment variable (set it where `ray start` runs)")
+    rp.add_argument("--max-ongoing-requests", metavar="N",
+                    help="requests one model replica holds at once (default: --max-batch-size or the target)")
+    rp.add_argument("--max-batch-size", default=str(ray.RayOptions.max_batch_size), metavar="N",
+                    help="requests a replica batches: the default max_ongoing_requests (default %(default)s)")
+    rp.add_argument("--max-batch-delay-ms", default=f"{ray.RayOptions.max_batch_delay_ms:g}", metavar="MS",
+                    help="how long a replica waits to fill a batch (default %(default)s)")
+    rp.add_argument("--host", default=ray.DEFAULT_HOST, help="the HTTP proxy's address (default %(default)s)")
+    rp.add_argument("--port", default=str(ray.DEFAULT_PORT), metavar="PORT", help="default %(default)s")
+    rp.add_argument("--proxy-location", default="EveryNode", choices=ray.PROXY_LOCATIONS,
+                    help="where Ray runs HTTP proxies (default %(default)s; HeadOnly for several nodes on one machine)")
+    rp.add_argument("--batching", default="kiln", choices=ray.BATCHERS,
+                    help="a replica batches as kiln serve does (default), or with Ray's @serve.batch")
+    rp.add_argument("--max-replicas-per-node", metavar="N",
+                    help="at most N replicas of a model on one node (default: Ray's placement alone)")
+    rp.add_argument("--upscale-delay-s", metavar="S", help="autoscaling upscale_delay_s (default: Ray's)")
+    rp.add_argument("--downscale-delay-s", metavar="S", help="autoscaling downscale_delay_s (default: Ray's)")
+    rp.add_argument("--force", action="store_true", help="replace DIR if it exists")
+
+
 def add_deploy_parser(subparsers: Any) -> None:
     from kiln.deploy import common, kserve, triton
 
-    parser = _subparser(subparsers, "deploy", "write a Triton model repository or KServe manifests for an artifact",
+    parser = _subparser(subparsers, "deploy", "write a Triton model repository, KServe manifests or a Ray Serve config",
                         "Write the files another serving stack needs for an artifact folder, from its manifest "
                         "(and bench.json/loadtest.json when present).", DEPLOY_EXAMPLE, run_deploy_help)
     targets = parser.add_subparsers(dest="target", metavar="TARGET", parser_class=_Parser)
@@ -439,12 +494,14 @@ def add_deploy_parser(subparsers: Any) -> None:
     ks.add_argument("--api-key-secret-key", default="api-key", metavar="KEY",
                     help="the key inside that Secret (default %(default)s)")
     ks.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    add_deploy_ray_parser(targets)
 
 
 def run_deploy_help(args: argparse.Namespace) -> int:
     from kiln.core.errors import UsageError
 
-    raise UsageError("name a target: `kiln deploy triton ...` or `kiln deploy kserve ...`; see `kiln deploy --help`")
+    raise UsageError("name a target: `kiln deploy triton ...`, `kiln deploy kserve ...` or `kiln deploy ray ...`; "
+                     "see `kiln deploy --help`")
 
 
 def run_deploy_triton(args: argparse.Namespace) -> int:
@@ -486,6 +543,40 @@ def run_deploy_kserve(args: argparse.Namespace) -> int:
     print(f"wrote {out / SERVINGRUNTIME_FILE} ({plan.runtime_name}) and {out / INFERENCESERVICE_FILE} ({plan.name}: "
           f"{plan.entry.name}, {plan.threads} thread(s), {plan.memory_mib}Mi, scaleTarget {plan.scale_target}); "
           f"upload {args.artifact_dir} to {args.storage_uri}, then kubectl apply -f {out}")
+    return 0
+
+
+def run_deploy_ray(args: argparse.Namespace) -> int:
+    from kiln.deploy.common import parse_float, parse_int
+    from kiln.deploy.ray import CONFIG_FILE, RayOptions, write_ray
+
+    def optional_int(flag: str, value: str | None, example: int) -> int | None:
+        return parse_int(flag, value, example=example) if value is not None else None
+
+    def optional_seconds(flag: str, value: str | None) -> float | None:
+        return parse_float(flag, value, example=30, allow_zero=True) if value is not None else None
+
+    options = RayOptions(
+        out=Path(args.out), variant=args.variant,
+        min_replicas=parse_int("--min-replicas", args.min_replicas, minimum=0),
+        max_replicas=parse_int("--max-replicas", args.max_replicas, example=3),
+        target_concurrency=optional_int("--target-concurrency", args.target_concurrency, 8),
+        p99_budget_ms=parse_float("--p99-budget-ms", args.p99_budget_ms, example=100),
+        loadtest=Path(args.loadtest) if args.loadtest else None,
+        threads=optional_int("--threads", args.threads, 2), api_key_env=args.api_key_env,
+        max_ongoing_requests=optional_int("--max-ongoing-requests", args.max_ongoing_requests, 32),
+        max_batch_size=parse_int("--max-batch-size", args.max_batch_size, example=32),
+        max_batch_delay_ms=parse_float("--max-batch-delay-ms", args.max_batch_delay_ms, example=2.0, allow_zero=True),
+        host=args.host, port=parse_int("--port", args.port, minimum=1024, example=8000),
+        proxy_location=args.proxy_location, batching=args.batching,
+        max_replicas_per_node=optional_int("--max-replicas-per-node", args.max_replicas_per_node, 1),
+        upscale_delay_s=optional_seconds("--upscale-delay-s", args.upscale_delay_s),
+        downscale_delay_s=optional_seconds("--downscale-delay-s", args.downscale_delay_s), force=args.force)
+    plan = write_ray(args.artifact_dirs, options)
+    out = Path(args.out)
+    models = ", ".join(f"{m.name} ({m.entry.name}, {m.threads} CPU(s), target_ongoing_requests "
+                       f"{m.target_ongoing_requests})" for m in plan.models)
+    print(f"wrote {out / CONFIG_FILE}: {models}; on the Ray cluster: serve deploy {out / CONFIG_FILE}")
     return 0
 
 

@@ -21,7 +21,7 @@ import litserve as ls
 from kiln.core.memory import MemoryKeeper
 from kiln.core.runner import Batch, ModelRunner, WorkItem
 from kiln.serve.batching import BatchCostModel, stop_after_drain
-from kiln.serve.channel import Result
+from kiln.serve.channel import Result, batch_results
 
 
 class KilnAPI(ls.LitAPI):
@@ -65,9 +65,4 @@ class KilnAPI(ls.LitAPI):
         if ran.whole_s is not None:
             self.cost_model.learn(items, ran.whole_s)
         self.batches_run += 1
-        batch_id = f"{os.getpid()}-{self.batches_run}"
-        tokens = ran.tokens
-        batch_tokens = sum(tokens) if tokens else None
-        return [Result(outputs, max(0.0, batch.started - item.enqueued), ran.infer_s, len(batch.items),
-                       items, batch_id, error, tokens[i] if tokens else None, run_started, batch_tokens)
-                for i, (item, (outputs, error)) in enumerate(zip(batch.items, ran.outcomes))]
+        return batch_results(batch, ran, f"{os.getpid()}-{self.batches_run}", run_started)

@@ -76,6 +76,18 @@ class Result:
     batch_tokens: int | None = None
 
 
+def batch_results(batch, ran, batch_id: str, run_started: float = 0.0) -> list[Result]:
+    """Each request's Result from a batch a core.runner.ModelRunner ran (`batch`: its Batch, `ran`: its BatchRun,
+    `run_started`: time.time() when the run began, for traces): the one shape every host of a runner answers in
+    (LitServe's worker, a Ray Serve replica)."""
+    items = sum(batch.counts)
+    tokens = ran.tokens
+    batch_tokens = sum(tokens) if tokens else None
+    return [Result(outputs, max(0.0, batch.started - item.enqueued), ran.infer_s, len(batch.items), items, batch_id,
+                   error, tokens[i] if tokens else None, run_started, batch_tokens)
+            for i, (item, (outputs, error)) in enumerate(zip(batch.items, ran.outcomes))]
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """Worker -> HTTP process: the outcome of one Job."""

@@ -128,6 +128,22 @@ def api_key(config: ServeConfig) -> str | None:
     return api_key_from_env(config.api_key_env, min_length=MIN_KEY_LENGTH)
 
 
+def middlewares(config: ServeConfig, inference, key: str | None, metrics) -> list:
+    """kiln's ASGI stack around the app, innermost first (each added with Starlette's add_middleware, so the last is
+    outermost): the inference fast path, body limits, auth, metrics, path spelling. `kiln serve` and the Ray Serve
+    ingress (serve.ray_app) both wrap their app in it."""
+    from kiln.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, PathNormalizer
+    from kiln.serve.routes import InferenceFastPath
+
+    stack: list = [(InferenceFastPath, {"inference": inference}),  # innermost: after auth, limits and metrics
+                   (BodyLimitMiddleware, {"max_bytes": config.max_body_bytes, "read_timeout_s": config.body_timeout_s})]
+    if key:
+        stack.append((ApiKeyMiddleware, {"api_key": key, "metrics_open": config.metrics_open}))
+    stack.append((MetricsMiddleware, {"metrics": metrics}))  # counts 401s and 413s too
+    stack.append(PathNormalizer)  # outermost: auth and routing see one spelling of each path
+    return stack
+
+
 def model_parts(config: ServeConfig, plan, channel_path: str, metrics):
     """What one model version needs in the HTTP process and in its workers: (ServedModel, KilnAPI, WorkerGateway).
     The same at start (LitServe starts the workers) and for a version loaded later (serve.control starts them)."""
@@ -154,12 +170,11 @@ def build_server(config: ServeConfig, state_dir: str):
     import litserve as ls
 
     from kiln.serve.control import ModelControl, Version
-    from kiln.serve.guards import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, PathNormalizer
     from kiln.serve.litserve_private import drop_gzip, hide_routes, wrap_lifespan
     from kiln.serve.metrics import Metrics
     from kiln.serve.offload import Offload
     from kiln.serve.repository import plan_models
-    from kiln.serve.routes import Endpoint, Inference, InferenceFastPath, add_routes
+    from kiln.serve.routes import Endpoint, Inference, add_routes
     from kiln.serve.tracing import endpoint_from, require
 
     otlp = endpoint_from(config.otlp_endpoint)
@@ -182,18 +197,12 @@ def build_server(config: ServeConfig, state_dir: str):
     inference = Inference(endpoints, config.max_body_bytes, offload)
     inference.control = ModelControl(inference, config, state_dir, metrics, started, len(plans),
                                      functools.partial(model_parts, config), info_labels)
-    middlewares = [(InferenceFastPath, {"inference": inference}),  # innermost: after auth, limits and metrics
-                   (BodyLimitMiddleware, {"max_bytes": config.max_body_bytes, "read_timeout_s": config.body_timeout_s})]
-    if key:
-        middlewares.append((ApiKeyMiddleware, {"api_key": key, "metrics_open": config.metrics_open}))
-    middlewares.append((MetricsMiddleware, {"metrics": metrics}))  # counts 401s and 413s too
-    middlewares.append(PathNormalizer)  # outermost: auth and routing see one spelling of each path
     server = ls.LitServer(
         apis,
         accelerator="cpu",
         workers_per_device={api.api_path: plan.workers for api, plan in zip(apis, plans)},
         timeout=config.timeout_s,
-        middlewares=middlewares,
+        middlewares=middlewares(config, inference, key, metrics),
         restart_workers=True,
     )
     # LitServe's private parts (serve.litserve_private says why each): no gzip, only kiln's routes, and the

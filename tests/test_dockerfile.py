@@ -47,7 +47,7 @@ def test_installs_like_the_makefile():
     assert "python3.11 -m venv /opt/kiln/.venv" in DOCKERFILE and "$(PYTHON) -m venv $(VENV)" in makefile
     assert "-m pip install --quiet --upgrade pip" in DOCKERFILE and "-m pip install --quiet --upgrade pip" in makefile
     # make: the extras, editable; the image: the export extra to export, the base alone to serve
-    assert "-m pip install --quiet -e '.[export,test,tracing]'" in makefile
+    assert "-m pip install --quiet -e '.[export,test,ray,tracing]'" in makefile
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = pyproject["project"]
     extras = project["optional-dependencies"]
