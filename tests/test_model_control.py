@@ -191,16 +191,18 @@ def test_a_new_version_replaces_the_old_under_traffic_without_an_error(versioned
 @pytest.mark.slow
 def test_a_damaged_version_does_not_replace_the_serving_one(versioned, digits_artifacts):
     server, repo, _ = versioned
-    _damage(_copy_version(digits_artifacts, repo / "digits" / "3", default="onnx-fp32"))
+    serving = next(r["version"] for r in _index(server) if r["state"] == "READY")
+    damaged = str(max(int(p.name) for p in (repo / "digits").iterdir() if p.name.isdigit()) + 1)
+    _damage(_copy_version(digits_artifacts, repo / "digits" / damaged, default="onnx-fp32"))
     reply = httpx.post(f"{server.url}/v2/repository/models/digits/load", headers=AUTH)
     assert reply.status_code == 400 and "sha256" in reply.json()["error"], reply.text
     rows = {r["version"]: r for r in _index(server)}
-    assert rows["2"]["state"] == "READY" and rows["3"]["state"] == "UNAVAILABLE"
-    assert "failed to load" in rows["3"]["reason"] and "sha256" in rows["3"]["reason"]
+    assert rows[serving]["state"] == "READY" and rows[damaged]["state"] == "UNAVAILABLE"
+    assert "failed to load" in rows[damaged]["reason"] and "sha256" in rows[damaged]["reason"]
     body = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}
     reply = httpx.post(f"{server.url}/v2/models/digits/infer", json=body, headers=AUTH)
-    assert reply.status_code == 200 and reply.json()["model_version"] == "2"
-    shutil.rmtree(repo / "digits" / "3")
+    assert reply.status_code == 200 and reply.json()["model_version"] == serving
+    shutil.rmtree(repo / "digits" / damaged)
 
 
 @pytest.mark.slow
@@ -223,13 +225,20 @@ def test_load_and_unload_on_request_keep_to_the_repository(versioned, digits_art
     assert httpx.post(f"{url}/v2/repository/models/nothing/load", headers=AUTH).status_code == 404
     # An artifact folder of any name inside the repository becomes the model's next version.
     _copy_version(digits_artifacts, repo / "staging", default="onnx-fp32")
+    highest = max(int(r["version"]) for r in _index(server))
     reply = httpx.post(f"{url}/v2/repository/models/digits/load", json={"parameters": {"folder": "staging"}},
                        headers=AUTH)
     assert reply.status_code == 200, reply.text
     new = reply.json()["version"]
-    assert int(new) > 2 and reply.json()["state"] == "READY"
+    assert int(new) == highest + 1 and reply.json()["state"] == "READY"
     body = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}
     assert httpx.post(f"{url}/v2/models/digits/infer", json=body, headers=AUTH).json()["model_version"] == new
+    # A large body is parsed in the offload helper, which learns of the new version too.
+    padded = json.dumps(body).replace(",", "," + " " * 5000).encode()
+    assert len(padded) > 256 * 1024
+    reply = httpx.post(f"{url}/v2/models/digits/versions/{new}/infer", content=padded,
+                       headers={**AUTH, "content-type": "application/json"})
+    assert reply.status_code == 200 and reply.json()["model_version"] == new, reply.text
     # Unloaded: 404 on its routes, the server stays ready, and --poll does not bring it back.
     reply = httpx.post(f"{url}/v2/repository/models/digits/unload", headers=AUTH)
     assert reply.status_code == 200 and [r["version"] for r in reply.json()] == [new]
@@ -238,31 +247,34 @@ def test_load_and_unload_on_request_keep_to_the_repository(versioned, digits_art
     assert httpx.post(f"{url}/v2/models/digits/infer", json=body, headers=AUTH).status_code == 404
     assert httpx.post(f"{url}/v2/repository/models/digits/unload", headers=AUTH).status_code == 404
     # Loaded again: the newest version in its model folder.
+    newest = str(max(int(p.name) for p in (repo / "digits").iterdir() if p.name.isdigit()))
     reply = httpx.post(f"{url}/v2/repository/models/digits/load", headers=AUTH)
-    assert reply.status_code == 200 and reply.json()["version"] == "2", reply.text
-    assert httpx.post(f"{url}/v2/models/digits/infer", json=body, headers=AUTH).json()["model_version"] == "2"
+    assert reply.status_code == 200 and reply.json()["version"] == newest, reply.text
+    assert httpx.post(f"{url}/v2/models/digits/infer", json=body, headers=AUTH).json()["model_version"] == newest
     assert httpx.get(f"{url}/v2/health/ready").status_code == 200
 
 
 @pytest.mark.slow
-def test_a_loaded_versions_worker_that_dies_is_started_again(versioned):
+def test_a_loaded_versions_worker_that_dies_is_started_again(versioned, digits_artifacts):
     """LitServe's monitor restarts only the workers it started; serve.control watches those it starts itself."""
     import os
     import re
     import signal
 
-    server, _, _ = versioned
-    pids = re.findall(r"^kiln: digits worker digits-v2-0 ready \(pid (\d+);", server.log_path.read_text(), re.M)
+    server, repo, _ = versioned
+    _copy_version(digits_artifacts, repo / "digits" / "9", default="onnx-fp32")
+    assert httpx.post(f"{server.url}/v2/repository/models/digits/load", headers=AUTH).json()["version"] == "9"
+    started = r"^kiln: digits worker digits-v9-0 ready \(pid (\d+);"
+    pids = re.findall(started, server.log_path.read_text(), re.M)
     os.kill(int(pids[-1]), signal.SIGKILL)
     body = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if re.search(r"version 2: 1 worker\(s\) died; restarted", server.log_path.read_text()):
+        if re.search(r"version 9: 1 worker\(s\) died; restarted", server.log_path.read_text()):
             reply = httpx.post(f"{server.url}/v2/models/digits/infer", json=body, headers=AUTH)
             if reply.status_code == 200:
                 break
         time.sleep(0.2)
     reply = httpx.post(f"{server.url}/v2/models/digits/infer", json=body, headers=AUTH)
-    assert reply.status_code == 200 and reply.json()["model_version"] == "2", server.log_path.read_text()[-2000:]
-    again = re.findall(r"^kiln: digits worker digits-v2-0 ready \(pid (\d+);", server.log_path.read_text(), re.M)
-    assert again[-1] != pids[-1]
+    assert reply.status_code == 200 and reply.json()["model_version"] == "9", server.log_path.read_text()[-2000:]
+    assert re.findall(started, server.log_path.read_text(), re.M)[-1] != pids[-1]
