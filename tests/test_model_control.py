@@ -278,3 +278,13 @@ def test_a_loaded_versions_worker_that_dies_is_started_again(versioned, digits_a
     reply = httpx.post(f"{server.url}/v2/models/digits/infer", json=body, headers=AUTH)
     assert reply.status_code == 200 and reply.json()["model_version"] == "9", server.log_path.read_text()[-2000:]
     assert re.findall(started, server.log_path.read_text(), re.M)[-1] != pids[-1]
+
+
+def test_poll_takes_a_sane_period():
+    from kiln.core.errors import UsageError
+    from kiln.serve.server import ServeConfig
+
+    assert ServeConfig(artifact_dirs=("x",), poll_s=2.5).poll_s == 2.5
+    for bad in (0.0, -1.0, 1e9):
+        with pytest.raises(UsageError, match="--poll"):
+            ServeConfig(artifact_dirs=("x",), poll_s=bad)

@@ -197,3 +197,16 @@ def test_a_front_end_without_asgi_traces_through_the_inference_call():
         receiver.close()
     root = by_name["CALL grpc:ModelInfer"]
     assert root["attributes"]["kiln.model_version"] == "7" and by_name["batch"]["attributes"]["kiln.batch.items"] == 3
+
+
+def test_tracing_without_the_sdk_is_refused_at_start_in_one_line(monkeypatch):
+    import importlib.util
+
+    from kiln.core.errors import RuntimeUnavailable
+    from kiln.serve import tracing
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("opentelemetry") else real(name, *a))
+    with pytest.raises(RuntimeUnavailable, match=r"pip install 'kiln\[tracing\]'"):
+        tracing.require()
