@@ -212,7 +212,8 @@ class SpanBuilder:
 
         self.resource = Resource.create({"service.name": service_name})
         self.scope = InstrumentationScope("kiln.serve")
-        self.processor = BatchSpanProcessor(exporter)
+        # A deep queue: a burst (6 spans a request) waits for the export thread rather than being dropped.
+        self.processor = BatchSpanProcessor(exporter, max_queue_size=1 << 16)
         self.propagator = TraceContextTextMapPropagator()
         self.ids = RandomIdGenerator()
         self._trace = trace
