@@ -40,6 +40,10 @@ KSERVE_RELEASE = "v0.20.0"  # the release whose CRD schemas the tests validate a
 MODEL_FORMAT = {"name": "kiln", "version": "1"}
 MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri's contents
 PORT = 8080
+# gRPC (`kiln serve --grpc-port`) beside HTTP, as KServe's own Triton runtime runs it: HTTP on the container's one
+# port (probes and /metrics there too), gRPC on GRPC_PORT; an InferenceService picks gRPC with `protocolVersion:
+# grpc-v2` and `ports: [{name: h2c, containerPort: 8081}]` (README: KServe).
+GRPC_PORT = 8081
 COMMAND = ["kiln"]  # the image's ENTRYPOINT (Dockerfile); given explicitly so any image with kiln on PATH works
 CONTAINER_NAME = "kserve-container"
 READY_PATH = "/v2/health/ready"
@@ -154,7 +158,7 @@ class KServePlan:
 def serve_args(variant: str, threads: int, api_key: bool) -> list[str]:
     """`kiln serve`'s arguments in the container (after COMMAND)."""
     args = ["serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(PORT), "--variant", variant,
-            "--threads", str(threads)]
+            "--threads", str(threads), "--grpc-port", str(GRPC_PORT)]
     if api_key:
         # The Prometheus annotations below are scraped without credentials: /metrics stays open (it names the
         # model and variant, which the resources here name too); the inference routes need the key.
@@ -226,7 +230,7 @@ def _serving_runtime(runtime_name: str, labels: dict[str, str], container: dict[
         "spec": {
             "annotations": prometheus,  # put on the predictor pods, where KServe's scraping reads them
             "supportedModelFormats": [{**MODEL_FORMAT, "autoSelect": True}],
-            "protocolVersions": ["v2"],
+            "protocolVersions": ["v2", "grpc-v2"],
             "containers": [container],
         },
     }

@@ -308,6 +308,14 @@ def add_serve_parser(subparsers: Any) -> None:
     parser.add_argument("--log-level", default=defaults["log_level"],
                         choices=("critical", "error", "warning", "info", "debug", "trace"),
                         help="log level of the HTTP server (uvicorn)")
+    # Issue 21 (part A): gRPC beside HTTP, and backpressure that says when to retry.
+    parser.add_argument("--grpc-port", type=int, default=defaults["grpc_port"],
+                        help="also serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService, "
+                             "tritonclient.grpc) on this port, same models, auth and limits (default: off)")
+    parser.add_argument("--max-queued-requests", action="append",
+                        help="requests a model may have waiting or running at once; past it a request is answered "
+                             "429 at once (gRPC RESOURCE_EXHAUSTED) with Retry-After, rather than queueing toward "
+                             "its deadline (default: no cap): N for every model or model=N for one")
 
 
 def run_serve_command(args: argparse.Namespace) -> int:

@@ -225,7 +225,8 @@ class WorkerGateway:
     answered 504, whatever stage it is in; the worker drops it unrun if it has not started it.
     """
 
-    def __init__(self, channel_path: str, workers: int, timeout_s: float, metrics, name: str = "") -> None:
+    def __init__(self, channel_path: str, workers: int, timeout_s: float, metrics, name: str = "",
+                 max_queued: int | None = None) -> None:
         self.name = name  # the model this gateway serves (log lines)
         self.channel_path = channel_path
         self.expected = workers
@@ -235,6 +236,20 @@ class WorkerGateway:
         self.workers: dict[str, _Worker] = {}
         self._server = None
         self._stopping = False
+        # Backpressure: the requests (and their items) submitted and not yet answered, at most `max_queued`
+        # requests (--max-queued-requests; None: no cap, the deadline sheds), and the seconds per item the
+        # workers' batches took (a moving average over their Results), from which retry_after_s estimates when
+        # the queue will have drained.
+        self.max_queued = max_queued
+        self.queued = 0
+        self.queued_items = 0
+        self.per_item_s = 0.0
+
+    def retry_after_s(self) -> float:
+        """When a refused client should come back: the queued items times the measured seconds per item, shared
+        among the connected workers (at least 1 s; at most the request timeout, past which the queue sheds)."""
+        estimate = self.queued_items * self.per_item_s / max(1, len(self.workers))
+        return min(max(1.0, estimate), max(1.0, self.timeout_s))
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -300,6 +315,8 @@ class WorkerGateway:
         if result is not None:  # every answer of a batch that ran, whether or not its client waited
             self.metrics.record_inference(result.queue_s, result.infer_s, result.batch_requests,
                                           result.batch_items, result.batch_id)
+            per_item = result.infer_s / max(1, result.batch_items)
+            self.per_item_s = per_item if not self.per_item_s else 0.9 * self.per_item_s + 0.1 * per_item
         if answer.expired:
             self.metrics.record_expired("worker")
         future = worker.in_flight.pop(answer.uid, None)
@@ -358,11 +375,19 @@ class WorkerGateway:
         submitted = time.monotonic()
         deadline = submitted + self.timeout_s
         if not self.workers:
-            raise RequestError("the inference worker is not ready (starting or restarting); retry shortly", 503)
+            raise RequestError("the inference worker is not ready (starting or restarting); retry shortly", 503,
+                               retry_after=self.retry_after_s())
+        if self.max_queued is not None and self.queued >= self.max_queued:
+            wait = self.retry_after_s()
+            raise RequestError(f"model {self.name!r} has {self.queued} requests waiting, its limit "
+                               f"(--max-queued-requests {self.max_queued}); retry in {math.ceil(wait)} s", 429,
+                               retry_after=wait)
         worker = min(self.workers.values(), key=lambda w: len(w.in_flight))
         uid = next(self.uids)
         future = asyncio.get_running_loop().create_future()
         worker.in_flight[uid] = future
+        self.queued += 1
+        self.queued_items += item.count
         try:
             worker.frames[uid] = encode(Job(uid, submitted, item, deadline))
             worker.outbox.append(uid)
@@ -375,18 +400,22 @@ class WorkerGateway:
             if worker.frames.pop(uid, None) is not None:  # still in the outbox: it never reaches the worker
                 self.metrics.record_expired("gateway")
             raise RequestError(f"no answer within {self.timeout_s:g}s; the server is overloaded or the request too "
-                               "large, retry later or with fewer items", 504) from None
+                               "large, retry later or with fewer items", 504,
+                               retry_after=self.retry_after_s()) from None
         except (WorkerLost, ConnectionError):
             raise RequestError("the inference worker stopped while running this request; it is being restarted, "
-                               "retry shortly", 503) from None
+                               "retry shortly", 503, retry_after=self.retry_after_s()) from None
         finally:
             worker.in_flight.pop(uid, None)
             worker.frames.pop(uid, None)
+            self.queued -= 1
+            self.queued_items -= item.count
         result = answer.result
         if result is None:
-            if answer.status_code == 504:
+            if answer.status_code == 504:  # shed unrun by the worker: the queue will not drain before its deadline
                 raise RequestError(f"no answer within {self.timeout_s:g}s: the request reached its deadline before "
-                                   "the worker could run it; the server is overloaded, retry later", 504)
+                                   "the worker could run it; the server is overloaded, retry later", 504,
+                                   retry_after=self.retry_after_s())
             raise RequestError("the inference worker failed on this request", 500)
         if result.error is not None:
             raise RequestError(result.error, 500)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -16,6 +17,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from kiln.serve.connections import LINGER_S, ConnectionLimits, _Refused, _Registry, error_response, logger
 from kiln.serve.guards import is_open, send_json
+from kiln.serve.protocol import retry_after_value
 
 
 class KilnHttpToolsProtocol(HttpToolsProtocol):
@@ -26,6 +28,7 @@ class KilnHttpToolsProtocol(HttpToolsProtocol):
     limits: ConnectionLimits
     metrics: Any
     registry: _Registry
+    retry_after: Callable[[], float] | None = None  # seconds until the queues drain (InferenceService.retry_after_s)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -48,7 +51,7 @@ class KilnHttpToolsProtocol(HttpToolsProtocol):
             self._evict(over)
         if self._open() > self.limits.max_open:
             self._refuse(503, f"the server is at its limit of {self.limits.max_connections} connections; retry "
-                              "shortly", "over_connection_limit", (("retry-after", "1"),))
+                              "shortly", "over_connection_limit", (("retry-after", self._retry_after()),))
             return
         self._arm_head_timer()
 
@@ -58,6 +61,14 @@ class KilnHttpToolsProtocol(HttpToolsProtocol):
         self.registry.idle.pop(self, None)
         self.registry.closing.discard(self)
         super().connection_lost(exc)
+
+    def _retry_after(self) -> str:
+        """Retry-After for a refusal here: the served models' queue estimate (whole seconds, at least 1)."""
+        try:
+            seconds = self.retry_after() if self.retry_after is not None else 1.0
+        except Exception:  # an estimate must never turn a refusal into a crash
+            seconds = 1.0
+        return retry_after_value(seconds)
 
     def _open(self) -> int:
         return len(self.connections) - len(self.registry.closing)
@@ -209,7 +220,7 @@ class KilnHttpToolsProtocol(HttpToolsProtocol):
             self.metrics.record_closed("busy")
             await send_json(send, 503, {"error": f"the server is handling its limit of {self.limits.max_connections} "
                                                  "requests at once; retry shortly"},
-                            [(b"retry-after", b"1"), (b"connection", b"close")])
+                            [(b"retry-after", self._retry_after().encode()), (b"connection", b"close")])
             return
         started = False
 
@@ -229,8 +240,10 @@ class KilnHttpToolsProtocol(HttpToolsProtocol):
             await send_json(send, 500, {"error": "internal server error"}, [(b"connection", b"close")])
 
 
-def make_protocol(limits: ConnectionLimits, metrics: Any) -> type[asyncio.Protocol]:
+def make_protocol(limits: ConnectionLimits, metrics: Any,
+                  retry_after: Callable[[], float] | None = None) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol with kiln's limits (pass it as uvicorn's `http`)."""
     registry = _Registry(collections.OrderedDict(), set())  # per server: the connections of this HTTP process
     return type("KilnHttpToolsProtocol", (KilnHttpToolsProtocol,),
-                {"limits": limits, "metrics": metrics, "registry": registry})
+                {"limits": limits, "metrics": metrics, "registry": registry,
+                 "retry_after": staticmethod(retry_after) if retry_after is not None else None})

@@ -20,6 +20,7 @@ servicer's method, a Ray Serve replica's `__call__`); HTTP (serve.routes.Inferen
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kiln.core.runner import WorkItem
@@ -52,6 +53,11 @@ class InferenceService:
         self.metrics = metrics
         self.control = None  # serve.control.ModelControl: load, unload, index (set by serve.server)
         self.tracing = None  # serve.tracing.Tracing where traces are exported (set in the HTTP process), else None
+
+    def retry_after_s(self) -> float:
+        """When a client refused for a reason of the whole server (its connection cap, not ready) should come
+        back: the longest of the models' queue estimates (serve.channel.WorkerGateway.retry_after_s)."""
+        return max((e.gateway.retry_after_s() for e in self.endpoints.values()), default=1.0)
 
     def lookup(self, name: str | None, version: str | None = None, reveal: bool = True) -> Endpoint:
         """The model a request names; `name` None: the one model of a single-model server. A 404 names the served
@@ -92,13 +98,16 @@ class InferenceService:
         """The inference call of every front end: the model by name (None: the only one), then `run`."""
         return await self.run(self.lookup(model, version), request)
 
-    async def call(self, model: str | None, request: InferenceRequest, *, front: str, api_key: bytes | None = None,
-                   version: str | None = None, carrier: dict[str, str] | None = None, trace=None) -> Result:
+    async def call(self, model: str | None, request: InferenceRequest | Callable[[ServedModel], InferenceRequest], *,
+                   front: str, api_key: bytes | None = None, version: str | None = None,
+                   carrier: dict[str, str] | None = None, trace=None) -> Result:
         """`infer` with auth, metrics and tracing around it, for a front end without kiln's ASGI stack: the key is
         checked (401), and the call is counted in /metrics under `front` (the route label, e.g. "grpc:ModelInfer")
-        with its status and the model it reached. Where tracing is on, the call is one trace under the client's
-        `traceparent` in `carrier` (gRPC: the metadata as a dict), or `trace` if the front end began it on
-        arrival (serve.tracing.Tracing.begin, then `trace.parsed` once the message is decoded)."""
+        with its status and the model it reached. `request` may be a function that parses the request against the
+        model it names (a wire whose parse needs the model): it runs after auth and lookup, and its refusals are
+        counted like any other. Where tracing is on, the call is one trace under the client's `traceparent` in
+        `carrier` (gRPC: the metadata as a dict), or `trace` if the front end began it on arrival
+        (serve.tracing.Tracing.begin, then `trace.parsed` once the message is decoded)."""
         started = time.perf_counter()
         status = 500
         reached = ""
@@ -114,6 +123,8 @@ class InferenceService:
                 raise RequestError(MISSING_KEY, 401)
             endpoint = self.lookup(model, version)
             reached = endpoint.model.name
+            if not isinstance(request, InferenceRequest):
+                request = request(endpoint.model)
             result = await self.run(endpoint, request, trace)
             status = 200
             return result

@@ -25,16 +25,23 @@ class RequestError(Exception):
     """A client mistake: carries the HTTP status and a JSON-able body."""
 
     def __init__(self, message: str, status: int = 422, expected: Any = None, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.expected = expected
         self.param = param  # the request field at fault, and a stable code: protocols that name them (OpenAI) do
         self.code = code
         self.model: str | None = None  # the served model the request reached, where it reached one (metrics)
+        self.retry_after = retry_after  # seconds a client should wait before retrying (429, 503): Retry-After
 
     def __reduce__(self) -> tuple:  # crosses the process boundary of serve.offload whole (Exception pickles args only)
-        return _rebuild_error, (str(self), self.status, self.expected, self.param, self.code, self.model)
+        return _rebuild_error, (str(self), self.status, self.expected, self.param, self.code, self.model,
+                                self.retry_after)
+
+    @property
+    def retry_after_header(self) -> str | None:
+        """Retry-After's value (whole seconds, at least 1), or None where the refusal has no retry hint."""
+        return None if self.retry_after is None else retry_after_value(self.retry_after)
 
     def body(self) -> dict:
         body: dict = {"error": str(self)}
@@ -43,9 +50,14 @@ class RequestError(Exception):
         return body
 
 
+def retry_after_value(seconds: float) -> str:
+    """A Retry-After value (HTTP header, gRPC trailing metadata): whole seconds, rounded up, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
 def _rebuild_error(message: str, status: int, expected: Any, param: str | None, code: str | None,
-                   model: str | None) -> RequestError:
-    error = RequestError(message, status, expected, param, code)
+                   model: str | None, retry_after: float | None = None) -> RequestError:
+    error = RequestError(message, status, expected, param, code, retry_after)
     error.model = model
     return error
 

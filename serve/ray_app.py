@@ -209,7 +209,7 @@ class KilnBatcher:
 
 
 class RayGateway:
-    """The ingress's way to a model: the interface of serve.channel.WorkerGateway (submit, ready, connected,
+    """The ingress's way to a model: the interface of serve.channel.WorkerGateway (submit, ready, retry_after_s, connected,
     expected, start, stop) over a Ray DeploymentHandle, so serve.inference and serve.routes run unchanged.
 
     Ray routes each request to a running replica of the model; a replica that dies fails the requests it held
@@ -233,6 +233,11 @@ class RayGateway:
         """Ray answers through the ingress only once the application is running, each model with a replica."""
         return True
 
+    def retry_after_s(self) -> float:
+        """Retry-After for this model's 503s: Ray replaces a replica or frees a slot within seconds; kiln has no
+        queue of its own here to estimate from (WorkerGateway.retry_after_s does), so 1 s."""
+        return 1.0
+
     async def submit(self, item: WorkItem) -> Result:
         from ray import exceptions as ray_errors
         from ray.serve import exceptions as serve_errors
@@ -244,13 +249,14 @@ class RayGateway:
         except TimeoutError:
             response.cancel()
             raise RequestError(f"no answer within {self.timeout_s:g}s; the deployment is overloaded or the request "
-                               "too large, retry later or with fewer items", 504) from None
+                               "too large, retry later or with fewer items", 504,
+                               retry_after=self.retry_after_s()) from None
         except (ray_errors.RayActorError, ray_errors.ActorUnavailableError):
             raise RequestError("the replica running this request stopped; Ray is replacing it, retry shortly",
-                               503) from None
+                               503, retry_after=self.retry_after_s()) from None
         except serve_errors.BackPressureError:
             raise RequestError(f"every replica of {self.name!r} is at its max_ongoing_requests; retry shortly",
-                               503) from None
+                               503, retry_after=self.retry_after_s()) from None
         if result.error is not None:
             raise RequestError(result.error, 500)
         return result

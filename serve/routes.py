@@ -36,6 +36,7 @@ from kiln.serve.protocol import (
     parse_predict,
     parse_v2,
     predict_response,
+    retry_after_value,
     v2_response,
 )
 
@@ -296,8 +297,11 @@ class Inference(InferenceService):
                 trace.parsed = time.time_ns()
             result = await self.run(endpoint, parsed, trace)
         except RequestError as error:
+            headers = Reply.headers
+            if error.retry_after_header is not None:  # 429, 503 (and a shed 504): when to come back
+                headers = (*headers, (b"retry-after", error.retry_after_header.encode()))
             return Reply(error.status, orjson.dumps(wire.error_body(error), option=orjson.OPT_SERIALIZE_NUMPY),
-                         model=error.model)
+                         headers, model=error.model)
         return replace(wire.encode(wire.respond(model, result.outputs, parsed), parsed), model=model.name)
 
 
@@ -423,10 +427,15 @@ def add_health_routes(app: FastAPI, inference: Inference, version: str) -> None:
     @app.get("/v2/health/ready")  # ready when every model is: a load balancer sends any model's requests here
     async def ready():
         ok = all(endpoint.gateway.ready() for endpoint in endpoints.values())
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503, headers=not_ready_headers(ok, inference))
 
     # LitServe's probe path (its own answered plain text "ok"): the same answer as /v2/health/ready.
     app.add_api_route("/health", ready, methods=["GET"], name="health")
+
+
+def not_ready_headers(ok: bool, inference: Inference) -> dict[str, str] | None:
+    """A not-ready answer says when to ask again (Retry-After, from the queues: serve.inference.retry_after_s)."""
+    return None if ok else {"retry-after": retry_after_value(inference.retry_after_s())}
 
 
 def add_model_routes(app: FastAPI, inference: Inference) -> None:
@@ -460,7 +469,8 @@ def add_model_routes(app: FastAPI, inference: Inference) -> None:
         if isinstance(endpoint, Response):
             return endpoint
         ok = endpoint.gateway.ready()
-        return JSONResponse({"name": endpoint.model.name, "ready": ok}, status_code=200 if ok else 503)
+        return JSONResponse({"name": endpoint.model.name, "ready": ok}, status_code=200 if ok else 503,
+                            headers=not_ready_headers(ok, inference))
 
     @app.get("/v2/models/{name}/ready")
     async def model_ready(name: str, request: Request):

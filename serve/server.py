@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import shutil
 import signal
@@ -53,6 +52,8 @@ class ServeConfig:
     metrics_open: bool = False  # /metrics answers without the API key (it needs it by default when one is set)
     poll_s: float | None = None  # --poll: seconds between looks at the repositories (None: no polling)
     otlp_endpoint: str | None = None  # --otlp-endpoint (else $OTEL_EXPORTER_OTLP_ENDPOINT): where traces go
+    grpc_port: int | None = None  # the gRPC server's port (serve.grpc_server); None: no gRPC
+    max_queued_requests: int | list[str] | None = None  # per model (N or name=N): past it 429 at once; None: no cap
 
     def __post_init__(self) -> None:
         if isinstance(self.artifact_dirs, str):
@@ -65,6 +66,8 @@ class ServeConfig:
             raise UsageError(f"--port {self.port} must be in 1024..65535")
         if self.max_batch_size < 1 or self.max_items < 1 or (isinstance(self.workers, int) and self.workers < 1):
             raise UsageError("--max-batch-size, --workers and --max-items must be positive integers")
+        if isinstance(self.max_queued_requests, int) and self.max_queued_requests < 1:
+            raise UsageError("--max-queued-requests must be a positive integer")
         if isinstance(self.threads, int) and self.threads < 1:
             raise UsageError("--threads must be a positive integer")
         if not 0 <= self.max_batch_delay_ms <= 1000:
@@ -87,6 +90,8 @@ class ServeConfig:
             raise UsageError("--max-connections must be a positive integer")
         if self.poll_s is not None and not 0.1 <= self.poll_s <= 86400:
             raise UsageError("--poll must lie in 0.1..86400 (seconds)")
+        if self.grpc_port is not None and (not 1024 <= self.grpc_port <= 65535 or self.grpc_port == self.port):
+            raise UsageError(f"--grpc-port {self.grpc_port} must be in 1024..65535 and differ from --port")
 
     def batch_items(self, text: bool) -> int:
         """--max-batch-items, or its default for the model: sequences cost far more per item than tensors."""
@@ -144,7 +149,7 @@ def middlewares(config: ServeConfig, inference, key: str | None, metrics) -> lis
     return stack
 
 
-def model_parts(config: ServeConfig, plan, channel_path: str, metrics):
+def model_parts(config: ServeConfig, plan, channel_path: str, metrics, queue_cap: int | None = None):
     """What one model version needs in the HTTP process and in its workers: (ServedModel, KilnAPI, WorkerGateway).
     The same at start (LitServe starts the workers) and for a version loaded later (serve.control starts them)."""
     from kiln.serve.api import KilnAPI
@@ -157,7 +162,8 @@ def model_parts(config: ServeConfig, plan, channel_path: str, metrics):
     loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items)
     api = KilnAPI(plan.folder, plan.variant.name, plan.threads, config.max_batch_size, loop,
                   f"{INTERNAL_PATH}/{plan.index}")  # each model's own LitServe route and request queue
-    gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name)
+    gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name,
+                            queue_cap)
     return model, api, gateway
 
 
@@ -173,7 +179,8 @@ def build_server(config: ServeConfig, state_dir: str):
     from kiln.serve.litserve_private import drop_gzip, hide_routes, wrap_lifespan
     from kiln.serve.metrics import Metrics
     from kiln.serve.offload import Offload
-    from kiln.serve.repository import plan_models
+    from kiln.serve.repository import _positive as positive_int
+    from kiln.serve.repository import per_model, plan_models
     from kiln.serve.routes import Endpoint, Inference, add_routes
     from kiln.serve.tracing import endpoint_from, require
 
@@ -181,6 +188,8 @@ def build_server(config: ServeConfig, state_dir: str):
     if otlp is not None:
         require()  # the SDK missing: refused now, in one line, not in the HTTP process
     plans = plan_models(config)
+    queue_cap, queue_caps = per_model(config.max_queued_requests, [plan.name for plan in plans],
+                                      "--max-queued-requests", positive_int)
     key = api_key(config)
     metrics = Metrics({plan.name: info_labels(plan) for plan in plans})
     endpoints = {}
@@ -188,7 +197,7 @@ def build_server(config: ServeConfig, state_dir: str):
     started = []
     for plan in plans:
         channel_path = os.path.join(state_dir, f"worker-{plan.index}.sock")
-        model, api, gateway = model_parts(config, plan, channel_path, metrics)
+        model, api, gateway = model_parts(config, plan, channel_path, metrics, queue_caps.get(plan.name, queue_cap))
         endpoints[plan.name] = Endpoint(model, gateway)
         apis.append(api)
         started.append(Version(plan.name, plan.version, plan.folder, "READY", endpoint=endpoints[plan.name],
@@ -196,7 +205,9 @@ def build_server(config: ServeConfig, state_dir: str):
     offload = Offload({name: endpoint.model for name, endpoint in endpoints.items()}, config.max_body_bytes)
     inference = Inference(endpoints, config.max_body_bytes, offload)
     inference.control = ModelControl(inference, config, state_dir, metrics, started, len(plans),
-                                     functools.partial(model_parts, config), info_labels)
+                                     lambda plan, path, metrics: model_parts(config, plan, path, metrics,
+                                                                             queue_caps.get(plan.name, queue_cap)),
+                                     info_labels)
     server = ls.LitServer(
         apis,
         accelerator="cpu",
@@ -210,8 +221,10 @@ def build_server(config: ServeConfig, state_dir: str):
     drop_gzip(server)
     hide_routes(server, (api.api_path for api in apis))  # the workers' own LitServe routes are internal
 
+    from importlib.metadata import version
+
     @contextlib.asynccontextmanager
-    async def gateways(app):  # the gateways live in the HTTP process, started with it
+    async def gateways(app):  # the gateways (and the gRPC server) live in the HTTP process, started with it
         for endpoint in endpoints.values():
             await endpoint.gateway.start()
         inference.control.start()  # --poll's watch, and the watch over the workers it starts itself
@@ -219,23 +232,50 @@ def build_server(config: ServeConfig, state_dir: str):
             from kiln.serve.tracing import Tracing
 
             inference.tracing = Tracing(otlp)  # its export thread lives in the HTTP process
+        grpc_server = None
         try:
+            if config.grpc_port is not None:
+                try:
+                    grpc_server = await start_grpc(config, inference, key, metrics, version("kiln"))
+                except OSError as exc:  # taken since serve() checked it: stop the whole server, not only HTTP
+                    print(f"kiln: error: {exc}", flush=True)
+                    os.kill(os.getppid(), signal.SIGTERM)
+                    raise
             yield
         finally:
+            if grpc_server is not None:  # in-flight RPCs get the request timeout to finish, as HTTP's do
+                await grpc_server.stop(config.timeout_s)
             await inference.control.close()  # every gateway (also those of versions loaded since) and worker
             await asyncio.to_thread(offload.close)
             if inference.tracing is not None:
                 await asyncio.to_thread(inference.tracing.shutdown)  # what is still buffered goes out
 
     wrap_lifespan(server, gateways)
-    from importlib.metadata import version
-
     add_routes(server.app, inference, metrics, version("kiln"))
-    return server, plans, metrics
+    return server, plans, metrics, inference
 
 
-def uvicorn_options(config: ServeConfig, metrics) -> dict:
-    """What kiln passes to uvicorn (through LitServer.run) for its connection layer (serve.connections)."""
+async def start_grpc(config: ServeConfig, inference, key: str | None, metrics, server_version: str):
+    """The gRPC server (serve.grpc_server) on the HTTP process's event loop, over the same endpoints, versions, model
+    control and tracing as HTTP's `inference` (the same dicts: a load or unload changes both at once)."""
+    from kiln.serve import grpc_server
+    from kiln.serve.guards import KeyCheck
+    from kiln.serve.inference import InferenceService
+
+    service = InferenceService(inference.endpoints, KeyCheck(key) if key else None, metrics)
+    service.versions = inference.versions
+    service.control = inference.control
+    service.tracing = inference.tracing
+    assert config.grpc_port is not None
+    server = await grpc_server.start(service, config.host, config.grpc_port, config.max_body_bytes,
+                                     config.max_connections, server_version)
+    print(f"kiln: gRPC (inference.GRPCInferenceService) on {config.host}:{config.grpc_port}", flush=True)
+    return server
+
+
+def uvicorn_options(config: ServeConfig, metrics, retry_after=None) -> dict:
+    """What kiln passes to uvicorn (through LitServer.run) for its connection layer (serve.connections);
+    `retry_after` (() -> seconds) is the Retry-After its 503s give."""
     from kiln.serve.connections import http_implementation
 
     limits = config.connection_limits()
@@ -243,13 +283,28 @@ def uvicorn_options(config: ServeConfig, metrics) -> dict:
     if http_implementation() == "httptools":
         from kiln.serve.http_protocol import make_protocol
 
-        options["http"] = make_protocol(limits, metrics)
+        options["http"] = make_protocol(limits, metrics, retry_after)
     else:  # uvicorn's h11 path: its own limits only (text/plain answers, no head deadline, no probe exemption)
         print("kiln: warning: httptools is not installed; uvicorn's h11 parser serves without kiln's head deadline, "
               "JSON errors and probe exemption (pip install httptools)", flush=True)
         options.update(http="h11", h11_max_incomplete_event_size=limits.max_header_bytes,
                        limit_concurrency=limits.max_connections)
     return options
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """Fails the start before any process is spawned when a port is taken (a server that came up without it would
+    look healthy to half its clients)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"{flag} {port} cannot be bound on {host} ({exc.strerror}); is another server on "
+                             f"it? choose another {flag}") from None
 
 
 def raise_open_file_limit(config: ServeConfig) -> None:
@@ -270,9 +325,11 @@ def raise_open_file_limit(config: ServeConfig) -> None:
 
 
 def serve(config: ServeConfig) -> None:
+    if config.grpc_port is not None:
+        check_port_free(config.host, config.grpc_port, "--grpc-port")
     state_dir = tempfile.mkdtemp(prefix="kiln-serve-")
     try:
-        server, plans, metrics = build_server(config, state_dir)
+        server, plans, metrics, inference = build_server(config, state_dir)
 
         main_pid = os.getpid()
 
@@ -294,7 +351,7 @@ def serve(config: ServeConfig) -> None:
         raise_open_file_limit(config)
         try:
             server.run(host=config.host, port=config.port, generate_client_file=False, num_api_servers=1,
-                       log_level=config.log_level, **uvicorn_options(config, metrics))  # metrics: the connection layer counts into it too
+                       log_level=config.log_level, **uvicorn_options(config, metrics, inference.retry_after_s))  # metrics: the connection layer counts into it too
         except KeyboardInterrupt:
             pass
     finally:

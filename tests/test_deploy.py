@@ -338,7 +338,7 @@ def test_kserve_yaml_validates_against_the_crds(tmp_path):
     validate_against_crds(runtime, service)
     spec = runtime["spec"]
     assert spec["supportedModelFormats"] == [{"name": "kiln", "version": "1", "autoSelect": True}]
-    assert spec["protocolVersions"] == ["v2"]
+    assert spec["protocolVersions"] == ["v2", "grpc-v2"]
     assert spec["annotations"] == {"prometheus.kserve.io/port": "8080", "prometheus.kserve.io/path": "/metrics"}
     (container,) = spec["containers"]
     assert container["name"] == "kserve-container" and container["image"] == IMAGE
@@ -351,6 +351,7 @@ def test_kserve_yaml_validates_against_the_crds(tmp_path):
     assert container["env"] == [{"name": "KILN_API_KEY", "valueFrom": {"secretKeyRef": {
         "name": "kiln-api-key", "key": "api-key"}}}]
     assert container["args"][-2:] == ["--api-key-env", "KILN_API_KEY"] and "--threads" in container["args"]
+    assert container["args"][container["args"].index("--grpc-port") + 1] == "8081"
     validate_as_pod(container)
     predictor = service["spec"]["predictor"]
     assert predictor["model"] == {"modelFormat": {"name": "kiln", "version": "1"}, "runtime": "kiln-digits",
@@ -550,16 +551,18 @@ def container_process(container: dict, artifact_dir: Path, env: dict):
     port only if 8080 is taken here."""
     from server_process import free_port, group_pids
 
-    from kiln.deploy.kserve import MODEL_DIR, PORT
+    from kiln.deploy.kserve import GRPC_PORT, MODEL_DIR, PORT
 
     port = PORT if _port_free(PORT) else free_port()
-    swap = {MODEL_DIR: str(artifact_dir), "0.0.0.0": "127.0.0.1", str(PORT): str(port)}
+    grpc_port = GRPC_PORT if _port_free(GRPC_PORT) else free_port()
+    swap = {MODEL_DIR: str(artifact_dir), "0.0.0.0": "127.0.0.1", str(PORT): str(port), str(GRPC_PORT): str(grpc_port)}
     command = [str(Path(sys.executable).parent / container["command"][0]),
                *[swap.get(a, a) for a in container["args"]]]
     log = open(artifact_dir.parent / f"container-{port}.log", "w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, **env})
     try:
+        proc.grpc_address = f"127.0.0.1:{grpc_port}"  # type: ignore[attr-defined]
         yield f"http://127.0.0.1:{port}", proc
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -604,3 +607,8 @@ def test_kserve_container_args_serve_and_probes_answer(digits_artifacts, tmp_pat
         assert httpx.post(infer, json=body, timeout=10).status_code == 401
         answer = httpx.post(infer, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=10)
         assert answer.status_code == 200 and answer.json()["outputs"][0]["shape"] == [1, 10]
+        import tritonclient.grpc as tg  # the runtime's grpc-v2: the same model on the gRPC port
+
+        client = tg.InferenceServerClient(proc.grpc_address)
+        assert client.is_server_ready() and client.is_model_ready("digits")
+        assert client.get_model_metadata("digits", headers={"authorization": f"Bearer {key}"}).name == "digits"

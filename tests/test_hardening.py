@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import os
 import re
 import select
@@ -372,13 +373,18 @@ def test_under_overload_no_client_waits_past_the_timeout_and_no_late_request_run
         # GIL, which the threads would otherwise count as waiting for the server.
         clients = [httpx.Client(timeout=60) for _ in range(40)]
 
+        hints = []  # Retry-After of each 504 (issue 21): when the queue will have drained
+
         def call(i: int) -> list:
             outcomes = []
             for _ in range(2):  # the second arrives while the worker is busy with the first wave
                 t0 = time.monotonic()
                 try:
-                    status = clients[i].post(f"{url}/predict", content=body,
-                                             headers={"content-type": "application/json"}).status_code
+                    response = clients[i].post(f"{url}/predict", content=body,
+                                               headers={"content-type": "application/json"})
+                    status = response.status_code
+                    if status == 504:
+                        hints.append(response.headers.get("retry-after"))
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 outcomes.append((status, time.monotonic() - t0))
@@ -410,12 +416,14 @@ def test_under_overload_no_client_waits_past_the_timeout_and_no_late_request_run
                   - metric(before, "kiln_batch_items_bucket", '{le="64"}'))
         print(f"overload: statuses {dict((s, statuses.count(s)) for s in set(statuses))}, worst wait {worst:.2f}s "
               f"(timeout {timeout}); ran {ran:.0f} ({late:.0f} finished late), expired unrun {expired:.0f}; "
-              f"batches {batches:.0f}, {within:.0f} within 64 items")
+              f"batches {batches:.0f}, {within:.0f} within 64 items; retry-after of the 504s "
+              f"{dict((h, hints.count(h)) for h in set(hints))}")
         assert set(statuses) <= {200, 504}, statuses
         assert worst <= timeout + 1.0, f"a client waited {worst:.2f}s with --timeout {timeout}"
         assert queued_in_time == queued, "a request reached the runtime after its deadline"
         assert within == batches, "a batch ran more than the default 64 sequences"
         assert expired >= 1, "the overload never made a request expire: the test did not overload"
+        assert hints and all(h is not None and 1 <= int(h) <= math.ceil(timeout) for h in hints), hints
         assert ran == ok + late and expired + ran == len(results), (ran, ok, late, expired)
         assert httpx.get(f"{url}/v2/health/ready").status_code == 200
     finally:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from server_process import ServerProcess
+from server_process import ServerProcess, free_port
 
 from kiln.serve.repository import model_entries, plan_models, repository_roots, version_folders
 
@@ -130,9 +130,12 @@ def versioned(digits_artifacts, tmp_path_factory):
     repo = root / "repo"
     (repo / "digits").mkdir(parents=True)
     _copy_version(digits_artifacts, repo / "digits" / "1", default="onnx-fp32")
-    server = ServerProcess(repo, "--threads", "1", "--max-batch-size", "8", "--poll", "0.5",
-                           "--api-key-env", "KILN_TEST_KEY", env={"KILN_TEST_KEY": API_KEY}).wait_ready(120)
+    grpc_port = free_port()
+    server = ServerProcess(repo, "--threads", "1", "--max-batch-size", "8", "--poll", "0.5", "--grpc-port",
+                           str(grpc_port), "--api-key-env", "KILN_TEST_KEY", env={"KILN_TEST_KEY": API_KEY})
+    server.grpc_url = f"127.0.0.1:{grpc_port}"
     try:
+        server.wait_ready(120)
         yield server, repo, root
     finally:
         server.stop()
@@ -278,6 +281,44 @@ def test_a_loaded_versions_worker_that_dies_is_started_again(versioned, digits_a
     reply = httpx.post(f"{server.url}/v2/models/digits/infer", json=body, headers=AUTH)
     assert reply.status_code == 200 and reply.json()["model_version"] == "9", server.log_path.read_text()[-2000:]
     assert re.findall(started, server.log_path.read_text(), re.M)[-1] != pids[-1]
+
+
+@pytest.mark.slow
+def test_grpc_loads_unloads_and_lists_the_same_versions(versioned, digits_artifacts):
+    """tritonclient.grpc's load_model / unload_model / get_model_repository_index reach the same model control."""
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    server, repo, _ = versioned
+    client = tg.InferenceServerClient(server.grpc_url)
+    headers = {"authorization": f"Bearer {API_KEY}"}  # gRPC metadata keys are lower-case
+
+    def grpc_version() -> str:
+        image = tg.InferInput("image", [1, 1, 8, 8], "FP32")
+        image.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+        return client.infer("digits", [image], headers=headers).get_response().model_version
+
+    def grpc_index() -> list:
+        rows = client.get_model_repository_index(headers=headers, as_json=True).get("models", [])
+        return sorted((r["name"], r["version"], r.get("state", "")) for r in rows)
+
+    assert grpc_index() == sorted((r["name"], r["version"], r["state"]) for r in _index(server))
+    with pytest.raises(InferenceServerException) as refused:
+        client.load_model("digits")
+    assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+    new = str(max(int(p.name) for p in (repo / "digits").iterdir() if p.name.isdigit()) + 1)
+    _copy_version(digits_artifacts, repo / "digits" / new, default="onnx-int8")
+    client.load_model("digits", headers=headers)  # returns once the new version serves
+    assert grpc_version() == new
+    assert list(client.get_model_metadata("digits", headers=headers).versions) == [new]
+    assert ("digits", new, "READY") in grpc_index()
+    client.unload_model("digits", headers=headers)
+    with pytest.raises(InferenceServerException) as gone:
+        grpc_version()
+    assert gone.value.status() == "StatusCode.NOT_FOUND"
+    assert ("digits", new, "UNAVAILABLE") in grpc_index()
+    client.load_model("digits", headers=headers)
+    assert grpc_version() == new
 
 
 def test_poll_takes_a_sane_period():

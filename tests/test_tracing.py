@@ -10,9 +10,10 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 from otlp_receiver import OtlpReceiver
-from server_process import ServerProcess
+from server_process import ServerProcess, free_port
 
 from kiln.serve.channel import Result
 
@@ -124,8 +125,9 @@ def test_each_request_is_one_trace_under_the_clients_traceparent(digits_artifact
     receiver = OtlpReceiver()
     server = None
     try:
+        grpc_port = free_port()
         server = ServerProcess(digits_artifacts, "--variant", "onnx-fp32", "--threads", "1",
-                               "--otlp-endpoint", receiver.url,
+                               "--otlp-endpoint", receiver.url, "--grpc-port", str(grpc_port),
                                env={"OTEL_BSP_SCHEDULE_DELAY": "100"}).wait_ready(120)
         body = {"inputs": [{"name": "image", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 128}]}
         sent = []
@@ -141,8 +143,14 @@ def test_each_request_is_one_trace_under_the_clients_traceparent(digits_artifact
             refused = client.post(f"{server.url}/v2/models/digits/infer", json={"inputs": []},
                                   headers={"traceparent": traceparent(9)[2]})
             assert refused.status_code >= 400
+        import tritonclient.grpc as tg  # and over gRPC: the traceparent as metadata
+
+        image = tg.InferInput("image", [2, 1, 8, 8], "FP32")
+        image.set_data_from_numpy(np.zeros((2, 1, 8, 8), np.float32))
+        grpc_trace, grpc_parent, header = traceparent(11)
+        tg.InferenceServerClient(f"127.0.0.1:{grpc_port}").infer("digits", [image], headers={"traceparent": header})
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(receiver.spans) < 5 * 6 + 6 + 3:
+        while time.monotonic() < deadline and len(receiver.spans) < 5 * 6 + 6 + 3 + 6:
             time.sleep(0.1)
         spans = list(receiver.spans)
         assert set(receiver.paths) == {"/v1/traces"}
@@ -152,7 +160,9 @@ def test_each_request_is_one_trace_under_the_clients_traceparent(digits_artifact
             assert root["service"] == "kiln" and root["attributes"]["kiln.model"] == "digits"
             assert root["attributes"]["http.response.status_code"] == 200
             assert by_name["batch"]["attributes"]["kiln.batch.items"] == 2
-        client_traces = {t for t, _ in sent} | {traceparent(9)[0]}
+        by_name = check_trace(spans, grpc_trace, grpc_parent, "grpc:ModelInfer", "CALL")
+        assert by_name["batch"]["attributes"]["kiln.batch.items"] == 2
+        client_traces = {t for t, _ in sent} | {traceparent(9)[0], grpc_trace}
         others = [s for s in spans if s["trace"] not in client_traces]
         assert len({s["trace"] for s in others}) == 1 and len(others) == 6  # the untraced request: a trace of its own
         bad = [s for s in spans if s["trace"] == traceparent(9)[0]]
@@ -167,8 +177,6 @@ def test_a_front_end_without_asgi_traces_through_the_inference_call():
     """What a gRPC servicer does: InferenceService.call with the metadata as the carrier is one trace under the
     client's span, exported by the helper process to the receiver."""
     import asyncio
-
-    import numpy as np
 
     from kiln.core.signature import Signature, TensorSpec
     from kiln.serve.inference import Endpoint, InferenceService
