@@ -1,5 +1,5 @@
 # Everything a fresh machine needs: `make run` serves the default model, `make test` runs the suite.
-# A development install has the extras: `export` (torch and the exporters), `test` (the tools) and `ray` (Ray Serve,
+# A development install has the extras: `export` (torch and the exporters), `test` (the tools), `tracing` (OpenTelemetry) and `ray` (Ray Serve,
 # for the tests that run `kiln deploy ray`'s config on a real local cluster). The Dockerfile
 # repeats the install step (a venv, then `pip install '.[export]'` to export, and the base install alone to serve);
 # tests/test_dockerfile.py keeps them in step.
@@ -16,7 +16,7 @@ PORT ?= 8000
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[export,test,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[export,test,ray,tracing]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -310,6 +310,15 @@ def add_serve_parser(subparsers: Any) -> None:
     parser.add_argument("--metrics-open", action="store_true",
                         help="with --api-key-env, let /metrics answer without the key (it names every model and "
                              "variant, so by default it needs the key; for a Prometheus that cannot send one)")
+    # issue 21 (model control, tracing)
+    parser.add_argument("--poll", type=float, default=None, dest="poll_s", metavar="SECONDS",
+                        help="look at the served repositories every SECONDS and load new model versions (NAME/N/) "
+                             "and new models, as Triton's poll mode; a version that fails leaves the serving one "
+                             "(default: off; POST /v2/repository/models/NAME/load loads on demand)")
+    parser.add_argument("--otlp-endpoint", default=None, metavar="URL",
+                        help="export OpenTelemetry traces of every request over OTLP/HTTP to URL (e.g. "
+                             "http://127.0.0.1:4318; default: $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing); "
+                             "needs pip install 'kiln[tracing]'")
     parser.add_argument("--log-level", default=defaults["log_level"],
                         choices=("critical", "error", "warning", "info", "debug", "trace"),
                         help="log level of the HTTP server (uvicorn)")

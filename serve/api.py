@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import litserve as ls
 
@@ -35,6 +36,11 @@ class KilnAPI(ls.LitAPI):
         self.cost_model = BatchCostModel()
 
     def setup(self, device) -> None:
+        if os.path.exists(self.loop.channel_path + ".retired"):  # serve.control.retired_marker
+            # A worker of a version serve.control retired, restarted by LitServe's monitor: it idles without
+            # loading the model until the server stops (SIGTERM's default action ends it).
+            while True:
+                time.sleep(3600)
         self.batches_run = 0
         self.runner = ModelRunner(self.artifact_dir, self.variant, self.threads)
         self.runtime = self.runner.runtime
@@ -58,9 +64,10 @@ class KilnAPI(ls.LitAPI):
         self.memory.after_batch(self.runtime)
 
     def predict(self, batch: Batch) -> list[Result]:
+        run_started = time.time()
         ran = self.runner.run(batch)
         items = sum(batch.counts)
         if ran.whole_s is not None:
             self.cost_model.learn(items, ran.whole_s, ran.padded_tokens)
         self.batches_run += 1
-        return batch_results(batch, ran, f"{os.getpid()}-{self.batches_run}")
+        return batch_results(batch, ran, f"{os.getpid()}-{self.batches_run}", run_started)

@@ -72,16 +72,21 @@ class Result:
     tokens: int | None = None  # text models: the tokens this request's texts encoded to (OpenAI `usage`)
     batch_tokens: int | None = None  # text models: real tokens of the whole batch
     batch_positions: int | None = None  # text models: positions the batch computed, padding included
+    # time.time() when the runtime began the batch: a trace's spans (serve.tracing) are built from it and the timings
+    # above after the answer, rather than carried through the batching loop.
+    run_started: float = 0.0
 
 
-def batch_results(batch, ran, batch_id: str) -> list[Result]:
-    """Each request's Result from a batch a core.runner.ModelRunner ran (`batch`: its Batch, `ran`: its BatchRun):
-    the one shape every host of a runner answers in (LitServe's worker, a Ray Serve replica)."""
+def batch_results(batch, ran, batch_id: str, run_started: float = 0.0) -> list[Result]:
+    """Each request's Result from a batch a core.runner.ModelRunner ran (`batch`: its Batch, `ran`: its BatchRun,
+    `run_started`: time.time() when the run began, for traces): the one shape every host of a runner answers in
+    (LitServe's worker, a Ray Serve replica)."""
     items = sum(batch.counts)
     tokens = ran.tokens
     real = sum(tokens) if tokens else None
     return [Result(outputs, max(0.0, batch.started - item.enqueued), ran.infer_s, len(batch.items), items, batch_id,
-                   error, tokens[i] if tokens else None, real, ran.padded_tokens)
+                   error, tokens[i] if tokens else None, batch_tokens=real, batch_positions=ran.padded_tokens,
+                   run_started=run_started)
             for i, (item, (outputs, error)) in enumerate(zip(batch.items, ran.outcomes))]
 
 
@@ -194,6 +199,7 @@ SEND_AHEAD = 512 * 1024  # bytes of requests written to a worker's socket ahead 
 class _Worker:
     name: str
     writer: asyncio.StreamWriter
+    pid: int = 0  # its process (Hello): serve.control stops the workers of a version it retires
     in_flight: dict[int, asyncio.Future] = field(default_factory=dict)  # uid -> the waiting request
     # Requests not yet written to the socket: their uids oldest first, and their frames. They leave only while the
     # socket takes them (at most SEND_AHEAD bytes buffered ahead of the worker); a request whose deadline passes
@@ -268,6 +274,13 @@ class WorkerGateway:
     def ready(self) -> bool:
         return len(self.workers) >= self.expected
 
+    def in_flight(self) -> int:
+        """Requests accepted and not yet answered (serve.control drains a version to 0 before stopping it)."""
+        return sum(len(worker.in_flight) for worker in self.workers.values())
+
+    def worker_pids(self) -> list[int]:
+        return [worker.pid for worker in self.workers.values() if worker.pid]
+
     async def _serve_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             hello = await read_frame(reader)
@@ -277,7 +290,7 @@ class WorkerGateway:
         if not isinstance(hello, Hello):
             writer.close()
             return
-        worker = _Worker(str(hello.worker), writer)
+        worker = _Worker(str(hello.worker), writer, int(hello.pid))
         previous = self.workers.get(worker.name)
         if previous is not None:
             self._lost(previous)

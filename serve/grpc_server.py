@@ -49,6 +49,7 @@ STATUS_CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    409: grpc.StatusCode.ABORTED,  # a model load asked while the server stops (serve.control)
     413: grpc.StatusCode.INVALID_ARGUMENT,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     422: grpc.StatusCode.INVALID_ARGUMENT,
@@ -150,6 +151,17 @@ def presented_key(service: InferenceService, context: Any) -> bytes | None:
     return service.guard.presented_in(headers)
 
 
+def string_parameter(parameters: Any, key: str) -> str | None:
+    """A repository request's string parameter (Triton's ModelRepositoryParameter), or None where absent; 400 if it
+    is of another kind."""
+    if key not in parameters:
+        return None
+    value = parameters[key]
+    if value.WhichOneof("parameter_choice") != "string_param":
+        raise RequestError(f"parameters[{key!r}] must be a string_param", 400)
+    return value.string_param
+
+
 def tensor_metadata(tensors: list[dict]) -> list:
     return [pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"], shape=t["shape"])
             for t in tensors]
@@ -183,7 +195,8 @@ class InferenceServicer:
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         model = self.service.lookup(request.name, request.version or None).model
-        return pb.ModelMetadataResponse(name=model.name, versions=[model.version], platform=model.platform,
+        versions = sorted(self.service.versions.get(model.name, {model.version: None}), key=int)
+        return pb.ModelMetadataResponse(name=model.name, versions=versions, platform=model.platform,
                                         inputs=tensor_metadata(model.v2_inputs),
                                         outputs=tensor_metadata(model.v2_outputs))
 
@@ -191,34 +204,50 @@ class InferenceServicer:
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         parsed: list[InferenceRequest] = []
+        served: list[ServedModel] = []
 
         def prepare(model: ServedModel) -> InferenceRequest:
+            served.append(model)
             parsed.append(parse_infer(request, model))
             return parsed[0]
 
+        carrier = None
+        if self.service.tracing is not None:  # W3C trace context travels as metadata (lower-case keys)
+            carrier = {key: value for key, value in context.invocation_metadata() or ()
+                       if key in ("traceparent", "tracestate") and isinstance(value, str)}
         result = await self.service.call(request.model_name, prepare, front="grpc:ModelInfer",
                                          api_key=presented_key(self.service, context),
-                                         version=request.model_version or None)
-        model = self.service.lookup(request.model_name, request.model_version or None).model
-        return infer_response(model, result.outputs, parsed[0])
+                                         version=request.model_version or None, carrier=carrier)
+        return infer_response(served[0], result.outputs, parsed[0])  # the version that ran it (a swap may follow)
 
     # --- the model repository (Triton's extension) -----------------------------------------------------------
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        """Every version of every model with its state and reason (serve.control's index, as HTTP's)."""
         from kiln.serve.routes import repository_index_entries
 
-        entries = repository_index_entries(self.service.endpoints, request.ready)
+        control = self.service.control
+        entries = (control.index(request.ready) if control is not None
+                   else repository_index_entries(self.service.endpoints, request.ready))
         return pb.RepositoryIndexResponse(models=[
             pb.RepositoryIndexResponse.ModelIndex(name=e["name"], version=e["version"], state=e["state"],
-                                                       reason=e.get("reason", "")) for e in entries])
+                                                  reason=e.get("reason", "")) for e in entries])
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
-        raise RequestError("loading models at run time is not available yet: kiln serves the models it was "
-                           "started with (restart `kiln serve` with the new artifact folder)", 501)
+        """serve.control's load, as HTTP's POST /v2/repository/models/{name}/load: the string parameter `folder`
+        names an artifact folder inside the repository."""
+        await self._control().load(request.model_name, string_parameter(request.parameters, "folder"))
+        return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
-        raise RequestError("unloading models at run time is not available yet: kiln serves the models it was "
-                           "started with", 501)
+        """serve.control's unload: every version of the model, or the string parameter `version`."""
+        await self._control().unload(request.model_name, string_parameter(request.parameters, "version"))
+        return pb.RepositoryModelUnloadResponse()
+
+    def _control(self):
+        if self.service.control is None:
+            raise RequestError("this server has no model control", 501)
+        return self.service.control
 
     # --- registration ----------------------------------------------------------------------------------------
 

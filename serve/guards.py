@@ -32,7 +32,8 @@ def normalize(path: str) -> str:
 
 def is_open(path: str) -> bool:
     p = normalize(path)
-    return p in OPEN_PATHS or (p.startswith("/v2/models/") and p.endswith("/ready") and p.count("/") == 4)
+    return p in OPEN_PATHS or (p.startswith("/v2/models/") and p.endswith("/ready") and (
+        p.count("/") == 4 or (p.count("/") == 6 and p.split("/")[4] == "versions")))  # a version's readiness too
 
 
 async def send_json(send, status: int, body: dict, headers: list | None = None) -> None:

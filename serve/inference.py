@@ -44,9 +44,15 @@ class InferenceService:
     only: HTTP has them in its middleware."""
 
     def __init__(self, endpoints: dict[str, Endpoint], guard: KeyCheck | None = None, metrics=None) -> None:
-        self.endpoints = endpoints
+        self.endpoints = endpoints  # name -> the version its unversioned routes reach (the newest ready one)
+        # name -> version -> endpoint: every ready version (/v2/models/NAME/versions/N/...); serve.control changes
+        # both while the server runs.
+        self.versions: dict[str, dict[str, Endpoint]] = {
+            name: {endpoint.model.version: endpoint} for name, endpoint in endpoints.items()}
         self.guard = guard
         self.metrics = metrics
+        self.control = None  # serve.control.ModelControl: load, unload, index (set by serve.server)
+        self.tracing = None  # serve.tracing.Tracing where traces are exported (set in the HTTP process), else None
 
     def retry_after_s(self) -> float:
         """When a client refused for a reason of the whole server (its connection cap, not ready) should come
@@ -67,17 +73,25 @@ class InferenceService:
             served = f"; this server serves {', '.join(repr(n) for n in self.endpoints)}" if reveal else ""
             raise RequestError(f"no model named {name!r}{served}", 404, param="model", code="model_not_found")
         if version is not None and version != endpoint.model.version:
-            raise RequestError(f"model {name!r} has no version {version!r}", 404)
+            endpoint = self.versions.get(name, {}).get(version)  # type: ignore[assignment]
+            if endpoint is None:
+                raise RequestError(f"model {name!r} has no version {version!r} ready", 404)
         return endpoint
 
-    async def run(self, endpoint: Endpoint, request: InferenceRequest) -> Result:
+    async def run(self, endpoint: Endpoint, request: InferenceRequest, trace=None) -> Result:
         """Sends a validated request to the model's workers and waits for its Result (bounded by the gateway's
-        timeout). Raises RequestError: 413 past the model's item limit, 503/504/500 from the workers."""
+        timeout). Raises RequestError: 413 past the model's item limit, 503/504/500 from the workers. `trace`
+        (serve.tracing.RequestTrace, where tracing is on) gets the submission and answer times and the Result."""
         model = endpoint.model
         if request.count > model.request_limit:
             raise model.too_many("the request", request.count, "items", None)
-        result = await endpoint.gateway.submit(WorkItem(request.arrays, request.texts, request.count, time.time()))
+        submitted = time.time()
+        if trace is not None:
+            trace.model, trace.version, trace.submitted = model.name, model.version, int(submitted * 1e9)
+        result = await endpoint.gateway.submit(WorkItem(request.arrays, request.texts, request.count, submitted))
         request.tokens = result.tokens
+        if trace is not None:
+            trace.answered, trace.result = time.time_ns(), result
         return result
 
     async def infer(self, model: str | None, request: InferenceRequest, version: str | None = None) -> Result:
@@ -85,15 +99,23 @@ class InferenceService:
         return await self.run(self.lookup(model, version), request)
 
     async def call(self, model: str | None, request: InferenceRequest | Callable[[ServedModel], InferenceRequest], *,
-                   front: str, api_key: bytes | None = None, version: str | None = None) -> Result:
-        """`infer` with auth and metrics around it, for a front end without kiln's ASGI stack: the key is checked
-        (401), and the call is counted in /metrics under `front` (the route label, e.g. "grpc:ModelInfer") with
-        its status and the model it reached. `request` may be a function that parses the request against the
+                   front: str, api_key: bytes | None = None, version: str | None = None,
+                   carrier: dict[str, str] | None = None, trace=None) -> Result:
+        """`infer` with auth, metrics and tracing around it, for a front end without kiln's ASGI stack: the key is
+        checked (401), and the call is counted in /metrics under `front` (the route label, e.g. "grpc:ModelInfer")
+        with its status and the model it reached. `request` may be a function that parses the request against the
         model it names (a wire whose parse needs the model): it runs after auth and lookup, and its refusals are
-        counted like any other."""
+        counted like any other. Where tracing is on, the call is one trace under the client's `traceparent` in
+        `carrier` (gRPC: the metadata as a dict), or `trace` if the front end began it on arrival
+        (serve.tracing.Tracing.begin, then `trace.parsed` once the message is decoded)."""
         started = time.perf_counter()
         status = 500
         reached = ""
+        tracing = self.tracing
+        if tracing is not None and trace is None:
+            trace = tracing.begin(front, carrier, method="CALL")
+        if trace is not None and not trace.parsed:
+            trace.parsed = time.time_ns()
         if self.metrics is not None:
             self.metrics.in_flight += 1
         try:
@@ -103,7 +125,7 @@ class InferenceService:
             reached = endpoint.model.name
             if not isinstance(request, InferenceRequest):
                 request = request(endpoint.model)
-            result = await self.run(endpoint, request)
+            result = await self.run(endpoint, request, trace)
             status = 200
             return result
         except RequestError as error:
@@ -113,3 +135,5 @@ class InferenceService:
             if self.metrics is not None:
                 self.metrics.in_flight -= 1
                 self.metrics.record_request(front, "CALL", status, time.perf_counter() - started, reached)
+            if tracing is not None and trace is not None:
+                tracing.finish(trace, status)

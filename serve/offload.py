@@ -27,13 +27,16 @@ MAX_IN_FLIGHT = 2
 _inference: Any = None  # in the helper: an Inference over the served models (no gateways: it only parses)
 
 
-def _start(models: dict, max_body_bytes: int) -> None:
+def _start(models: dict, max_body_bytes: int, versions: dict | None = None) -> None:
     global _inference
     from kiln.serve.routes import Endpoint, Inference
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops it, not this
     _inference = Inference({name: Endpoint(model, None) for name, model in models.items()},  # type: ignore[arg-type]
                            max_body_bytes)
+    if versions:
+        _inference.versions = {name: {number: Endpoint(model, None)  # type: ignore[arg-type]
+                                      for number, model in by.items()} for name, by in versions.items()}
 
 
 def _prepare(kind: str, name: str | None, version: str | None, headers: dict[str, str], raw: bytes) -> tuple:
@@ -50,11 +53,22 @@ class Offload:
                  in_flight: int = MAX_IN_FLIGHT) -> None:
         # Fresh copies: a served model's cached properties are rebuilt in the helper, not pickled.
         self.models = {name: dataclasses.replace(model) for name, model in models.items()}
+        self.versions: dict[str, dict] = {name: {model.version: model} for name, model in self.models.items()}
         self.max_body_bytes = max_body_bytes
         self.threshold = threshold
         self.in_flight = in_flight
         self._pool: Any = None
         self._slots: asyncio.Semaphore | None = None
+
+    def update(self, endpoints: dict, versions: dict) -> None:
+        """The served models changed (serve.control): the next large body starts a helper that knows the new
+        set; bodies the old helper holds are finished by it."""
+        self.models = {name: dataclasses.replace(endpoint.model) for name, endpoint in endpoints.items()}
+        self.versions = {name: {number: dataclasses.replace(endpoint.model) for number, endpoint in by.items()}
+                         for name, by in versions.items()}
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def wants(self, headers: dict[str, str], raw: bytes) -> bool:
         return len(raw) > self.threshold or headers.get("content-encoding", "").strip().lower() not in ("", "identity")
@@ -78,7 +92,7 @@ class Offload:
             from concurrent.futures import ProcessPoolExecutor
 
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
-                                             initargs=(self.models, self.max_body_bytes))
+                                             initargs=(self.models, self.max_body_bytes, self.versions))
         return self._pool
 
     async def prepare(self, kind: str, name: str | None, version: str | None, headers: dict[str, str],

@@ -271,18 +271,18 @@ class KilnIngress:
         from kiln.serve.metrics import Metrics
         from kiln.serve.repository import plan_models
         from kiln.serve.routes import Inference
-        from kiln.serve.server import api_key, served_model
+        from kiln.serve.server import api_key, info_labels, served_model
 
         _models, config = parse_args(args)
         plans = plan_models(config)
         self.config = config
         self.key = api_key(config)  # from this node's environment: `ray start` ran with the variable set
-        self.metrics = Metrics({plan.name: {"model": plan.name, "variant": plan.variant.name, "how": plan.served.how}
-                                for plan in plans})
+        self.metrics = Metrics({plan.name: info_labels(plan) for plan in plans})
         endpoints = {}
         for plan in plans:
             model = served_model(plan.manifest, plan.variant, config.max_items,
-                                 config.batch_items(plan.manifest.is_text), plan.served.parameters)
+                                 config.batch_items(plan.manifest.is_text), plan.served.parameters, plan.name,
+                                 plan.version)
             endpoints[plan.name] = Endpoint(model, RayGateway(handles[plan.name], config.timeout_s, plan.name))
         self.inference = Inference(endpoints, config.max_body_bytes)  # no offload process: replicas scale instead
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -43,6 +44,7 @@ JSON_TYPES = ("application/json", "")
 BINARY_TYPES = ("application/octet-stream", "application/vnd.sagemaker-triton.binary+json")
 # The request headers the inference path reads (the ASGI fast path copies only these out of the scope).
 READ_HEADERS = (b"content-type", b"content-encoding", v2_binary.HEADER_LENGTH.encode())
+TRACE_HEADERS = (b"traceparent", b"tracestate")  # W3C trace context, read only where tracing is on
 
 
 def decode_json(content_type: str, raw: bytes, expected) -> object:
@@ -275,8 +277,9 @@ class Inference(InferenceService):
         return endpoint, parsed
 
     async def answer(self, wire: Wire, name: str | None, version: str | None, headers: dict[str, str],
-                     raw: bytes) -> Reply:
-        """`headers`: the request's headers named in READ_HEADERS, lower-case names."""
+                     raw: bytes, trace=None) -> Reply:
+        """`headers`: the request's headers named in READ_HEADERS, lower-case names. `trace`: the request's
+        serve.tracing.RequestTrace where tracing is on (its timestamps are filled in here)."""
         try:
             if self.offload is not None and self.offload.wants(headers, raw):
                 inflated = self.offload.small_inflate(headers, raw)
@@ -286,11 +289,13 @@ class Inference(InferenceService):
                     endpoint, parsed = self.prepare(wire, name, version, headers, inflated)
                 else:
                     model_name, parsed = await self.offload.prepare(wire.kind, name, version, headers, raw)
-                    endpoint = self.endpoints[model_name]
+                    endpoint = self.lookup(model_name, version)
             else:
                 endpoint, parsed = self.prepare(wire, name, version, headers, raw)
             model = endpoint.model
-            result = await self.run(endpoint, parsed)
+            if trace is not None:
+                trace.parsed = time.time_ns()
+            result = await self.run(endpoint, parsed, trace)
         except RequestError as error:
             headers = Reply.headers
             if error.retry_after_header is not None:  # 429, 503 (and a shed 504): when to come back
@@ -319,6 +324,11 @@ class InferenceFastPath:
         if match is None:
             return await self.app(scope, receive, send)
         scope["route"] = match.route  # MetricsMiddleware labels the request with match.route.path
+        tracing = self.inference.tracing
+        trace = None
+        if tracing is not None:  # on arrival, before the body: the trace's receive span starts here
+            trace = tracing.begin(match.route.path, {key.decode(): value.decode("latin-1")
+                                                     for key, value in scope["headers"] if key in TRACE_HEADERS})
         chunks = []
         while True:
             message = await receive()
@@ -328,12 +338,15 @@ class InferenceFastPath:
             if not message.get("more_body", False):
                 break
         headers = {key.decode(): value.decode("latin-1") for key, value in scope["headers"] if key in READ_HEADERS}
-        reply = await self.inference.answer(match.route.wire, match.name, match.version, headers, b"".join(chunks))
+        reply = await self.inference.answer(match.route.wire, match.name, match.version, headers, b"".join(chunks),
+                                            trace)
         if reply.model is not None:
             scope[MODEL] = reply.model  # MetricsMiddleware labels the request with the model
         await send({"type": "http.response.start", "status": reply.status,
                     "headers": [*reply.headers, (b"content-length", str(len(reply.payload)).encode())]})
         await send({"type": "http.response.body", "body": reply.payload})
+        if trace is not None:
+            tracing.finish(trace, reply.status)
         return None
 
 
@@ -430,7 +443,8 @@ def add_model_routes(app: FastAPI, inference: Inference) -> None:
 
     def metadata(endpoint: Endpoint) -> dict:
         model = endpoint.model
-        return {"name": model.name, "versions": [model.version], "platform": model.platform,
+        versions = sorted(inference.versions.get(model.name, {model.version: endpoint}), key=int)
+        return {"name": model.name, "versions": versions, "platform": model.platform,
                 "parameters": dict(model.served_variant),
                 "inputs": model.v2_inputs, "outputs": model.v2_outputs}
 
@@ -450,32 +464,85 @@ def add_model_routes(app: FastAPI, inference: Inference) -> None:
         endpoint = found(name, model_version)
         return endpoint if isinstance(endpoint, Response) else metadata(endpoint)
 
-    @app.get("/v2/models/{name}/ready")
-    async def model_ready(name: str, request: Request):
-        endpoint = found(name, reveal=request.scope.get(AUTHORIZED, True))
+    async def ready(request: Request, name: str, model_version: str | None = None):
+        endpoint = found(name, model_version, reveal=request.scope.get(AUTHORIZED, True))
         if isinstance(endpoint, Response):
             return endpoint
         ok = endpoint.gateway.ready()
         return JSONResponse({"name": endpoint.model.name, "ready": ok}, status_code=200 if ok else 503,
                             headers=not_ready_headers(ok, inference))
 
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str, request: Request):
+        return await ready(request, name)
+
+    @app.get("/v2/models/{name}/versions/{model_version}/ready")
+    async def model_version_ready(name: str, model_version: str, request: Request):
+        return await ready(request, name, model_version)
+
+
+async def small_json(request: Request, shape: str) -> dict:
+    """A repository call's body: empty, or a JSON object (400 otherwise; `shape` says what it may hold)."""
+    raw = await request.body()
+    body = decode_json(request.headers.get("content-type", ""), raw, None) if raw.strip() else {}
+    if not isinstance(body, dict):
+        raise RequestError(f"the body must be empty or a JSON object {shape}", 400)
+    return body
+
+
+def parameter(body: dict, key: str, shape: str) -> str | None:
+    """`parameters.KEY` of a load or unload body (Triton's shape: {"parameters": {...}}), a string or absent."""
+    parameters = body.get("parameters", {})
+    value = parameters.get(key) if isinstance(parameters, dict) else None
+    if not isinstance(parameters, dict) or (value is not None and not isinstance(value, str)):
+        raise RequestError(f"the body must be empty or {shape}", 400)
+    return value
+
+
+LOAD_SHAPE = '{"parameters": {"folder": "a folder inside the repository"}}'
+UNLOAD_SHAPE = '{"parameters": {"version": "N"}}'
+
 
 def add_repository_routes(app: FastAPI, inference: Inference) -> None:
-    """Triton's model repository extension (the index; load and unload are issue #21)."""
-    endpoints = inference.endpoints
+    """Triton's model repository extension: the index, load and unload (serve.control does the work)."""
 
     @app.post("/v2/repository/index")
     async def repository_index(request: Request):
-        """Triton's model repository extension: every model with its state. `{"ready": true}` lists only the
-        ready ones."""
-        raw = await request.body()
+        """Every version of every model with its state (and why, where not READY); `{"ready": true}` lists only
+        the ready ones."""
         try:
-            body = decode_json(request.headers.get("content-type", ""), raw, None) if raw.strip() else {}
+            body = await small_json(request, '{"ready": true|false}')
+            if not isinstance(body.get("ready", False), bool):
+                raise RequestError("the body must be empty or {\"ready\": true|false}", 400)
         except RequestError as error:
             return error_response(error)
-        if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
-            return error_response(RequestError("the body must be empty or {\"ready\": true|false}", 400))
-        return JSONResponse(repository_index_entries(endpoints, body.get("ready", False)))
+        return JSONResponse(inference.control.index(body.get("ready", False)) if inference.control is not None
+                            else repository_index_entries(inference.endpoints, body.get("ready", False)))
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def repository_load(name: str, request: Request):
+        """Loads the model's newest version (or `parameters.folder`, inside the repository) beside what serves and
+        switches to it once ready: 200 with the version serving, 400 with why it failed (what served stays)."""
+        try:
+            folder = parameter(await small_json(request, LOAD_SHAPE), "folder", LOAD_SHAPE)
+            if inference.control is None:
+                raise RequestError("this server has no model control", 501)
+            version = await inference.control.load(name, folder)
+        except RequestError as error:
+            return error_response(error)
+        return JSONResponse(version.entry())
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def repository_unload(name: str, request: Request):
+        """Unloads the model (every version, or `parameters.version`) once its requests in flight are answered."""
+        try:
+            version = parameter(await small_json(request, UNLOAD_SHAPE), "version", UNLOAD_SHAPE)
+            if inference.control is None:
+                raise RequestError("this server has no model control", 501)
+            unloaded = await inference.control.unload(name, version)
+        except RequestError as error:
+            return error_response(error)
+        return JSONResponse([item.entry() for item in unloaded])
 
 
 def repository_index_entries(endpoints: dict[str, Endpoint], ready_only: bool) -> list[dict]:

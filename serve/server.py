@@ -50,6 +50,8 @@ class ServeConfig:
     max_headers: int = 100
     max_connections: int = 256
     metrics_open: bool = False  # /metrics answers without the API key (it needs it by default when one is set)
+    poll_s: float | None = None  # --poll: seconds between looks at the repositories (None: no polling)
+    otlp_endpoint: str | None = None  # --otlp-endpoint (else $OTEL_EXPORTER_OTLP_ENDPOINT): where traces go
     grpc_port: int | None = None  # the gRPC server's port (serve.grpc_server); None: no gRPC
     max_queued_requests: int | list[str] | None = None  # per model (N or name=N): past it 429 at once; None: no cap
     max_batch_tokens: int | None = None  # text models: None = TEXT_BATCH_TOKENS, 0 = no token budget (rows only)
@@ -89,6 +91,8 @@ class ServeConfig:
             raise UsageError("--max-headers must be at least 8")
         if self.max_connections < 1:
             raise UsageError("--max-connections must be a positive integer")
+        if self.poll_s is not None and not 0.1 <= self.poll_s <= 86400:
+            raise UsageError("--poll must lie in 0.1..86400 (seconds)")
         if self.grpc_port is not None and (not 1024 <= self.grpc_port <= 65535 or self.grpc_port == self.port):
             raise UsageError(f"--grpc-port {self.grpc_port} must be in 1024..65535 and differ from --port")
 
@@ -122,12 +126,14 @@ TENSOR_BATCH_ITEMS = 1024
 TEXT_BATCH_TOKENS = 4096
 
 
-def served_model(manifest, variant, max_items: int, max_batch_items: int, served: dict[str, str]):
+def served_model(manifest, variant, max_items: int, max_batch_items: int, served: dict[str, str],
+                 name: str | None = None, version: str = "1"):
     from kiln.core.runtime import runtime_spec
     from kiln.serve.protocol import ServedModel
 
     return ServedModel(
-        name=manifest.model,
+        name=name or manifest.model,
+        version=version,
         task=manifest.task,
         signature=manifest.signature,
         text=manifest.is_text,
@@ -159,41 +165,66 @@ def middlewares(config: ServeConfig, inference, key: str | None, metrics) -> lis
     return stack
 
 
-def build_server(config: ServeConfig, state_dir: str):
-    import litserve as ls
-
+def model_parts(config: ServeConfig, plan, channel_path: str, metrics, queue_cap: int | None = None):
+    """What one model version needs in the HTTP process and in its workers: (ServedModel, KilnAPI, WorkerGateway).
+    The same at start (LitServe starts the workers) and for a version loaded later (serve.control starts them)."""
     from kiln.serve.api import KilnAPI
     from kiln.serve.batching import AdaptiveBatchedLoop
     from kiln.serve.channel import WorkerGateway
+
+    batch_items = config.batch_items(plan.manifest.is_text)
+    model = served_model(plan.manifest, plan.variant, config.max_items, batch_items, plan.served.parameters,
+                         plan.name, plan.version)
+    loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items,
+                               config.admission(plan.manifest.is_text, batch_items))
+    api = KilnAPI(plan.folder, plan.variant.name, plan.threads, config.max_batch_size, loop,
+                  f"{INTERNAL_PATH}/{plan.index}")  # each model's own LitServe route and request queue
+    gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name,
+                            queue_cap)
+    return model, api, gateway
+
+
+def info_labels(plan) -> dict[str, str]:
+    """A served version's kiln_info labels."""
+    return {"model": plan.name, "version": plan.version, "variant": plan.variant.name, "how": plan.served.how}
+
+
+def build_server(config: ServeConfig, state_dir: str):
+    import litserve as ls
+
+    from kiln.serve.control import ModelControl, Version
     from kiln.serve.litserve_private import drop_gzip, hide_routes, wrap_lifespan
     from kiln.serve.metrics import Metrics
     from kiln.serve.offload import Offload
     from kiln.serve.repository import _positive as positive_int
     from kiln.serve.repository import per_model, plan_models
     from kiln.serve.routes import Endpoint, Inference, add_routes
+    from kiln.serve.tracing import endpoint_from, require
 
+    otlp = endpoint_from(config.otlp_endpoint)
+    if otlp is not None:
+        require()  # the SDK missing: refused now, in one line, not in the HTTP process
     plans = plan_models(config)
     queue_cap, queue_caps = per_model(config.max_queued_requests, [plan.name for plan in plans],
                                       "--max-queued-requests", positive_int)
     key = api_key(config)
-    metrics = Metrics({plan.name: {"model": plan.name, "variant": plan.variant.name, "how": plan.served.how}
-                       for plan in plans})
+    metrics = Metrics({plan.name: info_labels(plan) for plan in plans})
     endpoints = {}
     apis = []
+    started = []
     for plan in plans:
-        batch_items = config.batch_items(plan.manifest.is_text)
-        model = served_model(plan.manifest, plan.variant, config.max_items, batch_items, plan.served.parameters)
         channel_path = os.path.join(state_dir, f"worker-{plan.index}.sock")
-        loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items,
-                                   config.admission(plan.manifest.is_text, batch_items))
-        api = KilnAPI(plan.folder, plan.variant.name, plan.threads, config.max_batch_size, loop,
-                      f"{INTERNAL_PATH}/{plan.index}")  # each model's own LitServe route and request queue
-        gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name,
-                                queue_caps.get(plan.name, queue_cap))
+        model, api, gateway = model_parts(config, plan, channel_path, metrics, queue_caps.get(plan.name, queue_cap))
         endpoints[plan.name] = Endpoint(model, gateway)
         apis.append(api)
+        started.append(Version(plan.name, plan.version, plan.folder, "READY", endpoint=endpoints[plan.name],
+                               plan=plan))
     offload = Offload({name: endpoint.model for name, endpoint in endpoints.items()}, config.max_body_bytes)
     inference = Inference(endpoints, config.max_body_bytes, offload)
+    inference.control = ModelControl(inference, config, state_dir, metrics, started, len(plans),
+                                     lambda plan, path, metrics: model_parts(config, plan, path, metrics,
+                                                                             queue_caps.get(plan.name, queue_cap)),
+                                     info_labels)
     server = ls.LitServer(
         apis,
         accelerator="cpu",
@@ -213,11 +244,16 @@ def build_server(config: ServeConfig, state_dir: str):
     async def gateways(app):  # the gateways (and the gRPC server) live in the HTTP process, started with it
         for endpoint in endpoints.values():
             await endpoint.gateway.start()
+        inference.control.start()  # --poll's watch, and the watch over the workers it starts itself
+        if otlp is not None:
+            from kiln.serve.tracing import Tracing
+
+            inference.tracing = Tracing(otlp)  # its export thread lives in the HTTP process
         grpc_server = None
         try:
             if config.grpc_port is not None:
                 try:
-                    grpc_server = await start_grpc(config, endpoints, key, metrics, version("kiln"))
+                    grpc_server = await start_grpc(config, inference, key, metrics, version("kiln"))
                 except OSError as exc:  # taken since serve() checked it: stop the whole server, not only HTTP
                     print(f"kiln: error: {exc}", flush=True)
                     os.kill(os.getppid(), signal.SIGTERM)
@@ -226,22 +262,27 @@ def build_server(config: ServeConfig, state_dir: str):
         finally:
             if grpc_server is not None:  # in-flight RPCs get the request timeout to finish, as HTTP's do
                 await grpc_server.stop(config.timeout_s)
-            for endpoint in endpoints.values():
-                await endpoint.gateway.stop()
+            await inference.control.close()  # every gateway (also those of versions loaded since) and worker
             await asyncio.to_thread(offload.close)
+            if inference.tracing is not None:
+                await asyncio.to_thread(inference.tracing.shutdown)  # what is still buffered goes out
 
     wrap_lifespan(server, gateways)
     add_routes(server.app, inference, metrics, version("kiln"))
     return server, plans, metrics, inference
 
 
-async def start_grpc(config: ServeConfig, endpoints: dict, key: str | None, metrics, server_version: str):
-    """The gRPC server (serve.grpc_server) on the HTTP process's event loop, over the same endpoints."""
+async def start_grpc(config: ServeConfig, inference, key: str | None, metrics, server_version: str):
+    """The gRPC server (serve.grpc_server) on the HTTP process's event loop, over the same endpoints, versions, model
+    control and tracing as HTTP's `inference` (the same dicts: a load or unload changes both at once)."""
     from kiln.serve import grpc_server
     from kiln.serve.guards import KeyCheck
     from kiln.serve.inference import InferenceService
 
-    service = InferenceService(endpoints, KeyCheck(key) if key else None, metrics)
+    service = InferenceService(inference.endpoints, KeyCheck(key) if key else None, metrics)
+    service.versions = inference.versions
+    service.control = inference.control
+    service.tracing = inference.tracing
     assert config.grpc_port is not None
     server = await grpc_server.start(service, config.host, config.grpc_port, config.max_body_bytes,
                                      config.max_connections, server_version)

@@ -14,12 +14,10 @@ workers of the models given at start and their restarts). Why:
 - A model's endpoint, gateway and metric labels are plain objects in the HTTP process (serve.inference's
   endpoints dict, serve.metrics), so registering one more at run time needs no LitServe hook either.
 
-`start_workers` and `ModelWorkers.retire` are the worker half of that seam. The HTTP half, for #21: start a
-WorkerGateway on a new socket (`await gateway.start()`), add Endpoint(model, gateway) to the InferenceService's
-`endpoints` and the model's labels to Metrics, then `start_workers`; to unload, remove the endpoint (new
-requests get 404), `await gateway.stop()` once its requests are answered, then `retire`. What #21 adds besides:
-restarting a crashed kiln-started worker (LitServe's monitor does not watch these), and the large-body helper
-(serve.offload), whose copy of the served models is fixed at its start.
+`start_workers` and `ModelWorkers.retire` are the worker half of that seam; serve.control is the HTTP half (a
+WorkerGateway on a new socket, the Endpoint registered once the workers are ready, drained and stopped before
+`retire`), and it restarts a kiln-started worker that dies (`restart_dead`: LitServe's monitor does not watch these)
+and gives the large-body helper (serve.offload) the new set of models.
 """
 
 from __future__ import annotations
@@ -52,6 +50,21 @@ class ModelWorkers:
     def alive(self) -> int:
         return sum(process.is_alive() for process in self.processes)
 
+    def restart_dead(self, api) -> int:
+        """Starts again each worker that died (LitServe's monitor watches only the workers LitServe started); how
+        many. The restarted worker connects to the same gateway under the same name."""
+        restarted = 0
+        context = multiprocessing.get_context("spawn")
+        for index, process in enumerate(self.processes):
+            if process.is_alive() or process.exitcode is None:
+                continue
+            stop = context.Queue()
+            self.stops[index].close()
+            self.processes[index] = _spawn(context, api, f"{self.name}-{index}", stop)
+            self.stops[index] = stop
+            restarted += 1
+        return restarted
+
     def retire(self, timeout_s: float = 10.0) -> None:
         """Stops every worker and waits for it: each is told to stop through its stop queue (LitServe's stop
         signal, read while the worker is idle) and ends its loop once its current batch is answered; one still
@@ -79,9 +92,13 @@ def start_workers(api, count: int, name: str = "model") -> ModelWorkers:
     workers = ModelWorkers(name)
     for index in range(count):
         stop = context.Queue()
-        process = context.Process(target=_worker_main, args=(api, f"{name}-{index}", stop), daemon=True,
-                                  name=f"kiln-{name}-worker-{index}")
-        process.start()
-        workers.processes.append(process)
+        workers.processes.append(_spawn(context, api, f"{name}-{index}", stop))
         workers.stops.append(stop)
     return workers
+
+
+def _spawn(context, api, worker_id: str, stop):
+    process = context.Process(target=_worker_main, args=(api, worker_id, stop), daemon=True,
+                              name=f"kiln-{worker_id}-worker")
+    process.start()
+    return process

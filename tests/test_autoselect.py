@@ -93,7 +93,7 @@ def test_served_variant_and_why_are_reported(folder):
             assert parameters["how"] in expected_how and parameters["variant"] in read_manifest(folder).variant_names
             assert parameters["reason"]
             metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
-            assert f'kiln_info{{how="{parameters["how"]}",model="digits",variant="{parameters["variant"]}"}} 1' \
+            assert f'kiln_info{{how="{parameters["how"]}",model="digits",variant="{parameters["variant"]}",version="1"}} 1' \
                 in metrics
         finally:
             server.stop()

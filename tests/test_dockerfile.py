@@ -46,8 +46,8 @@ def test_installs_like_the_makefile():
     makefile = (ROOT / "Makefile").read_text()
     assert "python3.11 -m venv /opt/kiln/.venv" in DOCKERFILE and "$(PYTHON) -m venv $(VENV)" in makefile
     assert "-m pip install --quiet --upgrade pip" in DOCKERFILE and "-m pip install --quiet --upgrade pip" in makefile
-    # make: both extras, editable; the image: the export extra to export, the base alone to serve
-    assert "-m pip install --quiet -e '.[export,test,ray]'" in makefile
+    # make: the extras, editable; the image: the export extra to export, the base alone to serve
+    assert "-m pip install --quiet -e '.[export,test,ray,tracing]'" in makefile
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = pyproject["project"]
     extras = project["optional-dependencies"]

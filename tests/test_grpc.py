@@ -176,9 +176,11 @@ def test_metadata_readiness_and_index(server):
 
     from tritonclient.utils import InferenceServerException
 
+    client.load_model("digits", headers=dict(AUTH))  # what serves already: nothing changes (serve.control)
+    assert client.is_model_ready("digits")
     with pytest.raises(InferenceServerException) as refused:
-        client.load_model("digits", headers=dict(AUTH))
-    assert refused.value.status() == "StatusCode.UNIMPLEMENTED" and "not available yet" in refused.value.message()
+        client.load_model("resnet", headers=dict(AUTH))
+    assert refused.value.status() == "StatusCode.NOT_FOUND" and "resnet" in refused.value.message()
     for triton_only in (lambda: client.get_model_config("digits", headers=dict(AUTH)),  # Triton's extensions
                         lambda: client.get_inference_statistics(headers=dict(AUTH)),
                         lambda: client.get_system_shared_memory_status(headers=dict(AUTH))):

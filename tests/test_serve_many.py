@@ -169,7 +169,7 @@ def test_metrics_are_labelled_by_model(two_models):
     text = httpx.get(f"{two_models.url}/metrics", headers=AUTH).text
     for model in ("digits", "minilm"):
         assert re.search(rf'^kiln_batch_size_count{{model="{model}"}} [1-9]', text, re.M), model
-        assert re.search(rf'^kiln_info{{how="forced",model="{model}",variant="onnx-fp32"}} 1$', text, re.M)
+        assert re.search(rf'^kiln_info{{how="forced",model="{model}",variant="onnx-fp32",version="1"}} 1$', text, re.M)
         assert re.search(rf'^kiln_requests_total{{route="/v2/models/{{name}}/predict",method="POST",status="200",'
                          rf'model="{model}"}} [1-9]', text, re.M), model
 

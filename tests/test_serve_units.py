@@ -183,7 +183,9 @@ def test_the_fastapi_routes_are_the_table_rows():
     add_routes(app, Inference({model.name: Endpoint(model, None)}), Metrics(), "0.0.0")  # type: ignore[arg-type]
     posts = {route.path: route.name for route in app.routes if "POST" in getattr(route, "methods", ())}
     assert posts == {**{route.path: route.endpoint for route in INFERENCE_ROUTES},
-                     "/v2/repository/index": "repository_index"}  # the one POST that does not run a model
+                     "/v2/repository/index": "repository_index",  # the POSTs that do not run a model
+                     "/v2/repository/models/{name}/load": "repository_load",
+                     "/v2/repository/models/{name}/unload": "repository_unload"}
     operations = app.openapi()["paths"]
     params = operations["/v2/models/{name}/versions/{model_version}/infer"]["post"]["parameters"]
     assert [(p["name"], p["in"], p["schema"]["type"]) for p in params] == [
