@@ -248,7 +248,7 @@ def test_variant_whose_runtime_is_not_available(digits_artifacts, tmp_path):
     manifest = read_manifest(folder)
     for entry in manifest.variants:
         if entry.name == "onnx-int8":
-            entry.runtime = "openvino"  # as written by a kiln that supports more runtimes
+            entry.runtime = "tensorrt"  # as written by a kiln that supports more runtimes
     manifest.save()
     before = _snapshot(folder)
     result = run_kiln("bench", str(folder), *TINY)
