@@ -16,6 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# The room kiln.bench shares its name with the function `bench` below. Importing one of its modules for the first time
+# (kiln.bench.driver: `export_model`'s selection, `bench` itself) would set the package as this module's attribute
+# `bench`, replacing the function after its first use; importing the package here, before the function is defined,
+# keeps `kiln.bench` the function. The package itself is only a docstring.
+from kiln import bench as _bench_room  # noqa: F401  (see above)
 from kiln.core.errors import (
     BenchmarkError,
     DataError,

@@ -126,3 +126,14 @@ def test_main_guard_prints_one_line_and_returns_the_exit_code(capsys):
     assert main_guard(lambda a: 5, args) == 5
     with pytest.raises(ValueError):  # not a KilnError: not swallowed
         main_guard(failing(ValueError("bug")), args)
+
+
+def test_kiln_bench_stays_the_function_after_its_room_is_imported():
+    """`kiln.export_model` imports kiln.bench.driver for its selection: the README's `kiln.bench(...)` after it must
+    still be the function, not the package of the same name."""
+    import subprocess
+    import sys
+
+    code = "import kiln, kiln.bench.driver, kiln.bench.select; print(callable(kiln.bench), kiln.bench.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "kiln"], out.stderr
