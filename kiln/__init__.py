@@ -16,11 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# The room kiln.bench shares its name with the function `bench` below. Importing one of its modules for the first time
-# (kiln.bench.driver: `export_model`'s selection, `bench` itself) would set the package as this module's attribute
-# `bench`, replacing the function after its first use; importing the package here, before the function is defined,
-# keeps `kiln.bench` the function. The package itself is only a docstring.
-from kiln import bench as _bench_room  # noqa: F401  (see above)
 from kiln.core.errors import (
     BenchmarkError,
     DataError,
@@ -83,8 +78,7 @@ def select_at_export(folder: Path, recipe: Any, progress: "Progress", strict: bo
     """Make the fastest variant within the recipe's budget the default (kiln.bench.driver.select_default, the one
     policy); unless `strict`, a failed or unstable measurement keeps the fp32 default, records why and the machine
     in the manifest, and the export still succeeds."""
-    from kiln.bench.driver import select_default
-
+    select_default = _bench_driver().select_default
     budget = dict(max_accuracy_drop=recipe.max_accuracy_drop, min_cosine=recipe.min_cosine,
                   batch_size=recipe.select_batch_size, progress=progress,
                   min_batch_invariance=recipe.min_batch_invariance, accept_unstable=recipe.accept_unstable)
@@ -164,9 +158,10 @@ def bench(folder: str | Path, *, select: bool = False, max_accuracy_drop: float 
     `settings` are `kiln.bench.driver.BenchSettings` fields: `batch_sizes`, `seq_len`, `threads`, `variants`,
     `warmup`, `min_iters`, `max_iters`, `max_seconds`, `rounds`, `max_spread`.
     """
-    from kiln.bench.driver import BenchSettings
-    from kiln.bench.driver import bench as run_bench
     from kiln.core.console import to_stderr
+
+    driver = _bench_driver()
+    BenchSettings, run_bench = driver.BenchSettings, driver.bench
 
     if "batch_sizes" in settings:
         settings["batch_sizes"] = tuple(settings["batch_sizes"])
@@ -175,6 +170,21 @@ def bench(folder: str | Path, *, select: bool = False, max_accuracy_drop: float 
     return run_bench(folder, BenchSettings(**settings), select_default=select, max_accuracy_drop=max_accuracy_drop,
                      min_cosine=min_cosine, select_batch_size=select_batch_size, progress=progress or to_stderr,
                      min_batch_invariance=min_batch_invariance, accept_unstable=accept_unstable)
+
+
+_bench_function = bench
+
+
+def _bench_driver() -> Any:
+    """kiln.bench.driver, leaving `kiln.bench` the function above. The room kiln.bench shares its name with it, and
+    the first import of a module of that room sets the package as this module's attribute `bench`: the README calls
+    `kiln.bench(...)` after `kiln.export_model(...)`, whose selection imports the driver. Imported here, lazily, so
+    that `import kiln` (and every room below it) does not load kiln.bench."""
+    import importlib
+
+    driver = importlib.import_module("kiln.bench.driver")
+    globals()["bench"] = _bench_function
+    return driver
 
 
 def _version() -> str:
