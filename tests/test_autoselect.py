@@ -128,7 +128,7 @@ def test_serve_rechooses_a_default_chosen_on_another_machine_and_load_warns(fold
 def test_export_selection_chooses_here_or_keeps_fp32_and_says_why(folder, monkeypatch):
     """The selection that ends `kiln export`: bounded, recorded with the machine; when it fails, the fp32 default
     stays, the manifest says why, and nothing is raised."""
-    import kiln.bench.driver
+    from kiln.bench import driver
     from kiln.core.errors import UnstableMeasurement
     from kiln.export.recipe import Recipe
 
@@ -144,7 +144,7 @@ def test_export_selection_chooses_here_or_keeps_fp32_and_says_why(folder, monkey
     def unstable(*args, **kwargs):
         raise UnstableMeasurement("the rounds disagree")
 
-    monkeypatch.setattr(kiln.bench.driver, "select_default", unstable)
+    monkeypatch.setattr(driver, "select_default", unstable)
     said = []
     kiln.select_at_export(folder, recipe, said.append, strict=False)
     manifest = read_manifest(folder)
