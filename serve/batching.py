@@ -64,8 +64,8 @@ logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5
 WAIT_GAIN = 0.10  # a fuller batch must be at least this much cheaper per item to hold requests for it
-EXPLORE_AFTER_S = 1.0
-WINDOW_BATCHES = 4  # length-aware cutting: requests taken off the channel to choose from, in max_batch_size units  # with every request estimated late, still run one if nothing was measured for this long
+EXPLORE_AFTER_S = 1.0  # with every request estimated late, still run one if nothing was measured for this long
+WINDOW_BATCHES = 4  # length-aware cutting: requests taken off the channel to choose from, in max_batch_size units
 STOPPING = threading.Event()
 
 
