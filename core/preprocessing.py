@@ -115,9 +115,15 @@ class TextPreprocessor:
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         return encode_capped(self.tokenizer, texts, self.input_names, self.max_length)
 
-    def measure(self, texts: list[str]) -> list:
-        """`texts` tokenized and truncated but not padded (tokenizers Encodings): their lengths are known before a
-        batch is cut, and `pad` later gives exactly the arrays `__call__` would have for the batch."""
+    def measure(self, texts: list[str]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """`texts` tokenized and truncated, as the signature's arrays padded to the longest of them, and each text's
+        own length: lengths are known before a batch is cut, and `pad` later gives exactly the arrays `__call__`
+        would have for the batch.
+
+        The tokenizer's Encodings are not kept: each holds a string per token and the tokens truncation cut off
+        (`overflowing`), thousands of small allocations per long text. Kept on requests for the seconds they wait
+        in a window, they interleaved with the runtime's batches on the heap, and after bursts of long texts the
+        worker stayed up to 30% above its size, where MemoryKeeper could no longer give the pages back."""
         if self._unpadded is None:
             from tokenizers import Tokenizer
 
@@ -127,11 +133,14 @@ class TextPreprocessor:
             self.pad_id = pad_of(self.tokenizer)[0]
             self.pad_type_id = int(padding.get("pad_type_id") or 0)
             self.pad_length = padding.get("length")  # a fixed length (pad_to), else None: the longest
-        return capped_encodings(self._unpadded, texts, self.max_length)
+        encodings = capped_encodings(self._unpadded, texts, self.max_length)
+        lengths = [len(e.ids) for e in encodings]
+        return pad_encodings(encodings, self.input_names, self.pad_id, self.pad_type_id), lengths
 
-    def pad(self, encodings: list) -> dict[str, np.ndarray]:
-        """The signature's arrays for encodings from `measure`, padded to their longest as the tokenizer pads."""
-        return pad_encodings(encodings, self.input_names, self.pad_id, self.pad_type_id, self.pad_length)
+    def pad(self, blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """The signature's arrays for a batch of requests measured apart (each request's rows from `measure`, cut to
+        its own longest), padded to the batch's longest as the tokenizer pads."""
+        return pad_blocks(blocks, self.input_names, self.pad_id, self.pad_type_id, self.pad_length)
 
 
 # Characters per token a text may spend before kiln tokenizes only its head (encode_capped): real text spends 3-6.
@@ -192,6 +201,29 @@ def pad_encodings(encodings: list, input_names: list[str] | tuple[str, ...], pad
         field, fill = ENCODING_FIELDS[name], fills[name]
         rows = [getattr(e, field) for e in encodings]
         arrays[name] = np.array([row + [fill] * (longest - len(row)) for row in rows], dtype=np.int64)
+    return arrays
+
+
+def pad_blocks(blocks: list[dict[str, np.ndarray]], input_names: list[str] | tuple[str, ...], pad_id: int,
+               pad_type_id: int = 0, length: int | None = None) -> dict[str, np.ndarray]:
+    """Blocks of rows (each a dict of the signature's arrays, padded on the right to its own longest) as one batch's
+    arrays, padded on the right to the longest of them, or to `length`."""
+    fills = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": pad_type_id}
+    first = input_names[0]
+    rows = sum(block[first].shape[0] for block in blocks)
+    longest = max(max(block[first].shape[1] for block in blocks), length or 0)
+    arrays = {}
+    for name in input_names:
+        if len(blocks) == 1 and blocks[0][name].shape[1] == longest:
+            arrays[name] = np.ascontiguousarray(blocks[0][name], dtype=np.int64)
+            continue
+        out = np.full((rows, longest), fills[name], dtype=np.int64)
+        row = 0
+        for block in blocks:
+            part = block[name]
+            out[row:row + part.shape[0], :part.shape[1]] = part
+            row += part.shape[0]
+        arrays[name] = out
     return arrays
 
 

@@ -295,8 +295,9 @@ def add_serve_parser(subparsers: Any) -> None:
                              "models, 1024 items for tensor models); a larger request is refused 413")
     parser.add_argument("--max-batch-tokens", type=int, default=defaults["max_batch_tokens"],
                         help="text models: positions per batch at most (rows x its longest text), batches cut from "
-                             "requests of similar length, earliest deadline first (opt-in; "
-                             "4096 suits MiniLM on 2 cores; 0 or unset: requests only, in arrival order)")
+                             "requests of similar length, earliest deadline first (default: from the folder's "
+                             "bench.json when it measured this variant here, else 4096; 0: requests only, in arrival "
+                             "order)")
     parser.add_argument("--header-timeout", type=float, default=defaults["header_timeout_s"], dest="header_timeout_s",
                         help="seconds a connection has to send a request's line and headers, from opening or from "
                              "its last answer (default %(default)s; then 408, or closed if it sent nothing)")

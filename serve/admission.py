@@ -20,7 +20,8 @@ are not computed at passage length and no request waits behind a stream of other
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from kiln.core.runner import WorkItem
 
@@ -150,3 +151,48 @@ def cut_batch(waiting: list, admission: BatchAdmission) -> tuple[list, list]:
     batch = [job for job in waiting if id(job) in chosen]
     rest = [job for job in waiting if id(job) not in chosen]
     return batch, rest
+
+
+# --- the default budget ------------------------------------------------------------------------------------------
+
+DEFAULT_BATCH_TOKENS = 4096  # where nothing was measured: MiniLM pt2-int8 on 2 Zen 5 cores, from the rule below
+# A full batch at passage length should take about this long on its worker: long enough that the cost per position
+# has stopped falling, short enough that a query cut after it waits for one such batch at most.
+BATCH_TARGET_S = 0.2
+BUDGET_BOUNDS = (512, 16384)
+
+
+def default_batch_tokens(folder: str | Path, variant: str, sha256: str, threads: int) -> tuple[int, str]:
+    """A text model's token budget and where it came from: from its folder's bench.json (`kiln bench`'s cost of
+    one item by sequence length) where that measured this variant's file on this kind of machine at these threads,
+    positions that take about BATCH_TARGET_S at the longest length measured, as a power of two within
+    BUDGET_BOUNDS; otherwise DEFAULT_BATCH_TOKENS. A model six times MiniLM's cost per position gets a budget six
+    times smaller, so its passage batches do not hold queries six times longer."""
+    from kiln.core.machine import fingerprint
+    from kiln.core.paths import MAX_CONFIG_BYTES, read_json
+
+    path = Path(folder) / "bench.json"
+    fallback = f"default {DEFAULT_BATCH_TOKENS}"
+    if not path.is_file():
+        return DEFAULT_BATCH_TOKENS, f"{fallback} (no bench.json)"
+    try:
+        report: Any = read_json(path, MAX_CONFIG_BYTES, "bench report")
+        machine, settings = report.get("machine") or {}, report.get("settings") or {}
+        cost = (report.get("seq_cost") or {}).get("variants", {}).get(variant) or {}
+        same_file = (report.get("hashes") or {}).get(variant) == sha256
+    except Exception:  # a damaged or foreign file is no measurement: the default serves
+        return DEFAULT_BATCH_TOKENS, f"{fallback} (bench.json unreadable)"
+    if not cost or not same_file:
+        return DEFAULT_BATCH_TOKENS, f"{fallback} (bench.json has no cost by length for this {variant} file)"
+    if machine.get("fingerprint") != fingerprint() or settings.get("threads") != threads:
+        return DEFAULT_BATCH_TOKENS, f"{fallback} (bench.json measured another machine or thread count)"
+    try:
+        longest = max(cost, key=int)
+        per_position_s = float(cost[longest]["us_per_token"]) / 1e6
+    except (KeyError, TypeError, ValueError):
+        return DEFAULT_BATCH_TOKENS, f"{fallback} (bench.json's cost by length is unreadable)"
+    if not math.isfinite(per_position_s) or per_position_s <= 0:
+        return DEFAULT_BATCH_TOKENS, f"{fallback} (bench.json's cost by length is unreadable)"
+    budget = 2 ** round(math.log2(BATCH_TARGET_S / per_position_s))
+    budget = min(max(budget, BUDGET_BOUNDS[0]), BUDGET_BOUNDS[1])
+    return budget, f"{budget} from bench.json ({per_position_s * 1e6:.1f} us per position at length {longest})"

@@ -54,7 +54,7 @@ class ServeConfig:
     otlp_endpoint: str | None = None  # --otlp-endpoint (else $OTEL_EXPORTER_OTLP_ENDPOINT): where traces go
     grpc_port: int | None = None  # the gRPC server's port (serve.grpc_server); None: no gRPC
     max_queued_requests: int | list[str] | None = None  # per model (N or name=N): past it 429 at once; None: no cap
-    max_batch_tokens: int | None = None  # text models: N positions a batch, cut by length; None or 0: rows only
+    max_batch_tokens: int | None = None  # text models: N positions a batch, cut by length; 0: rows only; None: measured
 
     def __post_init__(self) -> None:
         if isinstance(self.artifact_dirs, str):
@@ -102,14 +102,22 @@ class ServeConfig:
             return self.max_batch_items
         return TEXT_BATCH_ITEMS if text else TENSOR_BATCH_ITEMS
 
-    def admission(self, text: bool, batch_items: int):
-        """The batch admission policy of a model (serve.admission): a token budget for text models, cut by length,
-        with --max-batch-tokens N; requests and items otherwise. Opt-in for now: with the length-aware window a worker
-        stayed 18-30% above its size after bursts of max-size requests (MiniLM, 64 texts of 20,000 characters, the
-        soak test) against 6% with rows only, so the default stays rows until that is found."""
+    def batch_tokens(self, plan) -> tuple[int, str]:
+        """A text model's token budget (0: none, batches of requests in arrival order) and where it came from:
+        --max-batch-tokens, else measured for the model (serve.admission.default_batch_tokens)."""
+        if self.max_batch_tokens is not None:
+            return self.max_batch_tokens, "--max-batch-tokens" if self.max_batch_tokens else "off (--max-batch-tokens 0)"
+        from kiln.core.machine import default_threads
+        from kiln.serve.admission import default_batch_tokens
+
+        return default_batch_tokens(plan.folder, plan.variant.name, plan.variant.sha256,
+                                    plan.threads or default_threads())
+
+    def admission(self, text: bool, batch_items: int, tokens: int = 0):
+        """The batch admission policy of a model (serve.admission): for text models a token budget of `tokens`
+        positions, cut by length (0: none); requests and items otherwise."""
         from kiln.serve.admission import RowsAdmission, TokenBudgetAdmission
 
-        tokens = self.max_batch_tokens
         if text and tokens:
             return TokenBudgetAdmission(self.max_batch_size, tokens, batch_items)
         return RowsAdmission(self.max_batch_size, batch_items)
@@ -123,9 +131,6 @@ class ServeConfig:
 # A batch's size in items, at most (the items of all its requests together), unless --max-batch-items says.
 TEXT_BATCH_ITEMS = 64  # sequences: a batch of 64 x 128 tokens already takes seconds on one CPU thread
 TENSOR_BATCH_ITEMS = 1024
-# A text batch's positions (rows x longest row) at most, unless --max-batch-tokens says. MiniLM pt2-int8 on 2 Zen 5
-# cores (kiln bench's cost by sequence length): the cost per position stops falling well below this.
-TEXT_BATCH_TOKENS = 4096
 
 
 def served_model(manifest, variant, max_items: int, max_batch_items: int, served: dict[str, str],
@@ -178,7 +183,8 @@ def model_parts(config: ServeConfig, plan, channel_path: str, metrics, queue_cap
     model = served_model(plan.manifest, plan.variant, config.max_items, batch_items, plan.served.parameters,
                          plan.name, plan.version)
     loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items,
-                               config.admission(plan.manifest.is_text, batch_items))
+                               config.admission(plan.manifest.is_text, batch_items,
+                                                config.batch_tokens(plan)[0] if plan.manifest.is_text else 0))
     api = KilnAPI(plan.folder, plan.variant.name, plan.threads, config.max_batch_size, loop,
                   f"{INTERNAL_PATH}/{plan.index}")  # each model's own LitServe route and request queue
     gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name,
@@ -361,8 +367,9 @@ def serve(config: ServeConfig) -> None:
 
         signal.signal(signal.SIGTERM, stop)
         for plan in plans:
+            budget = f"; token budget {config.batch_tokens(plan)[1]}" if plan.manifest.is_text else ""
             print(f"kiln: serving {plan.name} ({plan.variant.name}, {plan.served.how}: {plan.served.reason}; "
-                  f"{plan.workers} worker(s), {plan.threads or 'all'} thread(s) each) at "
+                  f"{plan.workers} worker(s), {plan.threads or 'all'} thread(s) each{budget}) at "
                   f"http://{config.host}:{config.port}/v2/models/{plan.name}/infer", flush=True)
         single = "/predict, " if len(plans) == 1 else ""
         print(f"kiln: {len(plans)} model(s) on http://{config.host}:{config.port} [{single}/v2/models/{{name}}/infer, "

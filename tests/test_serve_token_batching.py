@@ -24,7 +24,7 @@ def server(minilm_artifacts):
     from server_process import ServerProcess
 
     server = ServerProcess(minilm_artifacts, "--variant", "onnx-fp32", "--threads", "1", "--max-batch-size", "16",
-                           "--timeout", str(DEADLINE_S), "--max-batch-tokens", "4096").wait_ready(180)
+                           "--timeout", str(DEADLINE_S)).wait_ready(180)
     yield server
     server.stop()
 

@@ -110,6 +110,19 @@ def test_padding_measured_encodings_gives_the_tokenizers_own_arrays():
     assert list(got) == names
     for name in names:
         np.testing.assert_array_equal(got[name], expected[name])
+    # As the worker measures: requests tokenized in separate calls, each cut to its own longest, padded together.
+    from kiln.core.preprocessing import pad_blocks
+
+    blocks = []
+    for part in (texts[:2], texts[2:3], texts[3:]):
+        arrays = pad_encodings(capped_encodings(unpadded, part, 64), names, pad_of(tokenizer)[0])
+        longest = int(arrays["attention_mask"].sum(axis=1).max())
+        blocks.append({name: array[:, :longest] for name, array in arrays.items()})
+    assert blocks[0]["input_ids"].shape[1] < expected["input_ids"].shape[1]  # the rule is tested across widths
+    together = pad_blocks(blocks, names, pad_of(tokenizer)[0])
+    for name in names:
+        np.testing.assert_array_equal(together[name], expected[name])
+    assert all(pad_blocks([block], names, 0)[name].flags.c_contiguous for block in blocks for name in names)
 
 
 def test_the_retrieval_mix_is_queries_with_the_asked_share_of_passages():
@@ -139,3 +152,40 @@ def test_a_bench_batch_at_another_length_keeps_its_real_tokens_and_attends_to_al
     assert short["input_ids"].tolist() == [[101, 7, 8], [101, 9, 102]]
     assert long["input_ids"].shape == (2, 12) and long["input_ids"][0, 5:10].tolist() == ids[0].tolist()
     assert long["attention_mask"].all() and not long["token_type_ids"].any()
+
+
+def _bench_report(folder, us_per_token, **changes):
+    import json
+
+    from kiln.core.machine import fingerprint
+
+    report = {"machine": {"fingerprint": fingerprint()}, "settings": {"threads": 2},
+              "hashes": {"pt2-int8": "abc"},
+              "seq_cost": {"batch_size": 8, "lengths": [16, 256],
+                           "variants": {"pt2-int8": {"16": {"us_per_token": 30.0},
+                                                     "256": {"us_per_token": us_per_token}}}}}
+    for key, value in changes.items():
+        report[key] = value
+    (folder / "bench.json").write_text(json.dumps(report))
+
+
+def test_the_default_budget_comes_from_the_cost_by_length_bench_measured_here(tmp_path):
+    from kiln.serve.admission import DEFAULT_BATCH_TOKENS, default_batch_tokens
+
+    assert default_batch_tokens(tmp_path, "pt2-int8", "abc", 2) == (DEFAULT_BATCH_TOKENS, "default 4096 (no bench.json)")
+    _bench_report(tmp_path, 50.0)  # MiniLM pt2-int8 here: 0.2 s / 50 us = 4,000 positions
+    budget, why = default_batch_tokens(tmp_path, "pt2-int8", "abc", 2)
+    assert budget == 4096 and "bench.json" in why and "length 256" in why
+    _bench_report(tmp_path, 300.0)  # six times the cost: 667, the nearest power of two
+    assert default_batch_tokens(tmp_path, "pt2-int8", "abc", 2)[0] == 512
+    _bench_report(tmp_path, 0.5)  # bounded above
+    assert default_batch_tokens(tmp_path, "pt2-int8", "abc", 2)[0] == 16384
+    _bench_report(tmp_path, 50.0)
+    for variant, sha, threads in (("pt2-int8", "another file", 2), ("pt2-int8", "abc", 1), ("onnx-fp32", "abc", 2)):
+        assert default_batch_tokens(tmp_path, variant, sha, threads)[0] == DEFAULT_BATCH_TOKENS
+    _bench_report(tmp_path, 50.0, machine={"fingerprint": "another machine"})
+    assert "another machine" in default_batch_tokens(tmp_path, "pt2-int8", "abc", 2)[1]
+    for damaged in ("{not json", '{"seq_cost": {"variants": {"pt2-int8": {"256": {}}}}, "hashes": {"pt2-int8": "abc"}}',
+                    "[]"):
+        (tmp_path / "bench.json").write_text(damaged)
+        assert default_batch_tokens(tmp_path, "pt2-int8", "abc", 2)[0] == DEFAULT_BATCH_TOKENS

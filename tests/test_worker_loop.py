@@ -230,7 +230,7 @@ class Lengths(Doubler):
     def measure(self, items: list[WorkItem]) -> None:
         for item in items:
             lengths = [len(t) for t in item.texts]
-            item.tokens, item.length, item.encodings = sum(lengths), max(lengths), lengths
+            item.tokens, item.length, item.encoded = sum(lengths), max(lengths), {}
 
     def batch(self, items: list[WorkItem]):
         assert all(item.length is not None for item in items), "a request reached a batch unmeasured"
