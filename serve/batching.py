@@ -390,8 +390,9 @@ class AdaptiveBatchedLoop(LitLoop):
                 if first is None:
                     self._check_stop(request_queue)
                     return []
-                self._take([first], lit_api)
-            self._take([], lit_api)
+                self._take([first], lit_api)  # and what else is on the channel now
+            else:
+                self._take([], lit_api)
             taken = self._cut(admission, lit_api)
             taken = self._shed(taken, lit_api)
         except StopLoopError:

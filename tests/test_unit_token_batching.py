@@ -49,11 +49,16 @@ def test_a_request_that_would_make_the_batch_mostly_padding_does_not_join():
     for _ in range(24):
         admission.admit(_job(0, 15, 1.0).item)
     assert not admission.fits(_job(1, 200, 1.0).item)  # 25 x 200 positions for 560 real tokens
-    assert admission.fits(_job(1, 20, 1.0).item)
+    assert admission.fits(_job(1, 30, 1.0).item)  # 2x, but within PADDING_SLACK (16) positions a row
+    assert not admission.fits(_job(1, 40, 1.0).item)  # 1,000 positions for 400 real tokens
+    admission.new_batch()
+    admission.admit(_job(0, 15, 1.0).item)
+    assert admission.fits(_job(1, 8, 1.0).item)  # padded to 15: 7 positions, within the slack
     admission.new_batch()
     admission.admit(_job(0, 200, 1.0).item)
     assert not admission.fits(_job(1, 15, 1.0).item)  # a query computed at 13x its length
-    assert admission.fits(_job(1, 120, 1.0).item)
+    assert admission.fits(_job(1, 170, 1.0).item)  # 200 <= 1.25 x 170
+    assert not admission.fits(_job(1, 130, 1.0).item)  # a passage computed at 1.5x its length
 
 
 def test_the_cut_opens_with_the_earliest_deadline_and_groups_similar_lengths():
