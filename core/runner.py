@@ -71,8 +71,11 @@ class ModelRunner:
         # Each runtime sets its own threads (torch's for TorchScript and AOTInductor, ONNX Runtime's own pool);
         # torch is not imported for an ONNX variant at all, which keeps it out of the worker's memory.
         manifest = read_manifest(artifact_dir)
+        self.folder = artifact_dir
+        self.threads = threads
         self.signature = manifest.signature
         self.runtime = open_variant(manifest, variant, RuntimeOptions(threads))
+        self.variant = manifest.variant(variant)  # the entry opened (variant None: the manifest's default)
         self.preprocess = text_preprocessor(manifest)
 
     def example(self, count: int) -> WorkItem:

@@ -58,6 +58,7 @@ class RayOptions:
     max_ongoing_requests: int | None = None
     max_batch_size: int = _SERVE_DEFAULTS.max_batch_size
     max_batch_delay_ms: float = _SERVE_DEFAULTS.max_batch_delay_ms
+    max_batch_tokens: int | None = None  # text models: None = measured on each replica's node (kiln serve's default)
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     proxy_location: str = "EveryNode"
@@ -140,6 +141,8 @@ def plan(manifests: list[Manifest], options: RayOptions) -> RayPlan:
     models = [_model(m, own.get(m.model, common), options) for m in manifests]
     # A replica's requests are bounded by max_ongoing_requests (below), its batches by kiln serve's batch items.
     serve_args: dict[str, Any] = {"max_batch_delay_ms": options.max_batch_delay_ms}
+    if options.max_batch_tokens is not None:
+        serve_args["max_batch_tokens"] = options.max_batch_tokens
     if options.api_key_env:
         serve_args["api_key_env"] = options.api_key_env
     deployments: list[dict[str, Any]] = [{"name": INGRESS_NAME, "num_replicas": 1,

@@ -456,6 +456,9 @@ def add_deploy_ray_parser(targets: Any) -> None:
                     help="requests a replica batches: the default max_ongoing_requests (default %(default)s)")
     rp.add_argument("--max-batch-delay-ms", default=f"{ray.RayOptions.max_batch_delay_ms:g}", metavar="MS",
                     help="how long a replica waits to fill a batch (default %(default)s)")
+    rp.add_argument("--max-batch-tokens", metavar="N",
+                    help="text models: positions per batch at most, as kiln serve's (default: measured on each "
+                         "replica's node from the folder's bench.json, else 4096; 0: requests in arrival order)")
     rp.add_argument("--host", default=ray.DEFAULT_HOST, help="the HTTP proxy's address (default %(default)s)")
     rp.add_argument("--port", default=str(ray.DEFAULT_PORT), metavar="PORT", help="default %(default)s")
     rp.add_argument("--proxy-location", default="EveryNode", choices=ray.PROXY_LOCATIONS,
@@ -595,6 +598,8 @@ def run_deploy_ray(args: argparse.Namespace) -> int:
         max_ongoing_requests=optional_int("--max-ongoing-requests", args.max_ongoing_requests, 32),
         max_batch_size=parse_int("--max-batch-size", args.max_batch_size, example=32),
         max_batch_delay_ms=parse_float("--max-batch-delay-ms", args.max_batch_delay_ms, example=2.0, allow_zero=True),
+        max_batch_tokens=(parse_int("--max-batch-tokens", args.max_batch_tokens, minimum=0, example=4096)
+                          if args.max_batch_tokens is not None else None),
         host=args.host, port=parse_int("--port", args.port, minimum=1024, example=8000),
         proxy_location=args.proxy_location, batching=args.batching,
         max_replicas_per_node=optional_int("--max-replicas-per-node", args.max_replicas_per_node, 1),

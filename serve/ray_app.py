@@ -11,8 +11,10 @@ One application, two kinds of deployment:
   (the runtime registry, the manifest's sha256 checks, the thread setting), batched with Ray's `@serve.batch`.
   Ray scales these (autoscaling_config) and places them by their num_cpus, across nodes.
 
-Batching: each replica batches as kiln serve does by default (KilnBatcher: serve.admission.RowsAdmission and
-serve.batching.BatchCostModel on the replica's event loop; a lone request never waits for a batch window), or with
+Batching: each replica batches as kiln serve does by default (KilnBatcher: kiln serve's admission policy, for text
+models the token budget cut by length (serve.admission.TokenBudgetAdmission, the budget measured per model as
+`kiln serve` does, on the replica's own node), and serve.batching.BatchCostModel, on the replica's event loop; a
+lone request never waits for a batch window), or with
 Ray's `@serve.batch` (args.batching "ray"; `batch_size_fn` counts items, as kiln's --max-batch-items does), which
 waits out its timeout whenever a batch is not full. Measured on 2 cores (benchmarks/ray_vs_serve.py), kiln's rule
 answered digits at concurrency 1 in 8.1 ms p50 against 12.0 ms, and MiniLM at concurrency 32 at 200 req/s against
@@ -31,7 +33,7 @@ from typing import Any
 
 from kiln.core.errors import UsageError
 from kiln.core.runner import ModelRunner, WorkItem
-from kiln.serve.admission import RowsAdmission
+from kiln.serve.admission import RowsAdmission, TokenBudgetAdmission, cut_batch, default_batch_tokens
 from kiln.serve.batching import BatchCostModel
 from kiln.serve.channel import Result, batch_results
 from kiln.serve.protocol import RequestError
@@ -40,8 +42,8 @@ BATCHERS = ("kiln", "ray")  # args.batching: kiln serve's rule (KilnBatcher) or 
 INGRESS_NAME = "kiln-ingress"  # the ingress deployment's name in the config (models take their own names)
 # ServeConfig fields a Ray config's `args.serve` may set: the request limits and batching of `kiln serve`. The rest
 # (host, port, workers, connection limits) belong to Ray's proxy and autoscaler there.
-SERVE_FIELDS = ("max_batch_size", "max_batch_delay_ms", "max_batch_items", "timeout_s", "max_body_bytes",
-                "max_items", "body_timeout_s", "api_key_env", "metrics_open")
+SERVE_FIELDS = ("max_batch_size", "max_batch_delay_ms", "max_batch_items", "max_batch_tokens", "timeout_s",
+                "max_body_bytes", "max_items", "body_timeout_s", "api_key_env", "metrics_open")
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def build(args: dict[str, Any]):
         deployment = serve.deployment(ModelReplica, name=plan.name)
         handles[plan.name] = deployment.bind(plan.folder, plan.variant.name, plan.threads, config.max_batch_delay_ms,
                                              config.batch_items(plan.manifest.is_text), config.max_batch_size,
-                                             batching)
+                                             batching, config.max_batch_tokens)
     ingress = serve.deployment(serve.ingress()(KilnIngress), name=INGRESS_NAME)
     return ingress.bind(handles, args)
 
@@ -115,7 +117,8 @@ class ModelReplica:
     """One replica of one model: a ModelRunner, and a batcher in front of it (`batching`: BATCHERS)."""
 
     def __init__(self, folder: str, variant: str, threads: int | None, max_batch_delay_ms: float,
-                 batch_items: int, max_requests: int, batching: str = "kiln") -> None:
+                 batch_items: int, max_requests: int, batching: str = "kiln",
+                 max_batch_tokens: int | None = None) -> None:
         self.runner = ModelRunner(folder, variant, threads)
         # Warm-up: the first run allocates and picks kernels; pay that before Ray reports the replica running.
         self.runner.run(self.runner.prepare([self.runner.example(1)]))
@@ -130,8 +133,23 @@ class ModelReplica:
             self.infer = serve.batch(max_batch_size=batch_items, batch_wait_timeout_s=delay_s,
                                      batch_size_fn=lambda items: sum(item.count for item in items))(self.run_batch)
         else:
-            self.infer = KilnBatcher(self.run_batch, RowsAdmission(max_requests, batch_items), self.cost_model,
-                                     delay_s).submit
+            self.infer = KilnBatcher(self.run_batch, self.admission(max_requests, batch_items, max_batch_tokens),
+                                     self.cost_model, delay_s, self.runner.measure).submit
+
+    def admission(self, max_requests: int, batch_items: int, max_batch_tokens: int | None):
+        """kiln serve's policy (serve.server.ServeConfig.admission): for a text model a token budget, --max-batch-tokens
+        or measured here, on this replica's node, from the folder's bench.json (0: requests in arrival order)."""
+        if self.runner.preprocess is None:
+            return RowsAdmission(max_requests, batch_items)
+        tokens = max_batch_tokens
+        if tokens is None:
+            from kiln.core.machine import default_threads
+
+            entry = self.runner.variant
+            tokens, _ = default_batch_tokens(self.runner.folder, entry.name, entry.sha256,
+                                             self.runner.threads or default_threads())
+        return TokenBudgetAdmission(max_requests, tokens, batch_items) if tokens else RowsAdmission(max_requests,
+                                                                                                   batch_items)
 
     async def __call__(self, item: WorkItem) -> Result:
         return await self.infer(item)
@@ -141,7 +159,7 @@ class ModelReplica:
         # The runtime releases the GIL: the replica's loop keeps taking requests (the next batch) meanwhile.
         ran = await asyncio.to_thread(self.runner.run, batch)
         if ran.whole_s is not None:
-            self.cost_model.learn(sum(batch.counts), ran.whole_s)
+            self.cost_model.learn(sum(batch.counts), ran.whole_s, ran.padded_tokens)
         self.batches_run += 1
         return batch_results(batch, ran, f"{os.getpid()}-{self.batches_run}")
 
@@ -158,28 +176,42 @@ class KilnBatcher:
     (two or more) waits up to `delay_s` for more only where the cost model measured fuller batches cheaper per item.
     Ray's `@serve.batch` instead waits out its timeout whenever a batch is not full, a lone request included."""
 
-    def __init__(self, run, admission, cost_model: BatchCostModel, delay_s: float) -> None:
+    def __init__(self, run, admission, cost_model: BatchCostModel, delay_s: float, measure=None) -> None:
         self.run = run  # async (items) -> one Result per item
         self.admission = admission
         self.cost_model = cost_model
         self.delay_s = delay_s
-        self.pending: deque[tuple[WorkItem, asyncio.Future]] = deque()
+        # A length-aware policy (TokenBudgetAdmission) cuts from everything waiting, by length, oldest first;
+        # `measure` (ModelRunner.measure) tokenizes requests as they arrive, so their lengths are known.
+        self.by_length = getattr(admission, "cuts_by_length", False)
+        self.measure = measure
+        self.pending: deque[_Waiting] = deque()
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
 
     async def submit(self, item: WorkItem) -> Result:
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((item, future))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if self.by_length and self.measure is not None:
+            self.measure([item])  # a tokenizer error fails this request alone, here
+        # Every request of a replica has the ingress's one timeout, so the oldest has the earliest deadline.
+        self.pending.append(_Waiting(item, future, loop.time()))
         self.wake.set()
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._loop())
         return await future
 
     def _take(self, taken: list) -> None:
-        while self.pending and self.admission.has_capacity() and self.admission.fits(self.pending[0][0]):
+        if self.by_length:  # a new cut from what was taken and what waits (cut_batch starts the batch afresh)
+            waiting = [*taken, *(entry for entry in self.pending if not entry.future.done())]
+            batch, rest = cut_batch(waiting, self.admission)
+            taken[:] = batch
+            self.pending = deque(rest)
+            return
+        while self.pending and self.admission.has_capacity() and self.admission.fits(self.pending[0].item):
             entry = self.pending.popleft()
-            if not entry[1].done():  # its caller gave up (Ray cancelled it): not run
-                self.admission.admit(entry[0])
+            if not entry.future.done():  # its caller gave up (Ray cancelled it): not run
+                self.admission.admit(entry.item)
                 taken.append(entry)
 
     async def _loop(self) -> None:
@@ -197,15 +229,24 @@ class KilnBatcher:
             if not taken:
                 continue
             try:
-                results = await self.run([item for item, _ in taken])
+                results = await self.run([entry.item for entry in taken])
             except Exception as exc:  # outside the runtime (ModelRunner.run never raises for it): fail this batch
-                for _, future in taken:
-                    if not future.done():
-                        future.set_exception(exc)
+                for entry in taken:
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
                 continue
-            for (_, future), result in zip(taken, results):
-                if not future.done():
-                    future.set_result(result)
+            for entry, result in zip(taken, results):
+                if not entry.future.done():
+                    entry.future.set_result(result)
+
+
+@dataclass
+class _Waiting:
+    """A request queued on a replica, in the shape serve.admission.cut_batch reads (item, deadline)."""
+
+    item: WorkItem
+    future: asyncio.Future
+    deadline: float
 
 
 class RayGateway:

@@ -40,7 +40,7 @@ def test_ray_config_is_what_ray_accepts(tmp_path):
     config = _deploy(tmp_path, digits, minilm, args=(
         "--threads", "2", "--min-replicas", "1", "--max-replicas", "4", "--target-concurrency", "3",
         "--api-key-env", "KILN_API_KEY", "--variant", "minilm=onnx-int8", "--port", "8100", "--host", "0.0.0.0",
-        "--max-replicas-per-node", "1", "--downscale-delay-s", "30"))
+        "--max-replicas-per-node", "1", "--downscale-delay-s", "30", "--max-batch-tokens", "2048"))
     schema = ServeDeploySchema.model_validate(config)  # Ray's own validation of `serve deploy`'s input
     app = schema.applications[0]
     assert app.import_path == "kiln.serve.ray_app:build" and app.route_prefix == "/"
@@ -50,6 +50,10 @@ def test_ray_config_is_what_ray_accepts(tmp_path):
                                                                         ("minilm", "onnx-int8", 2)]
     assert all(Path(m["folder"]).is_absolute() for m in models)
     assert config["applications"][0]["args"]["serve"]["api_key_env"] == "KILN_API_KEY"  # the name, never a key
+    assert config["applications"][0]["args"]["serve"]["max_batch_tokens"] == 2048
+    from kiln.serve.ray_app import parse_args
+
+    assert parse_args(config["applications"][0]["args"])[1].max_batch_tokens == 2048  # the app takes what it wrote
     deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
     assert deployments["kiln-ingress"]["ray_actor_options"] == {"num_cpus": 0}
     digits_deployment = deployments["digits"]
@@ -83,6 +87,9 @@ def test_ray_writer_refuses_in_one_line(tmp_path):
     line = _one_line_error(run_kiln("deploy", "ray", str(digits), "--out", out, "--api-key-env", "A-B"),
                            "UsageError")
     assert "--api-key-env" in line
+    line = _one_line_error(run_kiln("deploy", "ray", str(digits), "--out", out, "--max-batch-tokens", "-1"),
+                           "UsageError")
+    assert "--max-batch-tokens" in line
     assert not Path(out).exists()  # a refusal writes nothing
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
@@ -206,6 +213,43 @@ def test_kiln_batcher_never_holds_a_lone_request_and_cuts_a_backlog_by_admission
     assert answers == ["rows 1", "rows 1", "rows 1", "rows 1", "rows 1", "rows 3", "rows 2"]
     # [1] alone; [1] alone (running when the rest came); then at most 3 requests and 4 items per batch, in order
     assert batches == [[1], [1], [1, 1, 1], [1, 3], [2]]
+
+
+def test_kiln_batcher_cuts_text_requests_by_length_with_a_token_budget():
+    """With kiln serve's token budget (TokenBudgetAdmission) a replica's batches are cut from everything waiting, by
+    length, the oldest first: short queries queued behind a passage are not padded to it, and the passage runs
+    in the first cut once it is the oldest."""
+    import asyncio
+    import time
+
+    from kiln.core.runner import WorkItem
+    from kiln.serve.admission import TokenBudgetAdmission
+    from kiln.serve.batching import BatchCostModel
+    from kiln.serve.ray_app import KilnBatcher
+
+    batches: list[list[int]] = []
+
+    def measure(items):  # a text's tokens are its characters
+        for item in items:
+            item.tokens = item.length = len(item.texts[0])
+
+    async def run(items):
+        batches.append([item.length for item in items])
+        await asyncio.sleep(0.02)
+        return [item.length for item in items]
+
+    async def scenario():
+        batcher = KilnBatcher(run, TokenBudgetAdmission(8, 1024, 64), BatchCostModel(), 0.0, measure)
+        first = asyncio.create_task(batcher.submit(WorkItem(None, ["q" * 12], 1, time.time())))
+        await asyncio.sleep(0.005)  # running: the rest queue behind it
+        lengths = [10, 200, 14, 11, 190, 13]
+        rest = [asyncio.create_task(batcher.submit(WorkItem(None, ["x" * n], 1, time.time()))) for n in lengths]
+        return await asyncio.gather(first, *rest)
+
+    assert asyncio.run(scenario()) == [12, 10, 200, 14, 11, 190, 13]
+    assert batches[0] == [12]
+    # the oldest (10) opens the next cut with the queries near its length; then the passages, together
+    assert batches[1:] == [[10, 14, 11, 13], [200, 190]]
 
 
 def test_deploy_ray_needs_neither_ray_nor_the_export_extra(tmp_path):
