@@ -172,8 +172,9 @@ BUDGET_BOUNDS = (512, 16384)
 
 def default_batch_tokens(folder: str | Path, variant: str, sha256: str, threads: int) -> tuple[int, str]:
     """A text model's token budget and where it came from: from its folder's bench.json (`kiln bench`'s cost of
-    one item by sequence length) where that measured this variant's file on this kind of machine at these threads,
-    positions that take about BATCH_TARGET_S at the longest length measured, as a power of two within
+    one item by sequence length) where that measured this variant's file on this kind of machine, positions that
+    take about BATCH_TARGET_S at the longest length measured (a worker of fewer threads than bench ran is taken as
+    that many times slower: `--workers 2 --threads 1` on 2 cores gets half the budget), as a power of two within
     BUDGET_BOUNDS; otherwise DEFAULT_BATCH_TOKENS. A model six times MiniLM's cost per position gets a budget six
     times smaller, so its passage batches do not hold queries six times longer."""
     from kiln.core.machine import fingerprint
@@ -192,15 +193,20 @@ def default_batch_tokens(folder: str | Path, variant: str, sha256: str, threads:
         return DEFAULT_BATCH_TOKENS, f"{fallback} (bench.json unreadable)"
     if not cost or not same_file:
         return DEFAULT_BATCH_TOKENS, f"{fallback} (bench.json has no cost by length for this {variant} file)"
-    if machine.get("fingerprint") != fingerprint() or settings.get("threads") != threads:
-        return DEFAULT_BATCH_TOKENS, f"{fallback} (bench.json measured another machine or thread count)"
+    if machine.get("fingerprint") != fingerprint():
+        return DEFAULT_BATCH_TOKENS, f"{fallback} (bench.json measured another kind of machine)"
+    measured_threads = settings.get("threads")
     try:
         longest = max(cost, key=int)
         per_position_s = float(cost[longest]["us_per_token"]) / 1e6
+        # Fewer threads than bench ran: at most that many times slower (more: no faster than measured).
+        per_position_s *= max(1.0, int(measured_threads) / threads)
     except (KeyError, TypeError, ValueError):
         return DEFAULT_BATCH_TOKENS, f"{fallback} (bench.json's cost by length is unreadable)"
     if not math.isfinite(per_position_s) or per_position_s <= 0:
         return DEFAULT_BATCH_TOKENS, f"{fallback} (bench.json's cost by length is unreadable)"
     budget = 2 ** round(math.log2(BATCH_TARGET_S / per_position_s))
     budget = min(max(budget, BUDGET_BOUNDS[0]), BUDGET_BOUNDS[1])
-    return budget, f"{budget} from bench.json ({per_position_s * 1e6:.1f} us per position at length {longest})"
+    scaled = f", scaled from {measured_threads} threads to {threads}" if measured_threads != threads else ""
+    return budget, (f"{budget} from bench.json ({per_position_s * 1e6:.1f} us per position at length {longest}"
+                    f"{scaled})")

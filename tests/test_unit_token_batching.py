@@ -186,10 +186,13 @@ def test_the_default_budget_comes_from_the_cost_by_length_bench_measured_here(tm
     _bench_report(tmp_path, 0.5)  # bounded above
     assert default_batch_tokens(tmp_path, "pt2-int8", "abc", 2)[0] == 16384
     _bench_report(tmp_path, 50.0)
-    for variant, sha, threads in (("pt2-int8", "another file", 2), ("pt2-int8", "abc", 1), ("onnx-fp32", "abc", 2)):
-        assert default_batch_tokens(tmp_path, variant, sha, threads)[0] == DEFAULT_BATCH_TOKENS
+    for variant, sha in (("pt2-int8", "another file"), ("onnx-fp32", "abc")):
+        assert default_batch_tokens(tmp_path, variant, sha, 2)[0] == DEFAULT_BATCH_TOKENS
+    budget, why = default_batch_tokens(tmp_path, "pt2-int8", "abc", 1)  # one thread: taken as twice as slow
+    assert budget == 2048 and "scaled from 2 threads to 1" in why
+    assert default_batch_tokens(tmp_path, "pt2-int8", "abc", 4)[0] == 4096  # more threads: no faster than measured
     _bench_report(tmp_path, 50.0, machine={"fingerprint": "another machine"})
-    assert "another machine" in default_batch_tokens(tmp_path, "pt2-int8", "abc", 2)[1]
+    assert "another kind of machine" in default_batch_tokens(tmp_path, "pt2-int8", "abc", 2)[1]
     for damaged in ("{not json", '{"seq_cost": {"variants": {"pt2-int8": {"256": {}}}}, "hashes": {"pt2-int8": "abc"}}',
                     "[]"):
         (tmp_path / "bench.json").write_text(damaged)
