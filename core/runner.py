@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Any
 
 import numpy as np
 
@@ -77,6 +78,8 @@ class ModelRunner:
         self.runtime = open_variant(manifest, variant, RuntimeOptions(threads))
         self.variant = manifest.variant(variant)  # the entry opened (variant None: the manifest's default)
         self.preprocess = text_preprocessor(manifest)
+        # Text models' per-token outputs (a token classifier's logits): the axis each has along the input sequence.
+        self.sequence_axes = sequence_axes(self.signature) if self.preprocess is not None else {}
 
     def example(self, count: int) -> WorkItem:
         """A request of `count` items that fits the model's signature (warm-up; a probe)."""
@@ -135,7 +138,10 @@ class ModelRunner:
         whole_s = None
         outcomes: list[tuple[dict | None, str | None]]
         try:
-            outcomes = [(outputs, None) for outputs in split(self.runtime.run(batch.inputs), batch.counts)]
+            parts = split(self.runtime.run(batch.inputs), batch.counts)
+            if self.sequence_axes and len(parts) > 1:
+                parts = own_lengths(parts, batch.inputs.get("attention_mask"), batch.counts, self.sequence_axes)
+            outcomes = [(outputs, None) for outputs in parts]
             whole_s = time.time() - t0
         except Exception:
             outcomes = []
@@ -161,6 +167,30 @@ def split(outputs: dict, counts: list[int]) -> list[dict]:
         return [outputs]
     bounds = list(accumulate(counts, initial=0))  # Python ints: np.cumsum of a short list costs more than the slicing
     return [{k: v[bounds[i]:bounds[i + 1]] for k, v in outputs.items()} for i in range(len(counts))]
+
+
+def sequence_axes(signature: Any) -> dict[str, int]:
+    """The outputs with an axis named as the text inputs' sequence axis (`batch, sequence, labels` for a token
+    classifier's logits), and that axis."""
+    names = {spec.shape[1] for spec in signature.inputs if len(spec.shape) > 1 and isinstance(spec.shape[1], str)}
+    return {spec.name: axis for spec in signature.outputs for axis, dim in enumerate(spec.shape)
+            if axis > 0 and isinstance(dim, str) and dim in names}
+
+
+def own_lengths(parts: list[dict], mask: np.ndarray | None, counts: list[int], axes: dict[str, int]) -> list[dict]:
+    """Each request's per-token outputs cut to its own longest text: a batch is padded to its longest row, and a
+    request's answer must not depend on what it was batched with (the same text alone answers exactly its own
+    tokens; inside a batch of longer ones it would otherwise carry their padding positions too)."""
+    if mask is None:
+        return parts
+    rows = np.count_nonzero(mask, axis=1).tolist()
+    bounds = list(accumulate(counts, initial=0))
+    cut = []
+    for i, outputs in enumerate(parts):
+        longest = max(rows[bounds[i]:bounds[i + 1]], default=0)
+        cut.append({name: (array[(slice(None),) * axes[name] + (slice(0, longest),)] if name in axes else array)
+                    for name, array in outputs.items()})
+    return cut
 
 
 def tokens_per_request(inputs: dict, counts: list[int]) -> list[int] | None:

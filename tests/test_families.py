@@ -155,3 +155,28 @@ def test_family_exports_verifies_and_serves_like_eager(matrix, family, task):
         for row, expected in zip(logits, reference, strict=True):  # each text's own tokens, padding left out
             shifted = np.exp(row[:len(expected)] - row[:len(expected)].max(-1, keepdims=True))
             assert_probabilities_equal(shifted / shifted.sum(-1, keepdims=True), expected)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_a_token_classifier_answers_its_own_tokens_whatever_it_is_batched_with(matrix, family):
+    """Per-token outputs (a token classifier's logits, `batch, sequence, labels`) are cut to each request's own
+    longest text when requests share a batch (core.runner.own_lengths): the same text answers the same shape and
+    values alone and beside a longer one (RoBERTa pads with id 1, BERT with 0)."""
+    import time
+
+    from kiln.core.runner import ModelRunner, WorkItem
+
+    folder = matrix["repository"] / name_of(family, "token-classification")
+    runner = ModelRunner(str(folder), "onnx-fp32", 1)
+    try:
+        alone = runner.run(runner.prepare([WorkItem(None, ["ok"], 1, time.time())])).outcomes[0][0]["logits"]
+        for measured in (False, True):  # the rows path, and the worker's measure-then-pad path
+            items = [WorkItem(None, ["ok"], 1, time.time()), WorkItem(None, [TEXTS[3]], 1, time.time())]
+            if measured:
+                runner.measure(items)
+            ran = runner.run(runner.prepare(items))
+            got, other = (outputs["logits"] for outputs, _ in ran.outcomes)
+            assert got.shape == alone.shape and other.shape[1] > got.shape[1], (got.shape, other.shape)
+            np.testing.assert_allclose(got, alone, atol=1e-5)
+    finally:
+        runner.close()

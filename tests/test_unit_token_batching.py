@@ -197,3 +197,24 @@ def test_the_default_budget_comes_from_the_cost_by_length_bench_measured_here(tm
                     "[]"):
         (tmp_path / "bench.json").write_text(damaged)
         assert default_batch_tokens(tmp_path, "pt2-int8", "abc", 2)[0] == DEFAULT_BATCH_TOKENS
+
+
+def test_per_token_outputs_are_cut_to_each_requests_own_length():
+    from kiln.core.runner import own_lengths, sequence_axes
+    from kiln.core.signature import Signature, TensorSpec
+
+    signature = Signature((TensorSpec("input_ids", "int64", ("batch", "sequence")),
+                           TensorSpec("attention_mask", "int64", ("batch", "sequence"))),
+                          (TensorSpec("logits", "float32", ("batch", "sequence", 3)),
+                           TensorSpec("pooled", "float32", ("batch", 5))))
+    axes = sequence_axes(signature)
+    assert axes == {"logits": 1}  # a fixed dim equal to the batch's length (5 here) is never cut
+    mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    logits, pooled = np.arange(45.0).reshape(3, 5, 3), np.ones((3, 5))
+    parts = [{"logits": logits[:1], "pooled": pooled[:1]}, {"logits": logits[1:], "pooled": pooled[1:]}]
+    cut = own_lengths(parts, mask, [1, 2], axes)
+    assert cut[0]["logits"].shape == (1, 2, 3) and cut[1]["logits"].shape == (2, 5, 3)
+    np.testing.assert_array_equal(cut[0]["logits"], logits[:1, :2])
+    assert cut[0]["pooled"].shape == (1, 5)
+    assert sequence_axes(Signature((TensorSpec("x", "float32", ("batch", 4)),),
+                                   (TensorSpec("y", "float32", ("batch", 4)),))) == {}
