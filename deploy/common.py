@@ -233,6 +233,41 @@ class ReplicaSizing:
     notes: tuple[str, ...]
 
 
+DEFAULT_MIN_REPLICAS = 1
+DEFAULT_MAX_REPLICAS = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScalingOptions:
+    """What every target that scales replicas (KServe, Ray) takes alike: replica bounds, the concurrency target
+    (given, or read from loadtest.json within the p99 budget), threads per replica. A target's options extend it;
+    the flags are one block in kiln.cli, checked here once."""
+
+    min_replicas: int = DEFAULT_MIN_REPLICAS
+    max_replicas: int = DEFAULT_MAX_REPLICAS
+    target_concurrency: int | None = None
+    p99_budget_ms: float = DEFAULT_P99_BUDGET_MS
+    loadtest: Path | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_replicas < 0:
+            raise UsageError(f"--min-replicas {self.min_replicas} must be 0 (scale to zero) or more")
+        if self.max_replicas < 1:
+            raise UsageError(f"--max-replicas {self.max_replicas} must be at least 1")
+        if self.min_replicas > self.max_replicas:
+            raise UsageError(f"--min-replicas {self.min_replicas} is more than --max-replicas {self.max_replicas}; "
+                             "min must not exceed max")
+        for flag, value in (("--target-concurrency", self.target_concurrency), ("--threads", self.threads)):
+            if value is not None and value < 1:
+                raise UsageError(f"{flag} must be a positive integer")
+
+    def size(self, manifest: Manifest, entry: VariantEntry, target_name: str = "scaleTarget") -> "ReplicaSizing":
+        """`size_replica` with these options."""
+        return size_replica(manifest, entry, self.threads, self.target_concurrency, self.p99_budget_ms,
+                            self.loadtest, target_name)
+
+
 def size_replica(manifest: Manifest, entry: VariantEntry, threads: int | None = None,
                  target_concurrency: int | None = None, p99_budget_ms: float = DEFAULT_P99_BUDGET_MS,
                  loadtest: Path | None = None, target_name: str = "scaleTarget") -> ReplicaSizing:

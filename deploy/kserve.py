@@ -29,12 +29,7 @@ from kiln.core.console import Progress, to_stderr
 from kiln.core.errors import UsageError
 from kiln.core.manifest import Manifest, VariantEntry, read_manifest
 from kiln.core.runtime import needs_torch
-from kiln.deploy.common import (
-    DEFAULT_P99_BUDGET_MS,
-    resolve_variant,
-    size_replica,
-    staged_folder,
-)
+from kiln.deploy.common import ScalingOptions, resolve_variant, staged_folder
 
 KSERVE_RELEASE = "v0.20.0"  # the release whose CRD schemas the tests validate against
 MODEL_FORMAT = {"name": "kiln", "version": "1"}
@@ -52,9 +47,6 @@ METRICS_PATH = "/metrics"
 API_KEY_ENV = "KILN_API_KEY"
 SERVINGRUNTIME_FILE = "servingruntime.yaml"
 INFERENCESERVICE_FILE = "inferenceservice.yaml"
-
-DEFAULT_MIN_REPLICAS = 1
-DEFAULT_MAX_REPLICAS = 3
 
 _DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 _SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
@@ -97,38 +89,22 @@ def default_name(model: str) -> str:
 
 
 @dataclass(frozen=True)
-class KServeOptions:
+class KServeOptions(ScalingOptions):
     out: Path
     image: str
     storage_uri: str
     name: str | None = None
     variant: str | None = None
-    min_replicas: int = DEFAULT_MIN_REPLICAS
-    max_replicas: int = DEFAULT_MAX_REPLICAS
-    target_concurrency: int | None = None
-    p99_budget_ms: float = DEFAULT_P99_BUDGET_MS
-    loadtest: Path | None = None
-    threads: int | None = None
     api_key_secret: str | None = None
     api_key_secret_key: str = "api-key"
     force: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_image(self.image)
         check_storage_uri(self.storage_uri)
         if self.name is not None:
             dns_label("--name", self.name)
-        if self.min_replicas < 0:
-            raise UsageError(f"--min-replicas {self.min_replicas} must be 0 (scale to zero) or more")
-        if self.max_replicas < 1:
-            raise UsageError(f"--max-replicas {self.max_replicas} must be at least 1")
-        if self.min_replicas > self.max_replicas:
-            raise UsageError(f"--min-replicas {self.min_replicas} is more than --max-replicas {self.max_replicas}; "
-                             "min must not exceed max")
-        if self.target_concurrency is not None and self.target_concurrency < 1:
-            raise UsageError("--target-concurrency must be a positive integer")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError("--threads must be a positive integer")
         if self.api_key_secret is not None and not _SECRET_NAME.fullmatch(self.api_key_secret):
             raise UsageError(f"--api-key-secret {self.api_key_secret!r} is not a Kubernetes Secret name (lowercase "
                              "letters, digits, '-' and '.')")
@@ -183,8 +159,7 @@ def plan(manifest: Manifest, options: KServeOptions) -> KServePlan:
                      f"an image built with pip install 'kiln[export]'"
                      + (f", or deploy an ONNX variant ({', '.join(onnx)}) with --variant" if onnx else ""))
 
-    sizing = size_replica(manifest, entry, options.threads, options.target_concurrency, options.p99_budget_ms,
-                          options.loadtest)
+    sizing = options.size(manifest, entry)
     notes += sizing.notes
     threads, memory, target = sizing.threads, sizing.memory_mib, sizing.target_concurrency
 

@@ -26,7 +26,7 @@ from kiln.core.console import Progress, to_stderr
 from kiln.core.errors import UsageError
 from kiln.core.manifest import Manifest, VariantEntry, read_manifest
 from kiln.core.runtime import needs_torch
-from kiln.deploy.common import DEFAULT_P99_BUDGET_MS, resolve_variant, size_replica, staged_folder
+from kiln.deploy.common import ScalingOptions, resolve_variant, staged_folder
 from kiln.serve.server import ServeConfig
 
 RAY_RELEASE = "2.60.0"  # the Ray release the tests run this config on (and validate it against)
@@ -34,8 +34,6 @@ CONFIG_FILE = "serve.yaml"
 IMPORT_PATH = "kiln.serve.ray_app:build"
 INGRESS_NAME = "kiln-ingress"  # kiln.serve.ray_app.INGRESS_NAME (not imported: that module is the Ray extra's)
 APP_NAME = "kiln"
-DEFAULT_MIN_REPLICAS = 1
-DEFAULT_MAX_REPLICAS = 3
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "127.0.0.1"  # Ray's own default; pass --host 0.0.0.0 for clients on other machines
 PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
@@ -45,15 +43,9 @@ _SERVE_DEFAULTS = ServeConfig(artifact_dirs=(".",))
 
 
 @dataclass(frozen=True)
-class RayOptions:
+class RayOptions(ScalingOptions):
     out: Path
     variant: str | list[str] | None = None  # one for every model, or name=variant forms (as kiln serve --variant)
-    min_replicas: int = DEFAULT_MIN_REPLICAS
-    max_replicas: int = DEFAULT_MAX_REPLICAS
-    target_concurrency: int | None = None
-    p99_budget_ms: float = DEFAULT_P99_BUDGET_MS
-    loadtest: Path | None = None
-    threads: int | None = None
     api_key_env: str | None = None
     max_ongoing_requests: int | None = None
     max_batch_size: int = _SERVE_DEFAULTS.max_batch_size
@@ -69,11 +61,7 @@ class RayOptions:
     force: bool = False
 
     def __post_init__(self) -> None:
-        if self.min_replicas < 0:
-            raise UsageError(f"--min-replicas {self.min_replicas} must be 0 (scale to zero) or more")
-        if self.max_replicas < 1 or self.max_replicas < self.min_replicas:
-            raise UsageError(f"--max-replicas {self.max_replicas} must be at least 1 and at least --min-replicas "
-                             f"{self.min_replicas}")
+        super().__post_init__()
         if self.host not in ("127.0.0.1", "0.0.0.0", "::", "localhost"):
             raise UsageError(f"--host {self.host!r} is not supported; use 127.0.0.1 (default) or 0.0.0.0")
         if not 1024 <= self.port <= 65535:
@@ -86,7 +74,6 @@ class RayOptions:
             raise UsageError(f"--api-key-env {self.api_key_env!r} is not an environment variable name; e.g. "
                              "--api-key-env KILN_API_KEY")
         for flag, value in (("--max-ongoing-requests", self.max_ongoing_requests),
-                            ("--target-concurrency", self.target_concurrency), ("--threads", self.threads),
                             ("--max-replicas-per-node", self.max_replicas_per_node)):
             if value is not None and value < 1:
                 raise UsageError(f"{flag} must be a positive integer")
@@ -118,8 +105,7 @@ def _model(manifest: Manifest, variant: str | None, options: RayOptions) -> Mode
         onnx = [v.name for v in manifest.variants if v.runtime == "onnxruntime"]
         notes.append(f"{manifest.model}: {entry.name!r} loads through torch: the cluster's Python needs pip install "
                      f"'kiln[export,ray]'" + (f", or deploy an ONNX variant ({', '.join(onnx)})" if onnx else ""))
-    sizing = size_replica(manifest, entry, options.threads, options.target_concurrency, options.p99_budget_ms,
-                          options.loadtest, target_name="target_ongoing_requests")
+    sizing = options.size(manifest, entry, target_name="target_ongoing_requests")
     notes += [f"{manifest.model}: {note}" for note in sizing.notes]
     most = options.max_ongoing_requests or max(options.max_batch_size, sizing.target_concurrency)
     if most < sizing.target_concurrency:

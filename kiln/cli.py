@@ -424,8 +424,41 @@ Writes DIR/serve.yaml; on a Ray cluster whose Python has pip install 'kiln[ray]'
 """
 
 
+def add_scaling_flags(parser: argparse.ArgumentParser, target: str, threads: str) -> None:
+    """The flags of kiln.deploy.common.ScalingOptions, for every target that scales replicas (read back by
+    `scaling_options`); `target` and `threads` say what the concurrency target and the threads are on that stack."""
+    from kiln.deploy import common
+
+    parser.add_argument("--min-replicas", default=str(common.DEFAULT_MIN_REPLICAS), metavar="N",
+                        help="default %(default)s (0 scales to zero)")
+    parser.add_argument("--max-replicas", default=str(common.DEFAULT_MAX_REPLICAS), metavar="M",
+                        help="default %(default)s")
+    parser.add_argument("--target-concurrency", metavar="C",
+                        help=f"{target} (default: from loadtest.json, else {common.DEFAULT_TARGET_CONCURRENCY})")
+    parser.add_argument("--loadtest", metavar="FILE",
+                        help="a `kiln loadtest` result (default: loadtest.json in the artifact folder, if there)")
+    parser.add_argument("--p99-budget-ms", default=f"{common.DEFAULT_P99_BUDGET_MS:g}", metavar="MS",
+                        help="the target is the highest loadtest concurrency with p99 within this (default "
+                             "%(default)s)")
+    parser.add_argument("--threads", metavar="N",
+                        help=f"{threads} (default: bench.json's, else {common.DEFAULT_THREADS})")
+
+
+def scaling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ScalingOptions fields from `add_scaling_flags`' flags (text, checked: one UsageError line each)."""
+    from kiln.deploy.common import parse_float, parse_int
+
+    return {"min_replicas": parse_int("--min-replicas", args.min_replicas, minimum=0),
+            "max_replicas": parse_int("--max-replicas", args.max_replicas, example=3),
+            "target_concurrency": (parse_int("--target-concurrency", args.target_concurrency, example=8)
+                                   if args.target_concurrency is not None else None),
+            "p99_budget_ms": parse_float("--p99-budget-ms", args.p99_budget_ms, example=100),
+            "loadtest": Path(args.loadtest) if args.loadtest else None,
+            "threads": parse_int("--threads", args.threads, example=2) if args.threads is not None else None}
+
+
 def add_deploy_ray_parser(targets: Any) -> None:
-    from kiln.deploy import common, ray
+    from kiln.deploy import ray
 
     rp = _subparser(targets, "ray", "a Ray Serve config running kiln's Ray application",
                     "Write DIR/serve.yaml: one Ray Serve application (kiln's routes as the ingress, one autoscaled "
@@ -436,18 +469,7 @@ def add_deploy_ray_parser(targets: Any) -> None:
     rp.add_argument("--out", required=True, metavar="DIR", help="folder for serve.yaml (written atomically)")
     rp.add_argument("--variant", action="append", metavar="[NAME=]VARIANT",
                     help="variant to serve, for every model or per model (default: each manifest's default_variant)")
-    rp.add_argument("--min-replicas", default=str(ray.DEFAULT_MIN_REPLICAS), metavar="N",
-                    help="default %(default)s (0 scales to zero)")
-    rp.add_argument("--max-replicas", default=str(ray.DEFAULT_MAX_REPLICAS), metavar="M", help="default %(default)s")
-    rp.add_argument("--target-concurrency", metavar="C",
-                    help="target_ongoing_requests per replica (default: from loadtest.json, else "
-                         f"{common.DEFAULT_TARGET_CONCURRENCY})")
-    rp.add_argument("--loadtest", metavar="FILE", help="a `kiln loadtest` result (default: loadtest.json in the folder)")
-    rp.add_argument("--p99-budget-ms", default=f"{common.DEFAULT_P99_BUDGET_MS:g}", metavar="MS",
-                    help="the target is the highest loadtest concurrency with p99 within this (default %(default)s)")
-    rp.add_argument("--threads", metavar="N",
-                    help=f"inference threads per replica, and its num_cpus (default: bench.json's, else "
-                         f"{common.DEFAULT_THREADS})")
+    add_scaling_flags(rp, "target_ongoing_requests per replica", "inference threads per replica, and its num_cpus")
     rp.add_argument("--api-key-env", metavar="VAR",
                     help="the replicas read the API key from this environment variable (set it where `ray start` runs)")
     rp.add_argument("--max-ongoing-requests", metavar="N",
@@ -473,7 +495,7 @@ def add_deploy_ray_parser(targets: Any) -> None:
 
 
 def add_deploy_parser(subparsers: Any) -> None:
-    from kiln.deploy import common, kserve, triton
+    from kiln.deploy import kserve, triton
 
     parser = _subparser(subparsers, "deploy", "write a Triton model repository, KServe manifests or a Ray Serve config",
                         "Write the files another serving stack needs for an artifact folder, from its manifest "
@@ -506,20 +528,8 @@ def add_deploy_parser(subparsers: Any) -> None:
     ks.add_argument("--out", required=True, metavar="DIR", help="folder for the two YAML files (written atomically)")
     ks.add_argument("--name", help="InferenceService name (default: the model name)")
     ks.add_argument("--variant", help="variant to serve (default: the manifest's default_variant)")
-    ks.add_argument("--min-replicas", default=str(kserve.DEFAULT_MIN_REPLICAS), metavar="N",
-                    help="default %(default)s (0 scales to zero)")
-    ks.add_argument("--max-replicas", default=str(kserve.DEFAULT_MAX_REPLICAS), metavar="M",
-                    help="default %(default)s")
-    ks.add_argument("--target-concurrency", metavar="C",
-                    help="requests in flight per replica before scaling out (default: from loadtest.json, else "
-                         f"{common.DEFAULT_TARGET_CONCURRENCY})")
-    ks.add_argument("--loadtest", metavar="FILE",
-                    help="a `kiln loadtest` result (default: loadtest.json in ARTIFACT_DIR, if there)")
-    ks.add_argument("--p99-budget-ms", default=f"{common.DEFAULT_P99_BUDGET_MS:g}", metavar="MS",
-                    help="scaleTarget is the highest loadtest concurrency with p99 within this (default %(default)s)")
-    ks.add_argument("--threads", metavar="N",
-                    help=f"inference threads: kiln serve --threads and the CPU request (default: bench.json's, else "
-                         f"{common.DEFAULT_THREADS})")
+    add_scaling_flags(ks, "requests in flight per replica before scaling out (scaleTarget)",
+                      "inference threads: kiln serve --threads and the CPU request")
     ks.add_argument("--api-key-secret", metavar="NAME",
                     help=f"Kubernetes Secret holding the API key: passed as ${kserve.API_KEY_ENV} and --api-key-env")
     ks.add_argument("--api-key-secret-key", default="api-key", metavar="KEY",
@@ -556,19 +566,11 @@ def run_deploy_triton(args: argparse.Namespace) -> int:
 
 
 def run_deploy_kserve(args: argparse.Namespace) -> int:
-    from kiln.deploy.common import parse_float, parse_int
     from kiln.deploy.kserve import INFERENCESERVICE_FILE, SERVINGRUNTIME_FILE, KServeOptions, write_kserve
 
     options = KServeOptions(
         out=Path(args.out), image=args.image, storage_uri=args.storage_uri, name=args.name, variant=args.variant,
-        min_replicas=parse_int("--min-replicas", args.min_replicas, minimum=0),
-        max_replicas=parse_int("--max-replicas", args.max_replicas, example=3),
-        target_concurrency=(parse_int("--target-concurrency", args.target_concurrency, example=8)
-                            if args.target_concurrency is not None else None),
-        p99_budget_ms=parse_float("--p99-budget-ms", args.p99_budget_ms, example=100),
-        loadtest=Path(args.loadtest) if args.loadtest else None,
-        threads=parse_int("--threads", args.threads, example=2) if args.threads is not None else None,
-        api_key_secret=args.api_key_secret, api_key_secret_key=args.api_key_secret_key, force=args.force)
+        **scaling_options(args), api_key_secret=args.api_key_secret, api_key_secret_key=args.api_key_secret_key, force=args.force)
     plan = write_kserve(args.artifact_dir, options)
     out = Path(args.out)
     print(f"wrote {out / SERVINGRUNTIME_FILE} ({plan.runtime_name}) and {out / INFERENCESERVICE_FILE} ({plan.name}: "
@@ -588,13 +590,7 @@ def run_deploy_ray(args: argparse.Namespace) -> int:
         return parse_float(flag, value, example=30, allow_zero=True) if value is not None else None
 
     options = RayOptions(
-        out=Path(args.out), variant=args.variant,
-        min_replicas=parse_int("--min-replicas", args.min_replicas, minimum=0),
-        max_replicas=parse_int("--max-replicas", args.max_replicas, example=3),
-        target_concurrency=optional_int("--target-concurrency", args.target_concurrency, 8),
-        p99_budget_ms=parse_float("--p99-budget-ms", args.p99_budget_ms, example=100),
-        loadtest=Path(args.loadtest) if args.loadtest else None,
-        threads=optional_int("--threads", args.threads, 2), api_key_env=args.api_key_env,
+        out=Path(args.out), variant=args.variant, **scaling_options(args), api_key_env=args.api_key_env,
         max_ongoing_requests=optional_int("--max-ongoing-requests", args.max_ongoing_requests, 32),
         max_batch_size=parse_int("--max-batch-size", args.max_batch_size, example=32),
         max_batch_delay_ms=parse_float("--max-batch-delay-ms", args.max_batch_delay_ms, example=2.0, allow_zero=True),
