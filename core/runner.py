@@ -127,8 +127,9 @@ class ModelRunner:
 
     def prepare_inputs(self, items: list[WorkItem]) -> dict:
         if self.preprocess is not None:
-            if all(item.encoded is not None for item in items):
-                return self.preprocess.pad([item.encoded for item in items if item.encoded is not None])
+            blocks = [item.encoded for item in items if item.encoded is not None]
+            if len(blocks) == len(items):  # every request measured ahead (serve.batching's length-aware cut)
+                return self.preprocess.pad(blocks)
             return self.preprocess([t for item in items for t in item.texts or ()])
         return {name: np.concatenate([(item.arrays or {})[name] for item in items]) for name in self.signature.input_names}
 

@@ -170,6 +170,24 @@ BATCH_TARGET_S = 0.2
 BUDGET_BOUNDS = (512, 16384)
 
 
+def batch_admission(max_requests: int, max_items: int | None, tokens: int = 0) -> BatchAdmission:
+    """A model's policy, whoever hosts it (kiln serve's worker, a Ray replica): with `tokens` (a text model's budget,
+    `token_budget`) batches cut by length within it; without, requests and items in arrival order."""
+    if tokens:
+        return TokenBudgetAdmission(max_requests, tokens, max_items)
+    return RowsAdmission(max_requests, max_items)
+
+
+def token_budget(max_batch_tokens: int | None, folder: str | Path, entry: Any, threads: int | None) -> tuple[int, str]:
+    """A text model's token budget and where it came from: --max-batch-tokens where given (0: none), else measured
+    for the variant `entry` (a manifest VariantEntry) at `threads` (None: every usable core), default_batch_tokens."""
+    if max_batch_tokens is not None:
+        return max_batch_tokens, "--max-batch-tokens" if max_batch_tokens else "off (--max-batch-tokens 0)"
+    from kiln.core.machine import default_threads
+
+    return default_batch_tokens(folder, entry.name, entry.sha256, threads or default_threads())
+
+
 def default_batch_tokens(folder: str | Path, variant: str, sha256: str, threads: int) -> tuple[int, str]:
     """A text model's token budget and where it came from: from its folder's bench.json (`kiln bench`'s cost of
     one item by sequence length) where that measured this variant's file on this kind of machine, positions that

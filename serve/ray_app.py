@@ -8,7 +8,7 @@ One application, two kinds of deployment:
   differ: a RayGateway sends each validated request to the model's deployment through a Ray DeploymentHandle
   instead of a LitServe worker socket. It holds no model and asks for no CPU (ray_actor_options.num_cpus 0).
 - one deployment per model (named as the model): ModelReplica, a core.runner.ModelRunner opened once per replica
-  (the runtime registry, the manifest's sha256 checks, the thread setting), batched with Ray's `@serve.batch`.
+  (the runtime registry, the manifest's sha256 checks, the thread setting), batched as below.
   Ray scales these (autoscaling_config) and places them by their num_cpus, across nodes.
 
 Batching: each replica batches as kiln serve does by default (KilnBatcher: kiln serve's admission policy, for text
@@ -33,7 +33,7 @@ from typing import Any
 
 from kiln.core.errors import UsageError
 from kiln.core.runner import ModelRunner, WorkItem
-from kiln.serve.admission import RowsAdmission, TokenBudgetAdmission, cut_batch, default_batch_tokens
+from kiln.serve.admission import batch_admission, cut_batch, token_budget
 from kiln.serve.batching import BatchCostModel
 from kiln.serve.channel import Result, batch_results
 from kiln.serve.protocol import RequestError
@@ -133,23 +133,13 @@ class ModelReplica:
             self.infer = serve.batch(max_batch_size=batch_items, batch_wait_timeout_s=delay_s,
                                      batch_size_fn=lambda items: sum(item.count for item in items))(self.run_batch)
         else:
-            self.infer = KilnBatcher(self.run_batch, self.admission(max_requests, batch_items, max_batch_tokens),
-                                     self.cost_model, delay_s, self.runner.measure).submit
-
-    def admission(self, max_requests: int, batch_items: int, max_batch_tokens: int | None):
-        """kiln serve's policy (serve.server.ServeConfig.admission): for a text model a token budget, --max-batch-tokens
-        or measured here, on this replica's node, from the folder's bench.json (0: requests in arrival order)."""
-        if self.runner.preprocess is None:
-            return RowsAdmission(max_requests, batch_items)
-        tokens = max_batch_tokens
-        if tokens is None:
-            from kiln.core.machine import default_threads
-
-            entry = self.runner.variant
-            tokens, _ = default_batch_tokens(self.runner.folder, entry.name, entry.sha256,
-                                             self.runner.threads or default_threads())
-        return TokenBudgetAdmission(max_requests, tokens, batch_items) if tokens else RowsAdmission(max_requests,
-                                                                                                   batch_items)
+            # kiln serve's policy: for a text model a token budget, --max-batch-tokens or measured here, on this
+            # replica's node, from the folder's bench.json.
+            runner = self.runner
+            tokens = (token_budget(max_batch_tokens, runner.folder, runner.variant, runner.threads)[0]
+                      if runner.preprocess is not None else 0)
+            self.infer = KilnBatcher(self.run_batch, batch_admission(max_requests, batch_items, tokens),
+                                     self.cost_model, delay_s, runner.measure).submit
 
     async def __call__(self, item: WorkItem) -> Result:
         return await self.infer(item)

@@ -103,24 +103,10 @@ class ServeConfig:
         return TEXT_BATCH_ITEMS if text else TENSOR_BATCH_ITEMS
 
     def batch_tokens(self, plan) -> tuple[int, str]:
-        """A text model's token budget (0: none, batches of requests in arrival order) and where it came from:
-        --max-batch-tokens, else measured for the model (serve.admission.default_batch_tokens)."""
-        if self.max_batch_tokens is not None:
-            return self.max_batch_tokens, "--max-batch-tokens" if self.max_batch_tokens else "off (--max-batch-tokens 0)"
-        from kiln.core.machine import default_threads
-        from kiln.serve.admission import default_batch_tokens
+        """A text model's token budget (0: none) and where it came from (serve.admission.token_budget)."""
+        from kiln.serve.admission import token_budget
 
-        return default_batch_tokens(plan.folder, plan.variant.name, plan.variant.sha256,
-                                    plan.threads or default_threads())
-
-    def admission(self, text: bool, batch_items: int, tokens: int = 0):
-        """The batch admission policy of a model (serve.admission): for text models a token budget of `tokens`
-        positions, cut by length (0: none); requests and items otherwise."""
-        from kiln.serve.admission import RowsAdmission, TokenBudgetAdmission
-
-        if text and tokens:
-            return TokenBudgetAdmission(self.max_batch_size, tokens, batch_items)
-        return RowsAdmission(self.max_batch_size, batch_items)
+        return token_budget(self.max_batch_tokens, plan.folder, plan.variant, plan.threads)
 
     def connection_limits(self):
         from kiln.serve.connections import ConnectionLimits
@@ -175,6 +161,7 @@ def middlewares(config: ServeConfig, inference, key: str | None, metrics) -> lis
 def model_parts(config: ServeConfig, plan, channel_path: str, metrics, queue_cap: int | None = None):
     """What one model version needs in the HTTP process and in its workers: (ServedModel, KilnAPI, WorkerGateway).
     The same at start (LitServe starts the workers) and for a version loaded later (serve.control starts them)."""
+    from kiln.serve.admission import batch_admission
     from kiln.serve.api import KilnAPI
     from kiln.serve.batching import AdaptiveBatchedLoop
     from kiln.serve.channel import WorkerGateway
@@ -182,9 +169,9 @@ def model_parts(config: ServeConfig, plan, channel_path: str, metrics, queue_cap
     batch_items = config.batch_items(plan.manifest.is_text)
     model = served_model(plan.manifest, plan.variant, config.max_items, batch_items, plan.served.parameters,
                          plan.name, plan.version)
+    tokens = config.batch_tokens(plan)[0] if plan.manifest.is_text else 0
     loop = AdaptiveBatchedLoop(config.max_batch_delay_ms / 1000.0, channel_path, batch_items,
-                               config.admission(plan.manifest.is_text, batch_items,
-                                                config.batch_tokens(plan)[0] if plan.manifest.is_text else 0))
+                               batch_admission(config.max_batch_size, batch_items, tokens))
     api = KilnAPI(plan.folder, plan.variant.name, plan.threads, config.max_batch_size, loop,
                   f"{INTERNAL_PATH}/{plan.index}")  # each model's own LitServe route and request queue
     gateway = WorkerGateway(channel_path, plan.workers, config.timeout_s, metrics.model(plan.name), plan.name,
